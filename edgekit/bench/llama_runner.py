@@ -1,0 +1,99 @@
+"""llama.cpp (llama-cpp-python) as a scorer and a speed benchmark for GGUF files."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+from edgekit.export.gguf_read import open_gguf
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """llama.cpp logs from C to fd 2; keep it out of the user's terminal."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved = os.dup(2)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def load_llama(path: Path, n_ctx: int, threads: int | None = None, logits_all: bool = False):
+    import llama_cpp
+
+    open_gguf(path)  # clear errors for missing, non-GGUF or truncated files
+    try:
+        with _quiet_stderr():
+            return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=logits_all,
+                                   n_threads=threads or os.cpu_count(), verbose=False)
+    except Exception as e:
+        raise EdgekitError(f"llama.cpp could not load {path}: {e}", "check the file is a complete GGUF of an architecture llama.cpp supports") from None
+
+
+def llama_scorer(path: Path, ctx: int, threads: int | None = None):
+    """Scorer (T,) -> (T, V) logits from llama.cpp, for `quality.evaluate`."""
+    import torch
+
+    llm = load_llama(path, n_ctx=ctx, threads=threads, logits_all=True)
+
+    def score(row):
+        ids = row.tolist()
+        llm.reset()
+        llm.eval(ids)
+        return torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+
+    return score
+
+
+def llama_speed(path: Path, prompt_tokens: int, gen_tokens: int, threads: int, repeats: int) -> dict:
+    """Prefill and decode tokens/s (greedy), time to first token, load time.
+
+    Prompt tokens are a fixed, deterministic sequence of ordinary vocabulary ids; decode
+    feeds back the argmax. Medians over `repeats` runs after one warm-up run.
+    """
+    t0 = time.perf_counter()
+    llm = load_llama(path, n_ctx=prompt_tokens + gen_tokens + 8, threads=threads)
+    load_s = time.perf_counter() - t0
+    n_vocab = llm.n_vocab()
+    prompt = [(1000 + 7919 * i) % max(1, n_vocab - 1000) + 500 for i in range(prompt_tokens)]
+    runs = []
+    for _ in range(repeats + 1):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        tok = _greedy_next(llm)
+        t_prefill = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(gen_tokens):
+            llm.eval([tok])
+            tok = _greedy_next(llm)
+        t_decode = time.perf_counter() - t1
+        runs.append((prompt_tokens / t_prefill, gen_tokens / t_decode, t_prefill * 1000))
+    runs = np.array(runs[1:])  # drop the warm-up
+    return {"prefill_tps": float(np.median(runs[:, 0])), "decode_tps": float(np.median(runs[:, 1])),
+            "decode_tps_min": float(runs[:, 1].min()), "decode_tps_max": float(runs[:, 1].max()),
+            "ttft_ms": float(np.median(runs[:, 2])), "load_s": load_s, "threads": threads,
+            "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats}
+
+
+def _greedy_next(llm) -> int:
+    """Argmax of the last evaluated position's logits, read straight from llama.cpp's
+    buffer (llama-cpp-python only copies logits into `scores` when logits_all is on)."""
+    import llama_cpp
+
+    ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+    return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(llm.n_vocab(),))))
+
+
+def llama_generate(path: Path, prompt: str, max_tokens: int, threads: int | None = None) -> str:
+    llm = load_llama(path, n_ctx=512, threads=threads)
+    return llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)["choices"][0]["text"]

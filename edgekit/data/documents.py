@@ -1,0 +1,139 @@
+"""Documents in, train/holdout split out, by document and deterministic.
+
+Supported inputs (paths relative to the recipe):
+- JSONL with `text`, or `prompt` + `response`, or chat `messages` per line;
+- plain text: documents separated by blank lines;
+- `hf:NAME[:SPLIT]`: a Hugging Face dataset through the normal `datasets` code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+
+NGRAM = 13  # word n-gram for contamination checks (the GPT-3 paper's choice)
+
+
+@dataclass(frozen=True)
+class Document:
+    text: str = ""
+    messages: tuple | None = None  # chat turns as (role, content) pairs
+
+    def render(self, tokenizer=None) -> str:
+        """The text a model reads: chat turns through the tokenizer's chat template."""
+        if self.messages is None:
+            return self.text
+        turns = [{"role": r, "content": c} for r, c in self.messages]
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(turns, tokenize=False)
+        return "\n".join(f"{r}: {c}" for r, c in self.messages)
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps([self.text, self.messages]).encode()).hexdigest()
+
+
+def load_documents(spec: str, base: Path) -> list[Document]:
+    if spec.startswith("hf:"):
+        docs = _load_hf(spec[3:])
+    else:
+        path = base / spec
+        if not path.is_file():
+            raise EdgekitError(f"data file {path} does not exist", "check data.train in the recipe (paths are relative to it)")
+        docs = _load_jsonl(path) if path.suffix in (".jsonl", ".json") else _load_text(path)
+    docs = _dedupe([d for d in docs if (d.text.strip() or d.messages)])
+    if not docs:
+        raise EdgekitError(f"dataset '{spec}' has no non-empty documents",
+                           "give a file with at least a few documents (JSONL with 'text', or paragraphs of text)")
+    return docs
+
+
+def _load_jsonl(path: Path) -> list[Document]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EdgekitError(f"{path}:{n} is not valid JSON ({e.msg})", "each line must be one JSON object") from None
+            docs.append(_row_to_doc(row, f"{path}:{n}"))
+    return docs
+
+
+def _row_to_doc(row, where: str) -> Document:
+    if not isinstance(row, dict):
+        raise EdgekitError(f"{where}: expected a JSON object, got {type(row).__name__}",
+                           "use {\"text\": ...}, {\"prompt\": ..., \"response\": ...} or {\"messages\": [...]}")
+    if isinstance(row.get("text"), str):
+        return Document(text=row["text"])
+    if "prompt" in row and "response" in row:
+        return Document(messages=(("user", str(row["prompt"])), ("assistant", str(row["response"]))))
+    if isinstance(row.get("messages"), list):
+        try:
+            return Document(messages=tuple((m["role"], m["content"]) for m in row["messages"]))
+        except (KeyError, TypeError):
+            raise EdgekitError(f"{where}: each message needs 'role' and 'content'", "fix the messages list") from None
+    raise EdgekitError(f"{where}: no 'text', 'prompt'/'response' or 'messages' key (keys: {sorted(row)})",
+                       "rename the field holding the text to 'text'")
+
+
+def _load_text(path: Path) -> list[Document]:
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise EdgekitError(f"{path} is not UTF-8 text", "give a .jsonl or UTF-8 .txt file") from None
+    return [Document(text=p.strip()) for p in raw.split("\n\n") if p.strip()]
+
+
+def _load_hf(name: str) -> list[Document]:
+    try:
+        import datasets
+    except ImportError:
+        raise EdgekitError("hf: datasets need the 'datasets' package", "pip install datasets") from None
+    dataset, _, split = name.partition(":")
+    try:
+        ds = datasets.load_dataset(dataset, split=split or "train")
+    except Exception as e:  # offline, unknown name, ...: the library's message says which
+        raise EdgekitError(f"could not load dataset '{dataset}': {e}", "check the name, or download it and pass a local file") from None
+    return [_row_to_doc(dict(r), f"{dataset}[{i}]") for i, r in enumerate(ds)]
+
+
+def _dedupe(docs: list[Document]) -> list[Document]:
+    seen, out = set(), []
+    for d in docs:
+        if d.key not in seen:
+            seen.add(d.key)
+            out.append(d)
+    return out
+
+
+def split_documents(docs: list[Document], fraction: float, seed: int) -> tuple[list[Document], list[Document]]:
+    """Holdout by document: a document's hash decides, so adding documents never moves old ones."""
+    if len(docs) < 2:
+        raise EdgekitError(f"the dataset has {len(docs)} document(s); a train/holdout split needs at least 2",
+                           "add documents, or give data.holdout as a separate file")
+
+    def score(d: Document) -> float:
+        return int(hashlib.sha256(f"{seed}:{d.key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+    ranked = sorted(docs, key=score)
+    n_hold = max(1, round(len(docs) * fraction))
+    holdout = set(id(d) for d in ranked[:n_hold])
+    return [d for d in docs if id(d) not in holdout], [d for d in docs if id(d) in holdout]
+
+
+def ngram_overlap(train: list[str], holdout: list[str], n: int = NGRAM) -> float:
+    """Share of holdout word n-grams that also occur in training text (0 = clean)."""
+    def grams(text: str) -> set[tuple[str, ...]]:
+        w = text.lower().split()
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+
+    train_grams = set().union(*(grams(t) for t in train)) if train else set()
+    hold = [g for t in holdout for g in grams(t)]
+    return sum(g in train_grams for g in hold) / len(hold) if hold else 0.0

@@ -1,0 +1,183 @@
+"""The KD training loop: frozen teacher, chunked loss, exact resume, NaN guard.
+
+Memory: neither model's (B, T, V) logits are ever held whole. Both trunks return hidden
+states (B, T, H); the loss walks over position chunks, projecting each chunk through
+the output heads inside `torch.utils.checkpoint`, so backward recomputes one chunk of
+logits at a time. Peak logits memory is 2 x chunk x V floats, whatever B and T are.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from edgekit.distill.losses import cross_entropy, kd_loss
+from edgekit.errors import EdgekitError
+from edgekit.progress import bar
+
+
+@dataclass
+class KDSettings:
+    loss: str = "forward_kl"
+    temperature: float = 1.0
+    alpha_ce: float = 0.0  # 1.0 with no teacher is plain fine-tuning (the SFT baseline)
+    skew_alpha: float = 0.1
+    jsd_beta: float = 0.5
+    steps: int = 40
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 4
+    grad_clip: float = 1.0
+    loss_chunk: int = 128
+    checkpoint_every: int = 10
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg) -> "KDSettings":
+        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+
+
+def hidden_and_head(model):
+    """(trunk returning last hidden states, output projection, logit soft-cap or None)."""
+    return model.get_decoder(), model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
+
+
+def project(h: torch.Tensor, head, softcap: float | None) -> torch.Tensor:
+    logits = head(h)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings) -> tuple[torch.Tensor, dict]:
+    """Mean loss over positions. s_h, t_h: (N, H) hidden states; labels: (N,) next tokens."""
+    _, s_head, s_cap = hidden_and_head(student)
+    t_head, t_cap = (hidden_and_head(teacher)[1:] if teacher is not None else (None, None))
+    n = s_h.shape[0]
+
+    def chunk_fn(sh, th, lab):
+        s_logits = project(sh, s_head, s_cap)  # (C, V)
+        ce = cross_entropy(s_logits, lab).sum()
+        if th is None:
+            return ce, ce.detach(), torch.zeros(())
+        with torch.no_grad():
+            t_logits = project(th, t_head, t_cap)
+        kd = kd_loss(st.loss, s_logits, t_logits, st.temperature, st.skew_alpha, st.jsd_beta).sum()
+        return st.alpha_ce * ce + (1 - st.alpha_ce) * kd, ce.detach(), kd.detach()
+
+    total = torch.zeros(())
+    ce_sum = kd_sum = 0.0
+    for i in range(0, n, st.loss_chunk):
+        sl = slice(i, i + st.loss_chunk)
+        th = t_h[sl] if t_h is not None else None
+        loss, ce, kd = checkpoint(chunk_fn, s_h[sl], th, labels[sl], use_reentrant=False)
+        total = total + loss
+        ce_sum += float(ce)
+        kd_sum += float(kd)
+    return total / n, {"ce": ce_sum / n, "kd": kd_sum / n}
+
+
+def batch_indices(n_rows: int, batch: int, seed: int, step: int, micro: int) -> torch.Tensor:
+    """Rows for one micro-batch, a pure function of (seed, step, micro): resume is exact."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step * 101 + micro)
+    return torch.randint(0, n_rows, (batch,), generator=g)
+
+
+def lr_at(step: int, st: KDSettings) -> float:
+    if step < st.warmup_steps:
+        return st.lr * (step + 1) / st.warmup_steps
+    progress = (step - st.warmup_steps) / max(1, st.steps - st.warmup_steps)
+    return st.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, desc: str = "distill") -> dict:
+    """Train `student` in place on packed `rows` (N, T). `teacher=None` trains on labels alone."""
+    torch.manual_seed(st.seed)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    student.train()
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
+    ckpt = workdir / "checkpoint"
+    start = load_checkpoint(ckpt, student, opt) if (ckpt / "state.pt").is_file() else 0
+    log = (workdir / "metrics.jsonl").open("a")
+    trunk_s = hidden_and_head(student)[0]
+    trunk_t = hidden_and_head(teacher)[0] if teacher is not None else None
+    tokens_per_step = st.batch_size * st.grad_accum * (rows.shape[1] - 1)
+    progress = bar(st.steps, desc, unit="step")
+    progress.update(start)
+    last = {}
+    for step in range(start, st.steps):
+        t0 = time.perf_counter()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, st)
+        opt.zero_grad(set_to_none=True)
+        parts = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+        for micro in range(st.grad_accum):
+            x = rows[batch_indices(rows.shape[0], st.batch_size, st.seed, step, micro)]  # (B, T)
+            inputs, labels = x[:, :-1], x[:, 1:].reshape(-1)
+            s_h = trunk_s(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)  # (B*(T-1), H)
+            t_h = None
+            if trunk_t is not None:
+                with torch.no_grad():
+                    t_h = trunk_t(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
+            loss, p = chunked_loss(s_h, t_h, labels, student, teacher, st)
+            if not torch.isfinite(loss.detach()):
+                log.close()
+                raise EdgekitError(
+                    f"{desc}: the loss became {float(loss.detach())} at step {step}; the last good checkpoint is kept in {ckpt}",
+                    "lower the learning rate (lr), raise warmup_steps, or check the data for empty or broken rows")
+            (loss / st.grad_accum).backward()
+            parts["loss"] += float(loss.detach()) / st.grad_accum
+            parts["ce"] += p["ce"] / st.grad_accum
+            parts["kd"] += p["kd"] / st.grad_accum
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, st.grad_clip))
+        if not math.isfinite(grad_norm):
+            log.close()
+            raise EdgekitError(f"{desc}: gradients became {grad_norm} at step {step}; the last good checkpoint is kept in {ckpt}",
+                               "lower the learning rate (lr) or raise grad_clip's strictness")
+        opt.step()
+        dt = time.perf_counter() - t0
+        last = {"step": step + 1, **{k: round(v, 5) for k, v in parts.items()}, "lr": lr_at(step, st),
+                "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens_per_step / dt, 1)}
+        log.write(json.dumps(last) + "\n")
+        log.flush()
+        progress.update(1)
+        progress.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
+        if (step + 1) % st.checkpoint_every == 0 and step + 1 < st.steps:
+            save_checkpoint(ckpt, student, opt, step + 1)
+    progress.close()
+    log.close()
+    student.eval()
+    return last
+
+
+def save_checkpoint(path: Path, model, opt, step: int) -> None:
+    """Weights as safetensors; optimizer state as a tensors-only torch file (loaded weights_only)."""
+    from safetensors.torch import save_model
+
+    from edgekit.fsutil import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.mkdir()
+        save_model(model, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}, tmp / "state.pt")
+
+
+def load_checkpoint(path: Path, model, opt) -> int:
+    from safetensors.torch import load_model
+
+    load_model(model, str(path / "model.safetensors"))
+    state = torch.load(path / "state.pt", weights_only=True)  # never unpickle arbitrary objects
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    print(f"resuming from checkpoint at step {state['step']}", flush=True)
+    return int(state["step"])

@@ -1,0 +1,125 @@
+"""Write a transformers model directory as a GGUF file llama.cpp loads (gguf package).
+
+Supported: the llama family (Llama, SmolLM2, and students derived from them). Tensor
+names come from gguf's own `TensorNameMap`; Q and K projections are permuted from the
+HF rotate-half layout back to llama.cpp's interleaved rotary layout, as llama.cpp's
+converter does. Tokenizer metadata is copied verbatim from the GGUF the model came from
+(`gguf_tokenizer.json`), else built from the HF tokenizer files with gguf's vocab helpers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import EdgekitError
+from edgekit.fsutil import atomic_path
+from edgekit.models.sources import GGUF_TOKENIZER_FILE
+
+SUPPORTED = {"llama": "LLAMA"}
+FLOAT_TYPES = {"f32": "F32", "f16": "F16"}
+
+
+def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
+    """(n_head*head_dim, in) rotate-half rows -> interleaved pairs, per head."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None = None) -> Path:
+    import gguf
+    from safetensors import safe_open
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    arch = cfg.get("model_type")
+    if arch not in SUPPORTED:
+        raise EdgekitError(f"the GGUF writer does not support model_type '{arch}' yet (supported: {sorted(SUPPORTED)})",
+                           "export a llama-family model, or convert with llama.cpp's convert_hf_to_gguf.py")
+    if ftype not in FLOAT_TYPES:
+        raise EdgekitError(f"write_gguf writes f32/f16; '{ftype}' comes from llama.cpp's quantizer", "use export formats f16 + q4_k_m")
+    n_layer, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads", n_head)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, SUPPORTED[arch]), n_layer)
+    float_type = getattr(gguf.GGMLQuantizationType, FLOAT_TYPES[ftype])
+
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(tmp, arch)
+        w.add_name(name or model_dir.name)
+        w.add_type("model")
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if ftype == "f16" else gguf.LlamaFileType.ALL_F32)
+        w.add_context_length(cfg.get("max_position_embeddings", 2048))
+        w.add_embedding_length(cfg["hidden_size"])
+        w.add_block_count(n_layer)
+        w.add_feed_forward_length(cfg["intermediate_size"])
+        w.add_head_count(n_head)
+        w.add_head_count_kv(n_kv)
+        w.add_rope_dimension_count(head_dim)
+        w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-5))
+        w.add_rope_freq_base(float(_rope_theta(cfg)))
+        w.add_vocab_size(cfg["vocab_size"])
+        _add_tokenizer(w, model_dir, gguf)
+
+        files = sorted(model_dir.glob("*.safetensors"))
+        seen = set()
+        for f in files:
+            with safe_open(f, framework="numpy") as st:
+                for key in st.keys():
+                    if key == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+                        continue
+                    gname = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
+                    if gname is None:
+                        raise EdgekitError(f"tensor '{key}' in {f.name} has no GGUF name for {arch}", "is this a plain llama model?")
+                    if gname in seen:
+                        raise EdgekitError(f"duplicated tensor '{gname}'", "the model directory has two weight files for one tensor")
+                    seen.add(gname)
+                    data = _tensor_as_f32(st, key)
+                    if key.endswith("q_proj.weight"):
+                        data = _permute_rotary(data, n_head)
+                    elif key.endswith("k_proj.weight"):
+                        data = _permute_rotary(data, n_kv)
+                    # 1-D tensors (norms) stay F32, as llama.cpp's converter does
+                    qtype = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else float_type
+                    data = data.astype(np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32)
+                    w.add_tensor(gname, data, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=True)
+        w.close()
+    return out
+
+
+def _tensor_as_f32(st, key: str) -> np.ndarray:
+    try:
+        return st.get_tensor(key).astype(np.float32)
+    except TypeError:  # bf16 has no numpy dtype: go through torch
+        from safetensors import safe_open  # noqa: F401
+
+        raise EdgekitError(f"tensor '{key}' is bfloat16", "save the model in float32 or float16 before export") from None
+
+
+def _rope_theta(cfg: dict) -> float:
+    if "rope_theta" in cfg:
+        return cfg["rope_theta"]
+    params = cfg.get("rope_parameters") or {}
+    return params.get("rope_theta", 10000.0)
+
+
+def _add_tokenizer(w, model_dir: Path, gguf) -> None:
+    src = model_dir / GGUF_TOKENIZER_FILE
+    if src.is_file():
+        for key, (vtype, sub, value) in json.loads(src.read_text()).items():
+            w.add_key_value(key, value, gguf.GGUFValueType[vtype], sub_type=gguf.GGUFValueType[sub] if sub else None)
+        return
+    vocab = gguf.vocab.BpeVocab(model_dir)  # tokenizer.json / vocab.json + merges
+    tokens, types = [], []
+    for text, _score, ttype in vocab.all_tokens():
+        tokens.append(text)
+        types.append(ttype)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(w)

@@ -1,0 +1,32 @@
+"""GGUF quantization through llama.cpp's own quantizer (llama-cpp-python bindings).
+
+Using llama.cpp's `llama_model_quantize` means the Q4_K_M mix (which tensors get Q4_K,
+Q6_K, Q5_0 fallbacks for rows not divisible by 256, ...) is exactly llama.cpp's.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+from edgekit.fsutil import atomic_path
+
+FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
+FILE_TYPE_NAMES = {"f32": "F32", "f16": "F16", "q4_k_m": "Q4_K_M", "q8_0": "Q8_0", "q4_0": "Q4_0"}
+
+
+def quantize_gguf(src: Path, out: Path, fmt: str, threads: int | None = None) -> Path:
+    import llama_cpp
+
+    if fmt not in FTYPES:
+        raise EdgekitError(f"unknown GGUF quantization '{fmt}'", f"use one of {sorted(FTYPES)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, FTYPES[fmt])
+    params.nthread = threads or os.cpu_count() or 1
+    with atomic_path(out) as tmp:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise EdgekitError(f"llama.cpp could not quantize {src.name} to {fmt} (return code {rc})",
+                               "run with --debug to see llama.cpp's log; check the input GGUF loads in llama.cpp")
+    return out

@@ -1,0 +1,96 @@
+"""Files are never written in place: write to a temporary name, then rename.
+
+A reader (or a resumed run) therefore sees either the old complete file or the new
+complete file, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_tree(path: str | Path) -> str:
+    """Hash of a file, or of a directory's relative names and file contents."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(path).as_posix().encode())
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def sha256_json(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `final`; rename it onto `final` on success.
+
+    Works for files and directories. On error the temporary is removed and `final`
+    is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    target = tmp / final.name
+    try:
+        yield target
+        replace(target, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace(src: Path, dst: Path) -> None:
+    """Move `src` onto `dst`; an existing directory `dst` is swapped out, then removed."""
+    if dst.is_dir() and not dst.is_symlink():
+        trash = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(dst, trash)
+        os.replace(src, dst)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path):
+    return json.loads(Path(path).read_text())
+
+
+def confine(base: Path, relative: str | Path, what: str) -> Path:
+    """Resolve `relative` under `base` and refuse paths that escape it."""
+    from edgekit.errors import EdgekitError
+
+    base = base.resolve()
+    p = (base / relative).resolve()
+    if p != base and base not in p.parents:
+        raise EdgekitError(f"{what} '{relative}' escapes the run directory {base}",
+                           "use a path inside the run directory (no '..' or absolute paths)")
+    return p

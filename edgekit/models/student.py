@@ -1,0 +1,77 @@
+"""Student initialisation: a subset of the teacher's layers, or an existing smaller model."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "chat_template.jinja", "generation_config.json")
+
+
+def layers_to_keep(n_layers: int, keep_every: int | None, keep_layers: list[int] | None) -> list[int]:
+    """Every k-th layer, always including the first and the last (they matter most:
+    embeddings in, logits out; see Minitron and ShortGPT's block-importance results)."""
+    if keep_layers:
+        bad = [i for i in keep_layers if i >= n_layers]
+        if bad:
+            raise EdgekitError(f"student.keep_layers has {bad}, but the teacher has only {n_layers} layers (0..{n_layers - 1})",
+                               "use indices below the teacher's layer count")
+        return list(keep_layers)
+    k = keep_every or 1
+    keep = sorted(set(range(0, n_layers, k)) | {n_layers - 1})
+    return keep
+
+
+def init_from_teacher_layers(teacher, keep: list[int]):
+    """A new model with the teacher's embeddings, head and the kept decoder layers (copied)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    cfg = copy.deepcopy(teacher.config)
+    cfg.num_hidden_layers = len(keep)
+    if getattr(cfg, "layer_types", None):
+        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    student = AutoModelForCausalLM.from_config(cfg)
+    remap = {old: new for new, old in enumerate(keep)}
+    state = {}
+    for key, value in teacher.state_dict().items():
+        m = re.match(r"(.*\.layers\.)(\d+)(\..*)", key)
+        if m:
+            old = int(m.group(2))
+            if old not in remap:
+                continue
+            key = f"{m.group(1)}{remap[old]}{m.group(3)}"
+        state[key] = value.detach().clone()
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embeddings
+    if missing or unexpected:
+        raise EdgekitError(f"student init could not map teacher weights (missing {missing[:3]}, unexpected {unexpected[:3]})",
+                           "this architecture's layer naming is not supported for layer selection")
+    if cfg.tie_word_embeddings:
+        student.tie_weights()
+    return student
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> None:
+    from edgekit.models.sources import GGUF_TOKENIZER_FILE
+
+    for name in TOKENIZER_FILES + (GGUF_TOKENIZER_FILE,):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def check_same_vocab(teacher_tok, student_tok, teacher_name: str, student_name: str) -> None:
+    """Logit KD compares distributions token by token: both must share one vocabulary."""
+    tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
+    if tv != sv:
+        only_t = len(set(tv) - set(sv))
+        only_s = len(set(sv) - set(tv))
+        raise EdgekitError(
+            f"teacher '{teacher_name}' ({len(tv)} tokens) and student '{student_name}' ({len(sv)} tokens) have different "
+            f"vocabularies ({only_t} tokens only in the teacher, {only_s} only in the student), so token-level KD cannot compare their logits",
+            "use a student with the teacher's tokenizer (student.init: teacher_layers), or sequence-level KD on teacher-generated text")

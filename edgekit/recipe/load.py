@@ -1,0 +1,168 @@
+"""Load a recipe: YAML (safe) -> key=value overrides -> schema -> file and model checks.
+
+Every problem is collected and raised once as a `RecipeError`, each with its YAML path:
+
+    stages[1].formats[0]: 'q4km' is not one of ['f32', 'f16', 'q8_0', 'q4_0', 'q4_k_m']; did you mean 'q4_k_m'?
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from edgekit.errors import EdgekitError, RecipeError, did_you_mean
+from edgekit.recipe.schema import STAGE_CONFIGS, STAGE_ORDER, Recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, Path]:
+    """Return the validated recipe and the directory its relative paths are resolved from."""
+    path = Path(path)
+    if path.is_dir():
+        raise EdgekitError(f"{path} is a directory, not a recipe", "pass a .yaml file, e.g. recipes/quickstart.yaml")
+    if not path.is_file():
+        raise EdgekitError(f"recipe {path} does not exist", "check the path; shipped recipes are in recipes/")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise EdgekitError(f"{path} is not valid YAML: {str(e).splitlines()[0]} ({_yaml_where(e)})",
+                           "fix the YAML syntax at that line") from None
+    except UnicodeDecodeError:
+        raise EdgekitError(f"{path} is not a text file", "pass a YAML recipe") from None
+    if not isinstance(raw, dict):
+        raise RecipeError(str(path), ["the recipe must be a mapping of keys (name, teacher, data, stages, ...)"])
+    for ov in overrides:
+        apply_override(raw, ov)
+    return validate(raw, str(path), path.parent.resolve()), path.parent.resolve()
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+
+
+def validate(raw: dict, source: str, base: Path) -> Recipe:
+    problems = []
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        problems = [_describe(err, raw) for err in e.errors()]
+        raise RecipeError(source, sorted(set(problems), key=problems.index)) from None
+    problems += check_files_and_models(recipe, base)
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe
+
+
+def check_files_and_models(recipe: Recipe, base: Path) -> list[str]:
+    """Checks that need the filesystem but no model load."""
+    from edgekit.models.sources import describe_source_problem
+
+    problems = []
+    for where, spec in (("teacher.model", recipe.teacher.model), ("student.model", recipe.student.model)):
+        if spec:
+            msg = describe_source_problem(spec, base)
+            if msg:
+                problems.append(f"{where}: {msg}")
+    for where, p in (("data.train", recipe.data.train), ("data.holdout", recipe.data.holdout)):
+        if p and not p.startswith("hf:"):
+            f = (base / p)
+            if not f.exists():
+                problems.append(f"{where}: file '{p}' does not exist (resolved to {f}); paths are relative to the recipe file")
+            elif f.is_dir():
+                problems.append(f"{where}: '{p}' is a directory; name a .jsonl or .txt file")
+    if recipe.student.keep_layers:
+        if sorted(set(recipe.student.keep_layers)) != recipe.student.keep_layers or min(recipe.student.keep_layers) < 0:
+            problems.append("student.keep_layers: list distinct, increasing, non-negative teacher layer indices")
+    return problems
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in STAGE_CONFIGS or part in ("function-after",):
+            continue  # pydantic puts the union tag in the path; the user never wrote it
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "(recipe)"
+
+
+def _describe(err: dict, raw: dict) -> str:
+    loc, kind, msg = err["loc"], err["type"], err["msg"]
+    where = _loc(loc)
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(loc, raw)
+        return f"{where}: unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), allowed)} (allowed: {', '.join(allowed)})"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    if kind in ("literal_error", "enum"):
+        choices = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
+        return f"{where}: {err['input']!r} is not one of {choices}{did_you_mean(str(err['input']), choices)}"
+    if kind == "union_tag_invalid":
+        tag = err.get("ctx", {}).get("tag", "?")
+        return f"{where}.type: unknown stage type '{tag}'{did_you_mean(str(tag), list(STAGE_ORDER))} (known: {', '.join(STAGE_CONFIGS)})"
+    if kind == "union_tag_not_found":
+        return f"{where}: a stage needs a 'type' (one of {', '.join(STAGE_CONFIGS)})"
+    if kind == "value_error":
+        return f"{where}: {msg.removeprefix('Value error, ')}"
+    return f"{where}: {msg} (got {err.get('input')!r})"
+
+
+def _allowed_keys(loc: tuple, raw: dict) -> list[str]:
+    from edgekit.recipe import schema
+
+    top = {"teacher": schema.ModelSpec, "student": schema.StudentSpec, "data": schema.DataSpec}
+    if len(loc) == 1:
+        return list(Recipe.model_fields)
+    if loc[0] in top:
+        return list(top[loc[0]].model_fields)
+    if loc[0] == "stages" and len(loc) >= 3 and loc[2] in STAGE_CONFIGS:
+        return list(STAGE_CONFIGS[loc[2]].model_fields)
+    return []
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply `a.b[0].c=value` (value parsed as YAML). `stages.distill.steps=5` picks a stage by type."""
+    if "=" not in override:
+        raise EdgekitError(f"override '{override}' has no '='", "write overrides as key.path=value, e.g. stages.distill.steps=5")
+    key, value = override.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    parts = [p for p in re.split(r"\.|\[(\d+)\]", key) if p]
+    node = raw
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(node, list):
+            idx = _list_index(node, part, key)
+            if last:
+                node[idx] = parsed
+            else:
+                node = node[idx]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = parsed
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise EdgekitError(f"override '{key}': '{parts[i - 1]}' is a value, not a mapping or list",
+                               "check the key path against the recipe")
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if part.isdigit():
+        if int(part) >= len(node):
+            raise EdgekitError(f"override '{key}': index {part} is past the end (the list has {len(node)} items)",
+                               "use an index that exists")
+        return int(part)
+    matches = [i for i, item in enumerate(node) if isinstance(item, dict) and item.get("type") == part]
+    if not matches:
+        types = [item.get("type") for item in node if isinstance(item, dict)]
+        raise EdgekitError(f"override '{key}': no stage of type '{part}'{did_you_mean(part, types)}",
+                           f"stages in this recipe: {types}")
+    return matches[0]

@@ -1,0 +1,149 @@
+"""The recipe: a closed, typed schema (unknown keys are errors, never ignored).
+
+    name: quickstart
+    teacher: {model: embedded:smollm2-135m-instruct}
+    student: {init: teacher_layers, keep_every: 3}
+    data: {train: data/stdlib_docs.jsonl, holdout_fraction: 0.1}
+    stages: [{type: distill, ...}, {type: export, ...}, ...]
+
+Stage configs are registered by `type` in `STAGE_CONFIGS`; the pipeline maps the same
+type names to their run functions. Paths are relative to the recipe file.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+STAGE_ORDER = ("distill", "qat", "quantize", "export", "evaluate", "bench", "report")
+
+
+class Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class ModelSpec(Closed):
+    model: str = Field(description="embedded:NAME, a hub id (org/name), a model directory or a .gguf file")
+    revision: str | None = None
+    trust_remote_code: bool = False  # off unless the recipe says so: hub code runs on your machine
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # fp32 on CPU: bf16 is ~25x slower here
+
+
+class StudentSpec(Closed):
+    init: Literal["teacher_layers", "model"] = "teacher_layers"
+    # teacher_layers: keep every k-th teacher layer (first and last always kept), or an explicit list
+    keep_every: int | None = Field(3, ge=1)
+    keep_layers: list[int] | None = None
+    model: str | None = None  # for init: model, a smaller model with the teacher's tokenizer
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.init == "model" and not self.model:
+            raise ValueError("student.init is 'model' but student.model is not set; name a model or use init: teacher_layers")
+        if self.keep_layers is not None and len(self.keep_layers) == 0:
+            raise ValueError("student.keep_layers is empty; list at least one teacher layer index")
+        return self
+
+
+class DataSpec(Closed):
+    train: str = Field(description="JSONL (text, prompt/response or messages), a .txt file, or hf:DATASET")
+    holdout: str | None = None  # a separate holdout file; otherwise split off `train` by document
+    holdout_fraction: float = Field(0.1, gt=0.0, lt=0.9)
+    max_documents: int | None = Field(None, ge=2)
+    seq_len: int = Field(256, ge=8, le=32768)
+    split_seed: int = 0
+
+
+class DistillConfig(Closed):
+    type: Literal["distill"]
+    loss: Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd"] = "forward_kl"
+    temperature: float = Field(1.0, gt=0.0)
+    alpha_ce: float = Field(0.0, ge=0.0, le=1.0)  # L = alpha*CE(labels) + (1-alpha)*KD
+    skew_alpha: float = Field(0.1, ge=0.0, le=1.0)  # DistiLLM mixing for skew KL
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)  # GKD: beta->0 forward KL, beta->1 reverse KL
+    steps: int = Field(40, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(4, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    loss_chunk: int = Field(128, ge=1)  # positions per loss chunk: peak memory grows with this, not B*T*V
+    eval_every: int = Field(0, ge=0)  # 0: evaluate on holdout only at the end
+    checkpoint_every: int = Field(10, ge=1)
+    seed: int = 0
+
+
+class ExportConfig(Closed):
+    type: Literal["export"]
+    formats: list[Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m"]] = ["f16", "q4_k_m"]
+    model: Literal["student", "teacher"] = "student"
+
+    @field_validator("formats")
+    @classmethod
+    def _nonempty(cls, v):
+        if not v:
+            raise ValueError("export.formats is empty; list at least one of f16, q8_0, q4_0, q4_k_m")
+        return v
+
+
+class EvaluateConfig(Closed):
+    type: Literal["evaluate"]
+    max_tokens: int = Field(4096, ge=16)  # holdout tokens scored per model
+    ctx: int = Field(256, ge=16)  # window for perplexity, in tokens
+    baselines: list[Literal["teacher", "student_init"]] = ["teacher", "student_init"]
+
+
+class BenchConfig(Closed):
+    type: Literal["bench"]
+    targets: list[str] = ["laptop"]
+    prompt_tokens: int = Field(64, ge=1)
+    gen_tokens: int = Field(32, ge=1)
+    repeats: int = Field(3, ge=1)
+
+
+class ReportConfig(Closed):
+    type: Literal["report"]
+    sample_prompt: str = "The capital of France is"
+    sample_tokens: int = Field(24, ge=1)
+
+
+StageConfig = Annotated[
+    Union[DistillConfig, ExportConfig, EvaluateConfig, BenchConfig, ReportConfig],
+    Field(discriminator="type"),
+]
+STAGE_CONFIGS = {c.model_fields["type"].annotation.__args__[0]: c
+                 for c in (DistillConfig, ExportConfig, EvaluateConfig, BenchConfig, ReportConfig)}
+
+
+class Recipe(Closed):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    seed: int = 0
+    teacher: ModelSpec
+    student: StudentSpec = StudentSpec()
+    data: DataSpec
+    stages: list[StageConfig] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _stage_order(self):
+        """Cross-stage rules: canonical order, each type once, consumers after producers."""
+        types = [s.type for s in self.stages]
+        problems = []
+        for t in set(types):
+            if types.count(t) > 1:
+                problems.append(f"stage type '{t}' appears {types.count(t)} times; keep one")
+        ranks = [STAGE_ORDER.index(t) for t in types]
+        if ranks != sorted(ranks):
+            problems.append(f"stages are in the order {types}; they must follow {list(STAGE_ORDER)}")
+        for consumer in ("evaluate", "bench"):
+            if consumer in types and "export" not in types:
+                problems.append(f"a '{consumer}' stage needs an 'export' stage before it (it measures exported files)")
+        if "export" in types and "distill" not in types:
+            exp = self.stages[types.index("export")]
+            if exp.model == "student" and self.student.init == "teacher_layers":
+                problems.append("export.model is 'student' but no distill stage trains one; add a distill stage or set export.model: teacher")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self

@@ -1,0 +1,86 @@
+"""The `report` stage: runs/<name>/report.md from the run's artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgekit.pipeline import RunContext, machine_description, stage
+
+LABELS = {"teacher": "teacher (PyTorch fp32)", "student_init": "student before KD (PyTorch)",
+          "student": "student after KD (PyTorch)"}
+
+
+def _label(name: str) -> str:
+    return LABELS.get(name, f"exported {name.removeprefix('gguf_').upper()} GGUF (llama.cpp)")
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def render(ctx: RunContext, sample: dict) -> str:
+    r = ctx.recipe
+    fin = ctx.finished
+    lines = [f"# edgekit run report: {r.name}", "",
+             f"Machine: {machine_description()}", "",
+             "## What was done", "",
+             f"- Teacher: `{r.teacher.model}` ({ctx.teacher_provenance().get('file', ctx.teacher_path().name)})"]
+    if "distill" in fin:
+        m = fin["distill"]["metrics"]
+        c = fin["distill"]["config"]
+        lines.append(f"- Student: {m.get('init')} {m.get('kept_layers', '')}, {m['student_params'] / 1e6:.1f}M parameters")
+        lines.append(f"- Distillation: {c['loss']} (T={c['temperature']}, alpha_ce={c['alpha_ce']}), {c['steps']} steps x "
+                     f"{c['batch_size'] * c['grad_accum']} rows of {r.data.seq_len} tokens = {m['tokens_trained']} tokens; "
+                     f"final loss {m['final'].get('loss')}, {m['final'].get('tokens_per_s')} tokens/s")
+    lines.append(f"- Data: `{r.data.train}`, split by document into train / holdout")
+    lines += ["", _table(["stage", "wall time (s)"], [[k, v["wall_s"]] for k, v in fin.items() if k != "report"])]
+    if "export" in fin:
+        lines += ["", "## Exported files", "",
+                  _table(["file", "size (MB)", "tensor types"],
+                         [[v["file"], v["size_mb"], ", ".join(f"{t} {n}" for t, n in v["tensor_types"].items())]
+                          for v in fin["export"]["metrics"].values()])]
+    if "evaluate" in fin:
+        m = fin["evaluate"]["metrics"]
+        names = [k for k in m if isinstance(m[k], dict) and "ppl" in m[k]]
+        lines += ["", "## Quality on held-out text", "",
+                  f"{m['holdout_rows']} holdout rows, {m[names[0]]['tokens']} scored tokens. KL is KL(teacher || model) in nats/token.", "",
+                  _table(["model", "perplexity", "KL to teacher", "top-1 agreement with teacher"],
+                         [[_label(n), f"{m[n]['ppl']:.2f}",
+                           f"{m[f'{n}|teacher']['kl']:.4f}" if f"{n}|teacher" in m else "-",
+                           f"{m[f'{n}|teacher']['top1']:.1%}" if f"{n}|teacher" in m else "-"] for n in names])]
+        src = m.get("exported_from")
+        parity = [[_label(k.split("|")[0]), f"{v['kl']:.5f}", f"{v['top1']:.1%}"]
+                  for k, v in m.items() if k.endswith(f"|{src}") and src != "teacher" and k.startswith("gguf_")]
+        if parity:
+            lines += ["", f"### Parity: exported files vs the PyTorch {src}", "",
+                      _table(["file", "KL (nats/token)", "top-1 agreement"], parity)]
+    if "bench" in fin:
+        rows = fin["bench"]["metrics"]["rows"]
+        lines += ["", "## Speed and memory", "",
+                  _table(["file", "backend", "target", "threads", "prefill tok/s", "decode tok/s (min-max)", "TTFT ms",
+                          "load s", "peak RSS MB", "size MB"],
+                         [[x["file"], x["backend"], x["target"], x["threads"], f"{x['prefill_tps']:.0f}",
+                           f"{x['decode_tps']:.1f} ({x['decode_tps_min']:.1f}-{x['decode_tps_max']:.1f})",
+                           f"{x['ttft_ms']:.0f}", f"{x['load_s']:.2f}", f"{x['peak_rss_mb']:.0f}", f"{x['size_mb']:.1f}"]
+                          for x in rows])]
+    if sample:
+        lines += ["", "## Sample (greedy, llama.cpp)", "", f"Prompt: `{sample['prompt']}`", ""]
+        lines += [f"- {k}: `{v.strip()}`" for k, v in sample["outputs"].items()]
+    lines += ["", "Provenance (teacher hash, data hashes, seeds, versions): `manifest.json`; the exact recipe: `recipe.lock.yaml`.", ""]
+    return "\n".join(lines)
+
+
+@stage("report")
+def run_report(ctx: RunContext, cfg, out: Path) -> dict:
+    from edgekit.bench.llama_runner import llama_generate
+    from edgekit.bench.stages import gguf_outputs
+
+    sample = {}
+    if "export" in ctx.finished:
+        sample = {"prompt": cfg.sample_prompt, "outputs": {
+            p.name: llama_generate(p, cfg.sample_prompt, cfg.sample_tokens) for p in gguf_outputs(ctx).values()}}
+    text = render(ctx, sample)
+    (out / "report.md").write_text(text)
+    return {"outputs": {"report": "report.md"}, "metrics": {"sample": sample}, "publish": {"report.md": "report.md"}}

@@ -30,7 +30,11 @@ class RecipeError(EdgekitError):
 
 def did_you_mean(word: str, choices: list[str] | tuple[str, ...]) -> str:
     """" did you mean 'x'?" for the closest choice, or '' when nothing is close."""
-    close = difflib.get_close_matches(str(word).lower(), [c.lower() for c in choices], n=1, cutoff=0.6)
+    word = str(word).lower()
+    lowered = [c.lower() for c in choices]
+    close = difflib.get_close_matches(word, lowered, n=1, cutoff=0.6)
+    if not close:  # a short name for a long one ('smollm' for 'smollm2-135m-instruct')
+        close = [c for c in lowered if len(word) >= 4 and (c.startswith(word[:5]) or word in c)][:1]
     if not close:
         return ""
     original = next(c for c in choices if c.lower() == close[0])

@@ -94,3 +94,20 @@ def confine(base: Path, relative: str | Path, what: str) -> Path:
         raise EdgekitError(f"{what} '{relative}' escapes the run directory {base}",
                            "use a path inside the run directory (no '..' or absolute paths)")
     return p
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence C libraries (llama.cpp) that log to fd 2, unless EDGEKIT_DEBUG is set."""
+    if os.environ.get("EDGEKIT_DEBUG"):
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    saved = os.dup(2)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

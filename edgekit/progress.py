@@ -20,4 +20,4 @@ def status(message: str):
 
 def bar(total: int, desc: str, unit: str = "it"):
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
-                mininterval=1.0, disable=None)
+                mininterval=2.0, disable=False)

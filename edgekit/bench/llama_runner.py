@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
@@ -11,20 +10,7 @@ import numpy as np
 
 from edgekit.errors import EdgekitError
 from edgekit.export.gguf_read import open_gguf
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """llama.cpp logs from C to fd 2; keep it out of the user's terminal."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    saved = os.dup(2)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
+from edgekit.fsutil import quiet_stderr
 
 
 def load_llama(path: Path, n_ctx: int, threads: int | None = None, logits_all: bool = False):
@@ -32,7 +18,7 @@ def load_llama(path: Path, n_ctx: int, threads: int | None = None, logits_all: b
 
     open_gguf(path)  # clear errors for missing, non-GGUF or truncated files
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=logits_all,
                                    n_threads=threads or os.cpu_count(), verbose=False)
     except Exception as e:
@@ -64,7 +50,7 @@ def llama_speed(path: Path, prompt_tokens: int, gen_tokens: int, threads: int, r
     llm = load_llama(path, n_ctx=prompt_tokens + gen_tokens + 8, threads=threads)
     load_s = time.perf_counter() - t0
     n_vocab = llm.n_vocab()
-    prompt = [(1000 + 7919 * i) % max(1, n_vocab - 1000) + 500 for i in range(prompt_tokens)]
+    prompt = [1 + (7919 * i) % (n_vocab - 1) for i in range(prompt_tokens)]  # fixed, valid ids
     runs = []
     for _ in range(repeats + 1):
         llm.reset()

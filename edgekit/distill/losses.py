@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
+    # half-precision logits are upcast: log_softmax over a large vocabulary loses too much in fp16/bf16
+    x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    return F.log_softmax(x / temperature, dim=-1)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

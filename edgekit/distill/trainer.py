@@ -106,6 +106,7 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
+    workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / "checkpoint"
     start = load_checkpoint(ckpt, student, opt) if (ckpt / "state.pt").is_file() else 0
     log = (workdir / "metrics.jsonl").open("a")

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
+from edgekit.fsutil import quiet_stderr
 from edgekit.fsutil import atomic_path
 
 FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
@@ -25,7 +26,8 @@ def quantize_gguf(src: Path, out: Path, fmt: str, threads: int | None = None) ->
     params.ftype = getattr(llama_cpp, FTYPES[fmt])
     params.nthread = threads or os.cpu_count() or 1
     with atomic_path(out) as tmp:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
+        with quiet_stderr():  # llama.cpp logs every tensor to fd 2
+            rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
         if rc != 0:
             raise EdgekitError(f"llama.cpp could not quantize {src.name} to {fmt} (return code {rc})",
                                "run with --debug to see llama.cpp's log; check the input GGUF loads in llama.cpp")

@@ -44,37 +44,44 @@ def _yaml_where(e: yaml.YAMLError) -> str:
 
 
 def validate(raw: dict, source: str, base: Path) -> Recipe:
-    problems = []
+    recipe, problems = None, []
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         problems = [_describe(err, raw) for err in e.errors()]
-        raise RecipeError(source, sorted(set(problems), key=problems.index)) from None
-    problems += check_files_and_models(recipe, base)
+    problems += check_files_and_models(raw, base)
     if problems:
-        raise RecipeError(source, problems)
+        raise RecipeError(source, sorted(set(problems), key=problems.index))
     return recipe
 
 
-def check_files_and_models(recipe: Recipe, base: Path) -> list[str]:
-    """Checks that need the filesystem but no model load."""
+def _get(raw: dict, *keys):
+    for k in keys:
+        raw = raw.get(k) if isinstance(raw, dict) else None
+    return raw if isinstance(raw, str) else None
+
+
+def check_files_and_models(raw: dict, base: Path) -> list[str]:
+    """Checks that need the filesystem but no model load (run even when the schema fails,
+    so one `validate` lists every problem)."""
     from edgekit.models.sources import describe_source_problem
 
     problems = []
-    for where, spec in (("teacher.model", recipe.teacher.model), ("student.model", recipe.student.model)):
+    for where, spec in (("teacher.model", _get(raw, "teacher", "model")), ("student.model", _get(raw, "student", "model"))):
         if spec:
             msg = describe_source_problem(spec, base)
             if msg:
                 problems.append(f"{where}: {msg}")
-    for where, p in (("data.train", recipe.data.train), ("data.holdout", recipe.data.holdout)):
+    for where, p in (("data.train", _get(raw, "data", "train")), ("data.holdout", _get(raw, "data", "holdout"))):
         if p and not p.startswith("hf:"):
             f = (base / p)
             if not f.exists():
                 problems.append(f"{where}: file '{p}' does not exist (resolved to {f}); paths are relative to the recipe file")
             elif f.is_dir():
                 problems.append(f"{where}: '{p}' is a directory; name a .jsonl or .txt file")
-    if recipe.student.keep_layers:
-        if sorted(set(recipe.student.keep_layers)) != recipe.student.keep_layers or min(recipe.student.keep_layers) < 0:
+    keep = (raw.get("student") or {}).get("keep_layers") if isinstance(raw.get("student"), dict) else None
+    if isinstance(keep, list) and keep and all(isinstance(i, int) for i in keep):
+        if sorted(set(keep)) != keep or min(keep) < 0:
             problems.append("student.keep_layers: list distinct, increasing, non-negative teacher layer indices")
     return problems
 
@@ -96,7 +103,7 @@ def _describe(err: dict, raw: dict) -> str:
     where = _loc(loc)
     if kind == "extra_forbidden":
         allowed = _allowed_keys(loc, raw)
-        return f"{where}: unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), allowed)} (allowed: {', '.join(allowed)})"
+        return f"{_loc(loc[:-1])}: unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), allowed)} (allowed: {', '.join(allowed)})"
     if kind == "missing":
         return f"{where}: required key is missing"
     if kind in ("literal_error", "enum"):

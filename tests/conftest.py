@@ -1,0 +1,91 @@
+"""Fixtures: a tiny byte-level BPE tokenizer and tiny random Llama models, built locally.
+
+Tests never download. Unit tests use these (seconds); integration tests (marked
+`integration`) use the real embedded models and runtimes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = (REPO / "recipes" / "data" / "stdlib_docs.jsonl")
+
+
+def corpus_texts(n: int = 40) -> list[str]:
+    return [json.loads(line)["text"] for line in CORPUS.read_text().splitlines()[:n]]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tok")
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(corpus_texts(), vocab_size=384, min_frequency=2, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                  unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok.save_pretrained(out)
+    return out
+
+
+def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 4, seed: int = 0, hidden: int = 64) -> Path:
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      initializer_range=0.3,  # peaked logits: a uniform teacher has nothing to teach
+                      tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    model = LlamaForCausalLM(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("teacher") / "tiny-teacher", tiny_tokenizer_dir, layers=4)
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_teacher_dir) -> Path:
+    """A full recipe on the tiny teacher, with data copied next to it."""
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(30)))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(f"""
+name: tiny
+teacher: {{model: {tiny_teacher_dir}}}
+student: {{init: teacher_layers, keep_every: 2}}
+data: {{train: docs.jsonl, holdout_fraction: 0.2, seq_len: 32}}
+stages:
+  - {{type: distill, steps: 4, batch_size: 2, loss_chunk: 16, checkpoint_every: 2, warmup_steps: 1}}
+  - {{type: export, formats: [f16, q8_0]}}
+  - {{type: evaluate, max_tokens: 64, ctx: 32}}
+  - {{type: bench, prompt_tokens: 8, gen_tokens: 4, repeats: 1}}
+  - {{type: report, sample_tokens: 4}}
+""")
+    return recipe
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # The embedded-model conversion cache is shared across tests (it is keyed by hash);
+    # point it at a session-wide directory unless the caller set one.
+    import os
+
+    if "EDGEKIT_CACHE" not in os.environ:
+        monkeypatch.setenv("EDGEKIT_CACHE", str(Path.home() / ".cache" / "edgekit"))

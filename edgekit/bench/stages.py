@@ -34,6 +34,8 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
         if "student_init" in cfg.baselines:
             scorers["student_init"] = torch_scorer(build_student(ctx)[0])
         scorers["student"] = torch_scorer(ctx.load_model(model_to_export(ctx, "student")))
+        if "sft_model" in ctx.finished["distill"]["outputs"]:
+            scorers["student_sft"] = torch_scorer(ctx.load_model(ctx.output("distill", "sft_model")))
     for fmt, path in gguf_outputs(ctx).items():
         scorers[f"gguf_{fmt}"] = llama_scorer(path, ctx=rows.shape[1])
     pairs = [(name, "teacher") for name in scorers if name != "teacher"]

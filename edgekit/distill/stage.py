@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from edgekit.distill.trainer import KDSettings, train
@@ -40,10 +41,20 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
     settings = KDSettings.from_config(cfg)
     last = train(student, ctx.teacher(), rows, settings, out, desc="distill")
     save_model(student, tok_dir, out / "model")
+    outputs = {"model": "model", "metrics_log": "metrics.jsonl"}
+    extra = {}
+    if "sft" in cfg.baselines:
+        del student
+        baseline = build_student(ctx)[0]
+        sft = replace(settings, alpha_ce=1.0)
+        extra["sft_final"] = train(baseline, None, rows, sft, out / "sft", desc="sft baseline")
+        save_model(baseline, tok_dir, out / "sft_model")
+        outputs["sft_model"] = "sft_model"
+        student = baseline
     n_params = sum(p.numel() for p in student.parameters())
     return {
-        "outputs": {"model": "model", "metrics_log": "metrics.jsonl"},
+        "outputs": outputs,
         "metrics": {"student_params": n_params, "train_rows": int(rows.shape[0]),
                     "tokens_trained": settings.steps * settings.batch_size * settings.grad_accum * (rows.shape[1] - 1),
-                    "final": last, **init_info},
+                    "final": last, **extra, **init_info},
     }

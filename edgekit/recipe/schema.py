@@ -71,9 +71,11 @@ class DistillConfig(Closed):
     warmup_steps: int = Field(4, ge=0)
     grad_clip: float = Field(1.0, gt=0.0)
     loss_chunk: int = Field(128, ge=1)  # positions per loss chunk: peak memory grows with this, not B*T*V
-    eval_every: int = Field(0, ge=0)  # 0: evaluate on holdout only at the end
     checkpoint_every: int = Field(10, ge=1)
     seed: int = 0
+    # also train the same student on the same rows and steps with labels alone (no teacher):
+    # the plain fine-tuning baseline KD has to beat
+    baselines: list[Literal["sft"]] = []
 
 
 class ExportConfig(Closed):

@@ -7,7 +7,8 @@ from pathlib import Path
 from edgekit.pipeline import RunContext, machine_description, stage
 
 LABELS = {"teacher": "teacher (PyTorch fp32)", "student_init": "student before KD (PyTorch)",
-          "student": "student after KD (PyTorch)"}
+          "student": "student after KD (PyTorch)",
+          "student_sft": "student, plain fine-tuning: same data and steps, no teacher (PyTorch)"}
 
 
 def _label(name: str) -> str:

@@ -1,0 +1,104 @@
+"""KD training-step throughput and peak memory: edgekit's chunked step vs a naive one.
+
+    .venv/bin/python benchmarks/kd_step.py [--steps 4] [--batch 4] [--seq-len 256]
+
+Same pair as the quickstart (SmolLM2-135M teacher, its 11-layer student), same batch.
+- edgekit: hidden states from both trunks, loss over position chunks through the output
+  heads under checkpointing (edgekit.distill.trainer.chunked_loss);
+- naive: both models' full (B, T, V) logits materialised, forward KL on all of them,
+  as a straightforward implementation (and TRL's GKDTrainer) does.
+Each variant runs in its own process so its peak RSS (VmHWM) is its own. Writes
+benchmarks/results/kd_step.json.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def step_fn(variant: str):
+    import torch
+
+    from edgekit.distill.losses import forward_kl
+    from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head
+
+    st = KDSettings(temperature=2.0, loss_chunk=128)
+
+    def edgekit_step(student, teacher, x):
+        inputs, labels = x[:, :-1], x[:, 1:].reshape(-1)
+        s_h = hidden_and_head(student)[0](input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
+        with torch.no_grad():
+            t_h = hidden_and_head(teacher)[0](input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
+        loss, _ = chunked_loss(s_h, t_h, labels, student, teacher, st)
+        loss.backward()
+        return loss
+
+    def naive_step(student, teacher, x):
+        inputs = x[:, :-1]
+        s = student(input_ids=inputs).logits  # (B, T, V)
+        with torch.no_grad():
+            t = teacher(input_ids=inputs).logits  # (B, T, V)
+        loss = forward_kl(s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), st.temperature).mean()
+        loss.backward()
+        return loss
+
+    return {"edgekit": edgekit_step, "naive": naive_step}[variant]
+
+
+def worker(variant: str, steps: int, batch: int, seq_len: int) -> None:
+    import torch
+
+    from edgekit.bench.worker import peak_rss_kb
+    from edgekit.models.loading import load_causal_lm
+    from edgekit.models.sources import resolve_model
+    from edgekit.models.student import init_from_teacher_layers, layers_to_keep
+
+    torch.manual_seed(0)
+    teacher = load_causal_lm(resolve_model("embedded:smollm2-135m-instruct", REPO).path)
+    student = init_from_teacher_layers(teacher, layers_to_keep(teacher.config.num_hidden_layers, 3, None)).train()
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    x = torch.randint(0, teacher.config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    fn = step_fn(variant)
+    times = []
+    for i in range(steps + 1):  # the first step warms up
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        fn(student, teacher, x)
+        opt.step()
+        times.append(time.perf_counter() - t0)
+    step_s = sorted(times[1:])[len(times[1:]) // 2]
+    print(json.dumps({"tokens_per_s": batch * seq_len / step_s, "step_s": step_s, "peak_mem_mb": peak_rss_kb() / 1024}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--worker")
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker, a.steps, a.batch, a.seq_len)
+    from edgekit.pipeline import machine_description
+
+    result = {}
+    for variant in ("edgekit", "naive"):
+        out = subprocess.run([sys.executable, __file__, "--worker", variant, "--steps", str(a.steps), "--batch",
+                              str(a.batch), "--seq-len", str(a.seq_len)], capture_output=True, text=True, check=True)
+        result[variant] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(variant, result[variant], flush=True)
+    result["trl_gkd"] = None  # not measured yet: see the note on issue 3
+    result.update({"batch": a.batch, "seq_len": a.seq_len, "vocab": 49152, "machine": machine_description(),
+                   "speedup_vs_naive": result["edgekit"]["tokens_per_s"] / result["naive"]["tokens_per_s"],
+                   "memory_ratio_vs_naive": result["edgekit"]["peak_mem_mb"] / result["naive"]["peak_mem_mb"]})
+    (REPO / "benchmarks" / "results" / "kd_step.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,9 +10,21 @@ from edgekit.bench.targets import target
 from edgekit.pipeline import RunContext, stage
 
 
-def gguf_outputs(ctx: RunContext) -> dict[str, Path]:
+def gguf_outputs(ctx: RunContext, prefix: str = "gguf_") -> dict[str, Path]:
+    """{format: path} of the export stage's files (prefix "ptq_gguf_" for the PTQ baseline)."""
     art = ctx.finished["export"]
-    return {k.removeprefix("gguf_"): Path(art["dir"]) / v["path"] for k, v in art["outputs"].items() if k.startswith("gguf_")}
+    return {k.removeprefix(prefix): Path(art["dir"]) / v["path"] for k, v in art["outputs"].items() if k.startswith(prefix)}
+
+
+def qat_model(ctx: RunContext):
+    """The QAT student as it trained: latent weights behind the same fake quantizers."""
+    import json
+
+    from edgekit.quant.qat import prepare
+
+    model = ctx.load_model(ctx.output("qat", "model"))
+    prepare(model, json.loads(ctx.output("qat", "plan").read_text())["plan"])
+    return model
 
 
 @stage("evaluate")
@@ -29,17 +41,26 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
     if rows.shape[1] > cfg.ctx:
         rows = rows[:, : cfg.ctx]
     scorers = {"teacher": torch_scorer(ctx.teacher())}
-    exported_from = ctx.finished["export"]["config"]["model"]
+    exported_from = ctx.finished["export"]["config"]["model"]  # "student" or "teacher"
     if "distill" in ctx.finished:
         if "student_init" in cfg.baselines:
             scorers["student_init"] = torch_scorer(build_student(ctx)[0])
         scorers["student"] = torch_scorer(ctx.load_model(model_to_export(ctx, "student")))
         if "sft_model" in ctx.finished["distill"]["outputs"]:
             scorers["student_sft"] = torch_scorer(ctx.load_model(ctx.output("distill", "sft_model")))
-    for fmt, path in gguf_outputs(ctx).items():
-        scorers[f"gguf_{fmt}"] = llama_scorer(path, ctx=rows.shape[1])
+    if "qat" in ctx.finished:
+        scorers["student_qat"] = torch_scorer(qat_model(ctx))
+    for prefix in ("ptq_gguf_", "gguf_"):
+        for fmt, path in gguf_outputs(ctx, prefix).items():
+            scorers[f"{prefix}{fmt}"] = llama_scorer(path, ctx=rows.shape[1])
     pairs = [(name, "teacher") for name in scorers if name != "teacher"]
-    pairs += [(f"gguf_{fmt}", exported_from) for fmt in gguf_outputs(ctx) if exported_from != "teacher"]
+    if exported_from != "teacher":
+        # parity: each file against the PyTorch model it came from
+        for fmt in gguf_outputs(ctx):
+            if "qat" in ctx.finished and fmt not in ("f16", "f32"):
+                pairs.append((f"gguf_{fmt}", "student_qat"))
+            elif "qat" not in ctx.finished:
+                pairs.append((f"gguf_{fmt}", "student"))
     result = evaluate(scorers, rows, pairs, desc="evaluate")
     return {"outputs": {}, "metrics": {"holdout_rows": int(rows.shape[0]), "exported_from": exported_from, **result}}
 

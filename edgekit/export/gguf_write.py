@@ -28,21 +28,36 @@ def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def gguf_name(name_map, key: str, arch: str) -> str:
+    """The GGUF tensor name of a transformers weight name (gguf's own TensorNameMap)."""
+    gname = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
+    if gname is None:
+        raise EdgekitError(f"tensor '{key}' has no GGUF name for {arch}", "is this a plain llama-family model?")
+    return gname
+
+
+def tensor_name_map(cfg: dict):
+    import gguf
+
+    arch = cfg.get("model_type")
+    if arch not in SUPPORTED:
+        raise EdgekitError(f"the GGUF writer does not support model_type '{arch}' yet (supported: {sorted(SUPPORTED)})",
+                           "export a llama-family model, or convert with llama.cpp's convert_hf_to_gguf.py")
+    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, SUPPORTED[arch]), cfg["num_hidden_layers"])
+
+
 def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None = None) -> Path:
     import gguf
     from safetensors import safe_open
 
     cfg = json.loads((model_dir / "config.json").read_text())
     arch = cfg.get("model_type")
-    if arch not in SUPPORTED:
-        raise EdgekitError(f"the GGUF writer does not support model_type '{arch}' yet (supported: {sorted(SUPPORTED)})",
-                           "export a llama-family model, or convert with llama.cpp's convert_hf_to_gguf.py")
+    name_map = tensor_name_map(cfg)
     if ftype not in FLOAT_TYPES:
         raise EdgekitError(f"write_gguf writes f32/f16; '{ftype}' comes from llama.cpp's quantizer", "use export formats f16 + q4_k_m")
     n_layer, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads", n_head)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, SUPPORTED[arch]), n_layer)
     float_type = getattr(gguf.GGMLQuantizationType, FLOAT_TYPES[ftype])
 
     with atomic_path(out) as tmp:
@@ -69,9 +84,7 @@ def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None 
                 for key in st.keys():
                     if key == "lm_head.weight" and cfg.get("tie_word_embeddings"):
                         continue
-                    gname = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
-                    if gname is None:
-                        raise EdgekitError(f"tensor '{key}' in {f.name} has no GGUF name for {arch}", "is this a plain llama model?")
+                    gname = gguf_name(name_map, key, arch)
                     if gname in seen:
                         raise EdgekitError(f"duplicated tensor '{gname}'", "the model directory has two weight files for one tensor")
                     seen.add(gname)

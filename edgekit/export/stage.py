@@ -12,32 +12,43 @@ from edgekit.progress import status
 
 
 def model_to_export(ctx: RunContext, which: str) -> Path:
-    return ctx.teacher_path() if which == "teacher" else ctx.output("distill", "model")
+    """The teacher, or the newest student: QAT's latent weights if a qat stage ran."""
+    if which == "teacher":
+        return ctx.teacher_path()
+    return ctx.output("qat" if "qat" in ctx.finished else "distill", "model")
+
+
+def export_gguf(src: Path, out: Path, name: str, formats: list[str]) -> dict[str, str]:
+    """Write `formats` of the model in `src` as <name>-<TYPE>.gguf; {format: file name}."""
+    float_fmt = "f32" if "f32" in formats else "f16"
+    base = out / f"{name}-{FILE_TYPE_NAMES[float_fmt]}.gguf"
+    with status(f"writing {base.name}"):
+        write_gguf(src, base, float_fmt, name=name)
+    files = {float_fmt: base.name} if float_fmt in formats else {}
+    for fmt in formats:
+        if fmt not in ("f32", "f16"):
+            target = out / f"{name}-{FILE_TYPE_NAMES[fmt]}.gguf"
+            with status(f"quantizing to {target.name} with llama.cpp"):
+                quantize_gguf(base, target, fmt)
+            files[fmt] = target.name
+    if float_fmt not in formats:
+        base.unlink()
+    return files
 
 
 @stage("export")
 def run_export(ctx: RunContext, cfg, out: Path) -> dict:
-    src = model_to_export(ctx, cfg.model)
     name = f"{ctx.recipe.name}-{cfg.model}"
-    float_fmt = "f32" if "f32" in cfg.formats else "f16"
-    base = out / f"{name}-{FILE_TYPE_NAMES[float_fmt]}.gguf"
-    with status(f"writing {base.name}"):
-        write_gguf(src, base, float_fmt, name=name)
-    outputs, metrics = {}, {}
-    if float_fmt in cfg.formats:
-        outputs[f"gguf_{float_fmt}"] = base.name
-    for fmt in cfg.formats:
-        if fmt in ("f32", "f16"):
-            continue
-        target = out / f"{name}-{FILE_TYPE_NAMES[fmt]}.gguf"
-        with status(f"quantizing to {target.name} with llama.cpp"):
-            quantize_gguf(base, target, fmt)
-        outputs[f"gguf_{fmt}"] = target.name
-    if float_fmt not in cfg.formats:
-        base.unlink()
+    files = export_gguf(model_to_export(ctx, cfg.model), out, name, cfg.formats)
+    outputs = {f"gguf_{fmt}": f for fmt, f in files.items()}
+    if "qat" in ctx.finished and cfg.model == "student" and "distill" in ctx.finished:
+        # the same student without QAT, through llama.cpp's own quantizer: the PTQ baseline
+        base = export_gguf(ctx.output("distill", "model"), out, f"{name}-ptq", cfg.formats)
+        outputs.update({f"ptq_gguf_{fmt}": f for fmt, f in base.items()})
+    metrics = {}
     for key, fname in outputs.items():
         types: dict[str, int] = {}
         for t in tensor_table(out / fname):
             types[t["type"]] = types.get(t["type"], 0) + 1
         metrics[key] = {"file": fname, "size_mb": round((out / fname).stat().st_size / 2**20, 2), "tensor_types": types}
-    return {"outputs": outputs, "metrics": metrics, "publish": {f: f"export/{f}" for f in outputs.values()}}
+    return {"outputs": outputs, "metrics": metrics, "publish": {f: f"export/{f}" for f in files.values()}}

@@ -78,6 +78,27 @@ class DistillConfig(Closed):
     baselines: list[Literal["sft"]] = []
 
 
+class QATConfig(Closed):
+    """QAT-KD: train the fake-quantized student (llama.cpp's exact grid) against the teacher."""
+    type: Literal["qat"]
+    mix: Literal["q4_k_m", "q4_0", "q5_0", "q8_0"] = "q4_k_m"  # the llama.cpp type the export will use
+    loss: Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd"] = "forward_kl"
+    temperature: float = Field(1.0, gt=0.0)
+    alpha_ce: float = Field(0.0, ge=0.0, le=1.0)
+    skew_alpha: float = Field(0.1, ge=0.0, le=1.0)
+    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
+    steps: int = Field(20, ge=1)
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-5, gt=0.0)  # small: the weights only need to settle onto the grid
+    weight_decay: float = Field(0.0, ge=0.0)
+    warmup_steps: int = Field(2, ge=0)
+    grad_clip: float = Field(1.0, gt=0.0)
+    loss_chunk: int = Field(128, ge=1)
+    checkpoint_every: int = Field(10, ge=1)
+    seed: int = 1
+
+
 class ExportConfig(Closed):
     type: Literal["export"]
     formats: list[Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m"]] = ["f16", "q4_k_m"]
@@ -113,11 +134,11 @@ class ReportConfig(Closed):
 
 
 StageConfig = Annotated[
-    Union[DistillConfig, ExportConfig, EvaluateConfig, BenchConfig, ReportConfig],
+    Union[DistillConfig, QATConfig, ExportConfig, EvaluateConfig, BenchConfig, ReportConfig],
     Field(discriminator="type"),
 ]
 STAGE_CONFIGS = {c.model_fields["type"].annotation.__args__[0]: c
-                 for c in (DistillConfig, ExportConfig, EvaluateConfig, BenchConfig, ReportConfig)}
+                 for c in (DistillConfig, QATConfig, ExportConfig, EvaluateConfig, BenchConfig, ReportConfig)}
 
 
 class Recipe(Closed):
@@ -142,10 +163,14 @@ class Recipe(Closed):
         for consumer in ("evaluate", "bench"):
             if consumer in types and "export" not in types:
                 problems.append(f"a '{consumer}' stage needs an 'export' stage before it (it measures exported files)")
-        if "export" in types and "distill" not in types:
+        if "export" in types and "distill" not in types and "qat" not in types:
             exp = self.stages[types.index("export")]
             if exp.model == "student" and self.student.init == "teacher_layers":
                 problems.append("export.model is 'student' but no distill stage trains one; add a distill stage or set export.model: teacher")
+        if "qat" in types and "export" in types:
+            qat, exp = self.stages[types.index("qat")], self.stages[types.index("export")]
+            if qat.mix not in exp.formats:
+                problems.append(f"qat.mix is '{qat.mix}' but export.formats is {exp.formats}; export the format QAT trained for")
         if problems:
             raise ValueError("; ".join(problems))
         return self

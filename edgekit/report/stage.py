@@ -8,11 +8,23 @@ from edgekit.pipeline import RunContext, machine_description, stage
 
 LABELS = {"teacher": "teacher (PyTorch fp32)", "student_init": "student before KD (PyTorch)",
           "student": "student after KD (PyTorch)",
-          "student_sft": "student, plain fine-tuning: same data and steps, no teacher (PyTorch)"}
+          "student_sft": "student, plain fine-tuning: same data and steps, no teacher (PyTorch)",
+          "student_qat": "student after QAT-KD, fake-quantized (PyTorch)"}
 
 
 def _label(name: str) -> str:
+    if name.startswith("ptq_gguf_"):
+        return f"student without QAT, llama.cpp {name.removeprefix('ptq_gguf_').upper()} (PTQ baseline, llama.cpp)"
     return LABELS.get(name, f"exported {name.removeprefix('gguf_').upper()} GGUF (llama.cpp)")
+
+
+def qat_recovery(m: dict, fmt: str) -> dict | None:
+    """(ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_FP16), all through llama.cpp on the same holdout."""
+    try:
+        fp16, ptq, qat = m["ptq_gguf_f16"]["ppl"], m[f"ptq_gguf_{fmt}"]["ppl"], m[f"gguf_{fmt}"]["ppl"]
+    except KeyError:
+        return None
+    return {"ppl_fp16": fp16, "ppl_ptq": ptq, "ppl_qat": qat, "recovery": (ptq - qat) / (ptq - fp16) if ptq != fp16 else None}
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -51,12 +63,20 @@ def render(ctx: RunContext, sample: dict) -> str:
                          [[_label(n), f"{m[n]['ppl']:.2f}",
                            f"{m[f'{n}|teacher']['kl']:.4f}" if f"{n}|teacher" in m else "-",
                            f"{m[f'{n}|teacher']['top1']:.1%}" if f"{n}|teacher" in m else "-"] for n in names])]
-        src = m.get("exported_from")
-        parity = [[_label(k.split("|")[0]), f"{v['kl']:.5f}", f"{v['top1']:.1%}"]
-                  for k, v in m.items() if k.endswith(f"|{src}") and src != "teacher" and k.startswith("gguf_")]
+        parity = [[_label(k.split("|")[0]), _label(k.split("|")[1]), f"{v['kl']:.5f}", f"{v['top1']:.1%}"]
+                  for k, v in m.items() if k.startswith("gguf_") and "|" in k and not k.endswith("|teacher")]
         if parity:
-            lines += ["", f"### Parity: exported files vs the PyTorch {src}", "",
-                      _table(["file", "KL (nats/token)", "top-1 agreement"], parity)]
+            lines += ["", "### Parity: exported files vs the PyTorch model they came from", "",
+                      _table(["file", "PyTorch model", "KL (nats/token)", "top-1 agreement"], parity)]
+        if "qat" in fin:
+            rec = qat_recovery(m, fin["qat"]["config"]["mix"])
+            q = fin["qat"]["metrics"]
+            lines += ["", "### QAT-KD", "",
+                      f"Fake-quantized on llama.cpp's exact grid: {q['fake_quantized']}; left in float (no exact "
+                      f"quantizer yet): {q['left_in_float']}."]
+            if rec and rec["recovery"] is not None:
+                lines.append(f"Perplexity through llama.cpp: F16 {rec['ppl_fp16']:.2f}, PTQ {rec['ppl_ptq']:.2f}, "
+                             f"QAT-KD {rec['ppl_qat']:.2f}; recovery (PTQ-QAT)/(PTQ-F16) = {rec['recovery']:.0%}.")
     if "bench" in fin:
         rows = fin["bench"]["metrics"]["rows"]
         lines += ["", "## Speed and memory", "",

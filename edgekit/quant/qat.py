@@ -1,0 +1,88 @@
+"""Format-faithful QAT: fake-quantize each weight with the exact format llama.cpp will give it.
+
+The plan comes from llama.cpp itself: the student is exported to F16 and quantized by
+llama.cpp's Q4_K_M (or other) mix once, and the type llama.cpp chose for each tensor is
+read back, fallbacks included (rows not divisible by 256 get Q5_0, not Q4_K). Each weight
+with an exact quantizer in `ggml_blocks` is then trained through that quantizer applied
+to its fp16 rounding, which is precisely what llama.cpp computes when it quantizes the
+exported F16 file. So exporting the latent weights and quantizing them with llama.cpp
+reproduces the trained grid bit for bit for those tensors.
+
+Formats without an exact quantizer here yet (Q4_K, Q6_K) stay in float during QAT; the
+plan lists them, and parity is measured, not assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from edgekit.quant.ggml_blocks import dequantize, quantize
+
+EXACT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q5_0": "q5_0", "Q4_1": "q4_1"}
+
+
+class FakeQuant(nn.Module):
+    """w -> dequantize(quantize(fp16(w))) forward; identity gradient (straight-through)."""
+
+    def __init__(self, fmt: str):
+        super().__init__()
+        self.fmt = fmt
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        grid = dequantize(quantize(w.detach().half().float(), self.fmt)).to(w.dtype)
+        return w + (grid - w).detach()
+
+
+def plan_types(model_dir: Path, mix: str = "q4_k_m") -> dict[str, str]:
+    """{transformers weight name: GGML type name} as llama.cpp's `mix` quantizes this model."""
+    from edgekit.export.gguf_read import tensor_table
+    from edgekit.export.gguf_write import gguf_name, tensor_name_map, write_gguf
+    from edgekit.export.llama_quantize import quantize_gguf
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    name_map = tensor_name_map(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        f16 = write_gguf(model_dir, Path(tmp) / "plan-F16.gguf", "f16")
+        types = {t["name"]: t["type"] for t in tensor_table(quantize_gguf(f16, Path(tmp) / "plan.gguf", mix))}
+    from safetensors import safe_open
+
+    plan = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():
+                g = gguf_name(name_map, key, cfg["model_type"])
+                if g in types:
+                    plan[key] = types[g]
+    if cfg.get("tie_word_embeddings") and "model.embed_tokens.weight" in plan:
+        plan["lm_head.weight"] = plan["model.embed_tokens.weight"]  # one tensor in the file
+    return plan
+
+
+def prepare(model: nn.Module, plan: dict[str, str]) -> dict:
+    """Register fake-quant parametrizations on every weight with an exact format.
+    Returns {"fake_quantized": {name: fmt}, "float": {name: type}} for the report."""
+    done, skipped = {}, {}
+    for name, module in model.named_modules():
+        key = f"{name}.weight"
+        if key not in plan or not isinstance(module, (nn.Linear, nn.Embedding)):
+            continue
+        fmt = EXACT.get(plan[key])
+        if fmt is None:
+            skipped[key] = plan[key]
+            continue
+        parametrize.register_parametrization(module, "weight", FakeQuant(fmt), unsafe=True)
+        done[key] = fmt
+    return {"fake_quantized": done, "float": skipped}
+
+
+def strip(model: nn.Module) -> None:
+    """Remove the parametrizations, keeping the latent (unquantized) weights for export."""
+    for module in model.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)

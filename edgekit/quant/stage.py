@@ -1,0 +1,32 @@
+"""The `qat` stage: the distilled student, fake-quantized on llama.cpp's exact grid,
+trained against the full-precision teacher with the distillation losses."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from edgekit.distill.stage import save_model
+from edgekit.distill.trainer import KDSettings, train
+from edgekit.pipeline import RunContext, stage
+from edgekit.quant.qat import plan_types, prepare, strip
+
+
+def student_source(ctx: RunContext) -> Path:
+    return ctx.output("distill", "model") if "distill" in ctx.finished else ctx.teacher_path()
+
+
+@stage("qat")
+def run_qat(ctx: RunContext, cfg, out: Path) -> dict:
+    src = student_source(ctx)
+    plan = plan_types(src, cfg.mix)
+    student = ctx.load_model(src)
+    coverage = prepare(student, plan)
+    last = train(student, ctx.teacher(), ctx.rows("train"), KDSettings.from_config(cfg), out, desc="qat")
+    strip(student)
+    save_model(student, src, out / "model")
+    (out / "qat_plan.json").write_text(__import__("json").dumps({"mix": cfg.mix, "plan": plan, **coverage}, indent=1))
+    return {"outputs": {"model": "model", "plan": "qat_plan.json"},
+            "metrics": {"mix": cfg.mix, "final": last,
+                        "fake_quantized": dict(Counter(coverage["fake_quantized"].values())),
+                        "left_in_float": dict(Counter(coverage["float"].values()))}}

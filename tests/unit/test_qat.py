@@ -1,0 +1,76 @@
+"""QAT on llama.cpp's exact grid: the exported file computes what the fake-quant model computed."""
+
+import json
+
+import pytest
+
+from edgekit.cli import main
+from edgekit.quant.qat import plan_types
+
+
+def test_plan_reads_llama_cpp_choices(tiny_teacher_dir):
+    plan = plan_types(tiny_teacher_dir, "q4_k_m")
+    # width 64 is not a multiple of 256: llama.cpp falls back from Q4_K for these rows
+    assert plan["model.layers.0.self_attn.q_proj.weight"] in ("Q5_0", "Q8_0", "Q4_0", "Q5_1", "Q4_1")
+    assert "model.norm.weight" in plan and plan["model.norm.weight"] == "F32"
+    assert plan["lm_head.weight"] == plan["model.embed_tokens.weight"]
+
+
+def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path):
+    text = tiny_recipe.read_text().replace(
+        "  - {type: export, formats: [f16, q8_0]}",
+        "  - {type: qat, steps: 3, batch_size: 2, loss_chunk: 16, lr: 1.0e-3}\n  - {type: export, formats: [f16, q4_k_m]}")
+    tiny_recipe.write_text(text)
+    assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "tiny" / "manifest.json").read_text())["artifacts"]
+    q = m["qat"]["metrics"]
+    assert sum(q["fake_quantized"].values()) > 0
+    assert not q["left_in_float"]  # widths of 64: every tensor falls back to an exact block format
+    run_dir = tmp_path / "tiny"
+    qat_dir = next((run_dir / "stages").glob("*-qat"))
+    assert_file_holds_the_trained_grid(run_dir / "export" / "tiny-student-Q4_K_M.gguf", qat_dir)
+    ev = m["evaluate"]["metrics"]
+    # logits differ only by llama.cpp's arithmetic (it quantizes activations to 8 bits for these dot products)
+    parity = ev["gguf_q4_k_m|student_qat"]
+    assert parity["kl"] < 0.01 and parity["top1"] > 0.8
+    assert "ptq_gguf_q4_k_m" in ev and "QAT-KD" in (run_dir / "report.md").read_text()
+
+
+def assert_file_holds_the_trained_grid(gguf_path, qat_dir):
+    """Every fake-quantized weight, dequantized from the GGUF llama.cpp wrote, equals the
+    weight the QAT forward used, bit for bit."""
+    import numpy as np
+    import torch
+    from gguf import GGUFReader, quants
+    from safetensors.torch import load_file
+
+    from edgekit.export.gguf_write import _permute_rotary, gguf_name, tensor_name_map
+    from edgekit.quant.qat import FakeQuant
+
+    cfg = json.loads((qat_dir / "model" / "config.json").read_text())
+    plan = json.loads((qat_dir / "qat_plan.json").read_text())["fake_quantized"]
+    latent = load_file(qat_dir / "model" / "model.safetensors")
+    tensors = {t.name: t for t in GGUFReader(gguf_path).tensors}
+    names = tensor_name_map(cfg)
+    checked = 0
+    for key, fmt in plan.items():
+        if key not in latent:
+            continue  # lm_head: tied to the embeddings, one tensor in the file
+        t = tensors[gguf_name(names, key, "llama")]
+        got = quants.dequantize(t.data, t.tensor_type).reshape(latent[key].shape)
+        want = FakeQuant(fmt)(latent[key]).detach().numpy()
+        if key.endswith("q_proj.weight"):
+            want = _permute_rotary(want, cfg["num_attention_heads"])
+        elif key.endswith("k_proj.weight"):
+            want = _permute_rotary(want, cfg["num_key_value_heads"])
+        assert np.array_equal(got, want), key
+        checked += 1
+    assert checked >= 20
+
+
+def test_qat_mix_must_be_exported(tiny_recipe, capsys):
+    text = tiny_recipe.read_text().replace("  - {type: export, formats: [f16, q8_0]}",
+                                           "  - {type: qat}\n  - {type: export, formats: [f16, q8_0]}")
+    tiny_recipe.write_text(text)
+    assert main(["validate", str(tiny_recipe)]) == 2
+    assert "qat.mix is 'q4_k_m' but export.formats" in capsys.readouterr().err

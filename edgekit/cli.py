@@ -5,6 +5,7 @@
     edgekit models
     edgekit inspect FILE.gguf
     edgekit bench FILE.gguf [FILE.gguf ...] --target laptop --target phone
+    edgekit eval FILE.gguf --data holdout.jsonl [--reference MODEL]
 
 User mistakes exit with code 2 and a one-line message (a traceback only with --debug).
 """
@@ -77,7 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--json", action="store_true")
     b.set_defaults(fn=cmd_bench)
-    for sp in (r, v, m, i, b):
+    e = sub.add_parser("eval", help="perplexity (and KL/top-1 against a reference) of a GGUF on held-out text")
+    e.add_argument("file")
+    e.add_argument("--data", required=True, help="JSONL (text / prompt+response / messages) or a .txt file")
+    e.add_argument("--reference", help="teacher or FP16 model: .gguf, model directory, embedded:NAME or hub id")
+    e.add_argument("--ctx", type=int, default=256)
+    e.add_argument("--max-tokens", type=int, default=4096)
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(fn=cmd_eval)
+    for sp in (r, v, m, i, b, e):
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
@@ -139,24 +148,41 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def cmd_bench(args) -> int:
-    from edgekit.bench.speed import measure
-    from edgekit.bench.targets import target
+def cmd_eval(args) -> int:
+    from edgekit.bench.eval_cmd import run_eval
 
-    rows = []
-    for f in args.files:
-        path = Path(f)
-        if path.is_dir():
-            raise EdgekitError(f"{path} is a directory; the ONNX backend is not in this version", "pass .gguf files")
-        for name in args.target or ["laptop"]:
-            prof = target(name)
-            r = measure(path, prof["threads"], args.prompt_tokens, args.gen_tokens, args.repeats)
-            rows.append({"file": path.name, "backend": "llama.cpp", "target": name, **r})
-            if not args.json:
-                print(f"{path.name} [{name}, {r['threads']} threads]: prefill {r['prefill_tps']:.0f} tok/s, decode "
-                      f"{r['decode_tps']:.1f} tok/s, TTFT {r['ttft_ms']:.0f} ms, peak RSS {r['peak_rss_mb']:.0f} MB, {r['size_mb']:.1f} MB")
+    r = run_eval(Path(args.file), args.data, args.reference, args.ctx, args.max_tokens)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    line = f"{Path(args.file).name}: perplexity {r['ppl']:.3f} on {r['tokens']} tokens (ctx {r['ctx']})"
+    if args.reference:
+        line += (f"; reference perplexity {r['reference_ppl']:.3f}; KL(reference || file) {r['kl_vs_reference']:.5f} nats/token; "
+                 f"top-1 agreement {r['top1_vs_reference']:.1%}")
+    print(line)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from edgekit.bench.suite import bench_files
+
+    paths = [Path(f) for f in args.files]
+    for p in paths:
+        if p.is_dir():
+            raise EdgekitError(f"{p} is a directory; this version benchmarks GGUF files (the ONNX backend is issue 5/6)",
+                               "pass .gguf files")
+    rows = bench_files(paths, args.target or ["laptop"], args.prompt_tokens, args.gen_tokens, args.repeats)
     if args.json:
         print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        if r["predicted"]:
+            print(f"{r['file']} [{r['target']}] PREDICTED decode {r['decode_tps']:.1f} tok/s "
+                  f"({r['roofline_share']:.0%} of its {r['roofline_tps']:.0f} tok/s roofline at {r['bandwidth_gbs']} GB/s)")
+        else:
+            print(f"{r['file']} [{r['target']}, {r['threads']} threads]: prefill {r['prefill_tps']:.0f} tok/s, decode "
+                  f"{r['decode_tps']:.1f} tok/s ({r['roofline_share']:.0%} of the {r['roofline_tps']:.0f} tok/s roofline), "
+                  f"TTFT {r['ttft_ms']:.0f} ms, peak RSS {r['peak_rss_mb']:.0f} MB, {r['size_mb']:.1f} MB")
     return 0
 
 

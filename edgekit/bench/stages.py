@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgekit.bench.quality import evaluate, torch_scorer
-from edgekit.bench.speed import measure
-from edgekit.bench.targets import target
+from edgekit.bench.suite import bench_files
 from edgekit.pipeline import RunContext, stage
 
 
@@ -67,10 +66,5 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
 
 @stage("bench")
 def run_bench(ctx: RunContext, cfg, out: Path) -> dict:
-    rows = []
-    for fmt, path in gguf_outputs(ctx).items():
-        for name in cfg.targets:
-            prof = target(name)
-            r = measure(path, prof["threads"], cfg.prompt_tokens, cfg.gen_tokens, cfg.repeats)
-            rows.append({"file": path.name, "format": fmt, "backend": "llama.cpp", "target": name, **r})
+    rows = bench_files(list(gguf_outputs(ctx).values()), cfg.targets, cfg.prompt_tokens, cfg.gen_tokens, cfg.repeats)
     return {"outputs": {}, "metrics": {"rows": rows}}

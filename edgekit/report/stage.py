@@ -79,13 +79,23 @@ def render(ctx: RunContext, sample: dict) -> str:
                              f"QAT-KD {rec['ppl_qat']:.2f}; recovery (PTQ-QAT)/(PTQ-F16) = {rec['recovery']:.0%}.")
     if "bench" in fin:
         rows = fin["bench"]["metrics"]["rows"]
-        lines += ["", "## Speed and memory", "",
-                  _table(["file", "backend", "target", "threads", "prefill tok/s", "decode tok/s (min-max)", "TTFT ms",
-                          "load s", "peak RSS MB", "size MB"],
-                         [[x["file"], x["backend"], x["target"], x["threads"], f"{x['prefill_tps']:.0f}",
+        measured = [x for x in rows if not x.get("predicted")]
+        predicted = [x for x in rows if x.get("predicted")]
+        lines += ["", "## Speed and memory (llama.cpp, measured on this machine)", "",
+                  _table(["file", "target", "threads", "prefill tok/s", "decode tok/s (min-max)", "roofline tok/s",
+                          "share of roofline", "TTFT ms", "load s", "peak RSS MB", "size MB"],
+                         [[x["file"], x["target"], x["threads"], f"{x['prefill_tps']:.0f}",
                            f"{x['decode_tps']:.1f} ({x['decode_tps_min']:.1f}-{x['decode_tps_max']:.1f})",
+                           f"{x['roofline_tps']:.0f}", f"{x['roofline_share']:.0%}",
                            f"{x['ttft_ms']:.0f}", f"{x['load_s']:.2f}", f"{x['peak_rss_mb']:.0f}", f"{x['size_mb']:.1f}"]
-                          for x in rows])]
+                          for x in measured]),
+                  "", f"Roofline: memory bandwidth measured here ({measured[0]['bandwidth_gbs'] if measured else '?'} GB/s) "
+                  "divided by the weight bytes one decoded token reads."]
+        if predicted:
+            lines += ["", "### Predicted for devices not run here (PREDICTIONS, not measurements)", "",
+                      _table(["file", "device", "published bandwidth GB/s", "roofline tok/s", "predicted decode tok/s"],
+                             [[x["file"], x["target"], x["bandwidth_gbs"], f"{x['roofline_tps']:.0f}", f"{x['decode_tps']:.0f}"]
+                              for x in predicted])]
     if sample:
         lines += ["", "## Sample (greedy, llama.cpp)", "", f"Prompt: `{sample['prompt']}`", ""]
         lines += [f"- {k}: `{v.strip()}`" for k, v in sample["outputs"].items()]

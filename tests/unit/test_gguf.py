@@ -93,3 +93,26 @@ def test_inspect_cli(tiny_gguf, capsys):
     assert main(["inspect", str(tiny_gguf)]) == 0
     out = capsys.readouterr().out
     assert "general.architecture = llama" in out and "tensor types: F16" in out
+
+
+def test_eval_cli_against_a_reference(tiny_gguf, tmp_path, capsys):
+    from tests.conftest import corpus_texts
+
+    data = tmp_path / "hold.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(3)))
+    assert main(["eval", str(tiny_gguf), "--data", str(data), "--reference", str(tiny_gguf),
+                 "--ctx", "32", "--max-tokens", "64", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["tokens"] == 62 and r["kl_vs_reference"] < 1e-6 and r["top1_vs_reference"] == 1.0
+    assert r["ppl"] == pytest.approx(r["reference_ppl"])
+
+
+def test_bench_cli_measures_and_labels_predictions(tiny_gguf, capsys):
+    assert main(["bench", str(tiny_gguf), "--target", "laptop", "--target", "raspberry-pi-5", "--repeats", "1",
+                 "--prompt-tokens", "8", "--gen-tokens", "4", "--json"]) == 0
+    laptop, pi = json.loads(capsys.readouterr().out)
+    assert not laptop["predicted"] and laptop["decode_tps"] > 0 and 0 < laptop["roofline_share"]
+    assert laptop["bytes_per_token"] <= tiny_gguf.stat().st_size
+    assert pi["predicted"] and pi["roofline_share"] == laptop["roofline_share"]
+    assert main(["bench", str(tiny_gguf), "--target", "laptp"]) == 2
+    assert "did you mean 'laptop'" in capsys.readouterr().err

@@ -94,6 +94,10 @@ class RunContext:
 
     def rows(self, split: str):
         """Packed token rows (N, seq_len) of data/<split>.jsonl."""
+        return self.rows_and_mask(split)[0]
+
+    def rows_and_mask(self, split: str):
+        """Rows and their loss mask (N, seq_len) bool: False on chat context tokens."""
         key = f"rows:{split}"
         if key not in self._cache:
             from edgekit.data.documents import load_documents
@@ -166,7 +170,15 @@ def run_recipe(recipe: Recipe, base: Path, runs_dir: Path, force: bool = False, 
         ctx.finished[cfg.type] = art
         timeline.append({"stage": name, "wall_s": art["wall_s"], "cached": not rerun})
         write_manifest(ctx, inputs, timeline)
+    remove_stale_stages(run_dir, {f"{i:02d}-{c.type}" for i, c in enumerate(recipe.stages, 1)})
     return run_dir
+
+
+def remove_stale_stages(run_dir: Path, current: set[str]) -> None:
+    """Stage directories of an older version of this recipe (other numbering or types)."""
+    for p in (run_dir / "stages").iterdir():
+        if p.name.removesuffix(".partial") not in current:
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _run_stage(ctx: RunContext, cfg, name: str, key: str, final: Path) -> dict:

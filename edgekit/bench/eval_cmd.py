@@ -46,7 +46,7 @@ def reference_scorer(spec: str, ctx: int, n_vocab: int):
 def run_eval(file: Path, data: str, reference: str | None, ctx: int, max_tokens: int) -> dict:
     llm = load_llama(file, n_ctx=16)
     tok = LlamaTokenizer(llm)
-    rows = pack(load_documents(data, Path.cwd()), tok, ctx, "evaluation")
+    rows, _ = pack(load_documents(data, Path.cwd()), tok, ctx, "evaluation")
     rows = rows[: max(1, max_tokens // ctx)]
     scorers = {"file": llama_scorer(file, ctx)}
     pairs = []

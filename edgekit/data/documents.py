@@ -32,6 +32,16 @@ class Document:
             return tokenizer.apply_chat_template(turns, tokenize=False)
         return "\n".join(f"{r}: {c}" for r, c in self.messages)
 
+    def prefix(self, tokenizer=None) -> str:
+        """The part of `render` that is context, not trained on: every turn before the
+        final assistant reply, with the template's generation prompt ('' for plain text)."""
+        if self.messages is None or self.messages[-1][0] != "assistant":
+            return ""
+        turns = [{"role": r, "content": c} for r, c in self.messages[:-1]]
+        if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+            return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return "\n".join(f"{r}: {c}" for r, c in self.messages[:-1]) + "\nassistant: "
+
     @property
     def key(self) -> str:
         return hashlib.sha256(json.dumps([self.text, self.messages]).encode()).hexdigest()
@@ -69,11 +79,13 @@ def _load_jsonl(path: Path) -> list[Document]:
 def _row_to_doc(row, where: str) -> Document:
     if not isinstance(row, dict):
         raise EdgekitError(f"{where}: expected a JSON object, got {type(row).__name__}",
-                           "use {\"text\": ...}, {\"prompt\": ..., \"response\": ...} or {\"messages\": [...]}")
+                           "use {\"text\": ...}, {\"prompt\": ..., \"response\": ...}, {\"prompt\": ...} or {\"messages\": [...]}")
     if isinstance(row.get("text"), str):
         return Document(text=row["text"])
     if "prompt" in row and "response" in row:
         return Document(messages=(("user", str(row["prompt"])), ("assistant", str(row["response"]))))
+    if isinstance(row.get("prompt"), str) and "response" not in row:
+        return Document(messages=(("user", row["prompt"]),))  # a prompt for generation
     if isinstance(row.get("messages"), list):
         try:
             return Document(messages=tuple((m["role"], m["content"]) for m in row["messages"]))

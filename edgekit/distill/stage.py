@@ -6,10 +6,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgekit.distill.trainer import KDSettings, train
+from edgekit.errors import EdgekitError
 from edgekit.pipeline import RunContext, stage
 
 
-def build_student(ctx: RunContext):
+def build_student(ctx: RunContext, same_vocab: bool = True):
     """The untrained student the recipe describes (also the 'student before KD' baseline)."""
     from transformers import AutoTokenizer
 
@@ -23,7 +24,8 @@ def build_student(ctx: RunContext):
         return init_from_teacher_layers(teacher, keep), ctx.teacher_path(), {"init": "teacher_layers", "kept_layers": keep}
     src = resolve_model(s.model, ctx.base)
     tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=s.trust_remote_code)
-    check_same_vocab(ctx.tokenizer(), tok, ctx.recipe.teacher.model, s.model)
+    if same_vocab:
+        check_same_vocab(ctx.tokenizer(), tok, ctx.recipe.teacher.model, s.model)
     return ctx.load_model(src.path, s.trust_remote_code), src.path, {"init": "model", "source": src.provenance}
 
 
@@ -34,12 +36,52 @@ def save_model(model, tokenizer_dir: Path, out: Path) -> None:
     copy_tokenizer_files(tokenizer_dir, out)
 
 
+def sequence_kd_data(ctx: RunContext, cfg, out: Path) -> tuple[list, dict]:
+    """Teacher answers to the recipe's prompts, filtered; cached in the stage directory."""
+    import json
+
+    from edgekit.data.documents import Document, load_documents
+    from edgekit.data.generate import filter_answers, generate_answers, prompt_texts
+
+    sk = cfg.sequence_kd
+    path = out / "sequence_kd.jsonl"
+    if not path.is_file():  # generation is the expensive part: a resumed stage reuses it
+        prompts = prompt_texts(load_documents(sk.prompts, ctx.base))
+        rows = generate_answers(ctx.teacher(), ctx.tokenizer(), prompts, sk.max_new_tokens, sk.temperature, sk.top_p,
+                                sk.batch_size, sk.seed)
+        kept, stats = filter_answers(rows, sk.min_chars, sk.max_chars, sk.drop_truncated, sk.near_duplicate, sk.verifier)
+        if not kept:
+            raise EdgekitError(f"sequence-level KD: every one of {len(rows)} teacher answers was filtered out ({stats['dropped']})",
+                               "raise sequence_kd.max_new_tokens, set drop_truncated: false, or loosen the filters")
+        stats["sampling"] = sk.model_dump(exclude={"prompts", "verifier"}) | {"verifier": sk.verifier}
+        (out / "sequence_kd_stats.json").write_text(json.dumps(stats, indent=2))
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    docs = load_documents(path.name, out)
+    return docs, json.loads((out / "sequence_kd_stats.json").read_text())
+
+
 @stage("distill")
 def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
-    student, tok_dir, init_info = build_student(ctx)
-    rows = ctx.rows("train")
+    from edgekit.data.tokens import pack
+
+    seq = cfg.sequence_kd is not None
+    student, tok_dir, init_info = build_student(ctx, same_vocab=not seq)
+    teacher = ctx.teacher()
+    if seq:
+        from transformers import AutoTokenizer
+
+        docs, seq_stats = sequence_kd_data(ctx, cfg, out)
+        student_tok = AutoTokenizer.from_pretrained(tok_dir)
+        rows, mask = pack(docs, student_tok, ctx.recipe.data.seq_len, "sequence-level KD")
+        if student_tok.get_vocab() != ctx.tokenizer().get_vocab():
+            teacher = None  # another vocabulary: learn the teacher's text, not its logits
+        init_info["sequence_kd"] = seq_stats | {"token_level_kd_too": teacher is not None}
+    else:
+        rows, mask = ctx.rows_and_mask("train")
     settings = KDSettings.from_config(cfg)
-    last = train(student, ctx.teacher(), rows, settings, out, desc="distill")
+    if teacher is None:
+        settings = replace(settings, alpha_ce=1.0)
+    last = train(student, teacher, rows, settings, out, desc="distill", mask=mask)
     save_model(student, tok_dir, out / "model")
     outputs = {"model": "model", "metrics_log": "metrics.jsonl"}
     extra = {}
@@ -47,7 +89,7 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
         del student
         baseline = build_student(ctx)[0]
         sft = replace(settings, alpha_ce=1.0)
-        extra["sft_final"] = train(baseline, None, rows, sft, out / "sft", desc="sft baseline")
+        extra["sft_final"] = train(baseline, None, rows, sft, out / "sft", desc="sft baseline", mask=mask)
         save_model(baseline, tok_dir, out / "sft_model")
         outputs["sft_model"] = "sft_model"
         student = baseline

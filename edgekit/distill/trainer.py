@@ -39,10 +39,12 @@ class KDSettings:
     loss_chunk: int = 128
     checkpoint_every: int = 10
     seed: int = 0
+    on_policy_fraction: float = 0.0  # GKD's lambda: share of steps trained on the student's own samples
+    on_policy_temperature: float = 1.0
 
     @classmethod
     def from_config(cls, cfg) -> "KDSettings":
-        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__})
+        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__ if hasattr(cfg, k)})
 
 
 def hidden_and_head(model):
@@ -58,10 +60,10 @@ def project(h: torch.Tensor, head, softcap: float | None) -> torch.Tensor:
 
 
 def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings) -> tuple[torch.Tensor, dict]:
-    """Mean loss over positions. s_h, t_h: (N, H) hidden states; labels: (N,) next tokens."""
+    """Mean loss over trained positions. s_h, t_h: (N, H) hidden states; labels: (N,) next
+    tokens, -100 where nothing is trained (chat context, padding): both CE and KD skip those."""
     _, s_head, s_cap = hidden_and_head(student)
     t_head, t_cap = (hidden_and_head(teacher)[1:] if teacher is not None else (None, None))
-    n = s_h.shape[0]
 
     def chunk_fn(sh, th, lab):
         s_logits = project(sh, s_head, s_cap)  # (C, V)
@@ -70,12 +72,13 @@ def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings) -> tuple[to
             return ce, ce.detach(), torch.zeros(())
         with torch.no_grad():
             t_logits = project(th, t_head, t_cap)
-        kd = kd_loss(st.loss, s_logits, t_logits, st.temperature, st.skew_alpha, st.jsd_beta).sum()
+        kd = (kd_loss(st.loss, s_logits, t_logits, st.temperature, st.skew_alpha, st.jsd_beta) * (lab != -100)).sum()
         return st.alpha_ce * ce + (1 - st.alpha_ce) * kd, ce.detach(), kd.detach()
 
     total = torch.zeros(())
     ce_sum = kd_sum = 0.0
-    for i in range(0, n, st.loss_chunk):
+    n = max(1, int((labels != -100).sum()))
+    for i in range(0, s_h.shape[0], st.loss_chunk):
         sl = slice(i, i + st.loss_chunk)
         th = t_h[sl] if t_h is not None else None
         loss, ce, kd = checkpoint(chunk_fn, s_h[sl], th, labels[sl], use_reentrant=False)
@@ -91,6 +94,13 @@ def batch_indices(n_rows: int, batch: int, seed: int, step: int, micro: int) -> 
     return torch.randint(0, n_rows, (batch,), generator=g)
 
 
+def is_on_policy(st: KDSettings, step: int, micro: int) -> bool:
+    if st.on_policy_fraction <= 0:
+        return False
+    g = torch.Generator().manual_seed(st.seed * 65_537 + step * 11 + micro)
+    return bool(torch.rand((), generator=g) < st.on_policy_fraction)
+
+
 def lr_at(step: int, st: KDSettings) -> float:
     if step < st.warmup_steps:
         return st.lr * (step + 1) / st.warmup_steps
@@ -98,8 +108,36 @@ def lr_at(step: int, st: KDSettings) -> float:
     return st.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, desc: str = "distill") -> dict:
-    """Train `student` in place on packed `rows` (N, T). `teacher=None` trains on labels alone."""
+def on_policy_batch(student, x: torch.Tensor, st: KDSettings, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GKD's on-policy data: the student continues the first half of each row by sampling.
+    Returns ids (B, T) and a mask (B, T) that is True only on the generated tokens."""
+    b, t = x.shape
+    prompt = t // 2
+    torch.manual_seed(seed)
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        out = student.generate(input_ids=x[:, :prompt], attention_mask=torch.ones_like(x[:, :prompt]),
+                               max_new_tokens=t - prompt, do_sample=True, temperature=st.on_policy_temperature,
+                               top_k=0, top_p=1.0, pad_token_id=student.config.eos_token_id or 0)
+    student.train(was_training)
+    pad = student.config.eos_token_id if student.config.eos_token_id is not None else 0
+    ids = torch.full_like(x, pad)
+    ids[:, : out.shape[1]] = out[:, :t]
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[:, prompt: out.shape[1]] = True
+    eos = student.config.eos_token_id
+    if eos is not None:  # nothing after a sequence's first EOS is trained
+        ended = (ids == eos) & mask
+        after = torch.cumsum(ended.int(), 1) - ended.int() > 0
+        mask &= ~after
+    return ids, mask
+
+
+def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, desc: str = "distill",
+          mask: torch.Tensor | None = None) -> dict:
+    """Train `student` in place on packed `rows` (N, T). `teacher=None` trains on labels alone.
+    `mask` (N, T) bool marks the tokens to train on (default: all)."""
     torch.manual_seed(st.seed)
     if teacher is not None:
         teacher.eval().requires_grad_(False)
@@ -123,8 +161,13 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
         opt.zero_grad(set_to_none=True)
         parts = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
         for micro in range(st.grad_accum):
-            x = rows[batch_indices(rows.shape[0], st.batch_size, st.seed, step, micro)]  # (B, T)
-            inputs, labels = x[:, :-1], x[:, 1:].reshape(-1)
+            idx = batch_indices(rows.shape[0], st.batch_size, st.seed, step, micro)
+            x = rows[idx]  # (B, T)
+            m = mask[idx] if mask is not None else torch.ones_like(x, dtype=torch.bool)
+            if teacher is not None and is_on_policy(st, step, micro):
+                x, m = on_policy_batch(student, x, st, seed=st.seed * 7919 + step * 31 + micro)
+            inputs = x[:, :-1]
+            labels = torch.where(m[:, 1:], x[:, 1:], -100).reshape(-1)
             s_h = trunk_s(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)  # (B*(T-1), H)
             t_h = None
             if trunk_t is not None:

@@ -79,6 +79,10 @@ def check_files_and_models(raw: dict, base: Path) -> list[str]:
                 problems.append(f"{where}: file '{p}' does not exist (resolved to {f}); paths are relative to the recipe file")
             elif f.is_dir():
                 problems.append(f"{where}: '{p}' is a directory; name a .jsonl or .txt file")
+    for i, st in enumerate(raw.get("stages") or []):
+        prompts = _get(st, "sequence_kd", "prompts") if isinstance(st, dict) else None
+        if prompts and not (base / prompts).is_file():
+            problems.append(f"stages[{i}].sequence_kd.prompts: file '{prompts}' does not exist (resolved to {base / prompts})")
     keep = (raw.get("student") or {}).get("keep_layers") if isinstance(raw.get("student"), dict) else None
     if isinstance(keep, list) and keep and all(isinstance(i, int) for i in keep):
         if sorted(set(keep)) != keep or min(keep) < 0:

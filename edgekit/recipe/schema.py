@@ -56,6 +56,22 @@ class DataSpec(Closed):
     split_seed: int = 0
 
 
+class SequenceKD(Closed):
+    """Sequence-level KD (Kim & Rush, 2016): train on the teacher's own answers to prompts.
+    Works across tokenizers: with a student of another vocabulary it trains on labels alone."""
+    prompts: str  # JSONL (prompt / messages / text per row) or text file, relative to the recipe
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.7, ge=0.0)  # 0: greedy
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    batch_size: int = Field(8, ge=1)
+    seed: int = 0
+    min_chars: int = Field(1, ge=0)
+    max_chars: int = Field(20000, ge=1)
+    drop_truncated: bool = True  # answers cut off by max_new_tokens
+    near_duplicate: float = Field(0.9, gt=0.0, le=1.0)  # 5-gram Jaccard at or above this is a near duplicate
+    verifier: str | None = None  # command; reads {"prompt","response"} JSON on stdin; exit 0 keeps the answer
+
+
 class DistillConfig(Closed):
     type: Literal["distill"]
     loss: Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd"] = "forward_kl"
@@ -76,6 +92,9 @@ class DistillConfig(Closed):
     # also train the same student on the same rows and steps with labels alone (no teacher):
     # the plain fine-tuning baseline KD has to beat
     baselines: list[Literal["sft"]] = []
+    on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0)  # GKD lambda: share of steps on student samples
+    on_policy_temperature: float = Field(1.0, gt=0.0)
+    sequence_kd: SequenceKD | None = None  # train on teacher-generated answers instead of data.train
 
 
 class QATConfig(Closed):

@@ -121,3 +121,28 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(teacher, r
     with pytest.raises(EdgekitError, match="loss became nan at step 0.*lower the learning rate"):
         train(student, teacher, rows, KDSettings(steps=3, batch_size=2, checkpoint_every=1), tmp_path / "nan")
     assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_mask_limits_training_to_marked_tokens(teacher, rows, tmp_path):
+    """With a mask that trains nothing but one position per row, the loss is that position's."""
+    student = init_from_teacher_layers(teacher, [0, 3])
+    mask = torch.zeros_like(rows, dtype=torch.bool)
+    mask[:, -1] = True
+    last = train(student, teacher, rows, KDSettings(steps=1, batch_size=2, alpha_ce=1.0), tmp_path, mask=mask)
+    assert last["ce"] > 0
+
+
+def test_on_policy_batches_are_student_samples(teacher, rows):
+    from edgekit.distill.trainer import on_policy_batch
+
+    student = init_from_teacher_layers(teacher, [0, 3])
+    ids, mask = on_policy_batch(student, rows[:2], KDSettings(), seed=0)
+    assert ids.shape == rows[:2].shape
+    half = rows.shape[1] // 2
+    assert torch.equal(ids[:, :half], rows[:2, :half]) and not mask[:, :half].any() and mask[:, half].all()
+
+
+def test_on_policy_training_runs(teacher, rows, tmp_path):
+    student = init_from_teacher_layers(teacher, [0, 3])
+    last = train(student, teacher, rows, KDSettings(steps=2, batch_size=2, on_policy_fraction=1.0, loss="jsd"), tmp_path)
+    assert last["kd"] > 0

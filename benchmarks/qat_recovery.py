@@ -1,0 +1,51 @@
+"""QAT-KD recovery on the quickstart pair, all through llama.cpp on the same holdout.
+
+    .venv/bin/python benchmarks/qat_recovery.py [key.path=value ...]
+
+Runs recipes/quickstart.yaml (finished stages are reused) and writes
+benchmarks/results/qat_recovery.json:
+- ppl_fp16: the distilled student (before QAT) as F16 GGUF;
+- ppl_ptq_q4_k_m: that student through llama.cpp's own Q4_K_M (post-training quantization);
+- ppl_qat_q4_k_m: the QAT-KD student through the same Q4_K_M;
+- recovery = (ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_FP16);
+- parity: KL / top-1 of the QAT Q4_K_M file (llama.cpp) against the PyTorch fake-quant model.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from edgekit.cli import main
+from edgekit.pipeline import machine_description
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run() -> dict:
+    runs = REPO / "runs"
+    if main(["run", str(REPO / "recipes" / "quickstart.yaml"), "--runs-dir", str(runs), *sys.argv[1:]]):
+        sys.exit(2)
+    manifest = json.loads((runs / "quickstart" / "manifest.json").read_text())
+    art = manifest["artifacts"]
+    ev = art["evaluate"]["metrics"]
+    fp16, ptq, qat = ev["ptq_gguf_f16"]["ppl"], ev["ptq_gguf_q4_k_m"]["ppl"], ev["gguf_q4_k_m"]["ppl"]
+    parity = ev["gguf_q4_k_m|student_qat"]
+    result = {
+        "ppl_fp16": fp16, "ppl_ptq_q4_k_m": ptq, "ppl_qat_q4_k_m": qat,
+        "recovery": (ptq - qat) / (ptq - fp16) if ptq != fp16 else None,
+        "parity_kl": parity["kl"], "parity_top1": parity["top1"],
+        "kl_to_teacher": {k: ev[f"{k}|teacher"]["kl"] for k in ("ptq_gguf_f16", "ptq_gguf_q4_k_m", "gguf_q4_k_m")},
+        "holdout_tokens": ev["teacher"]["tokens"],
+        "qat_steps": art["qat"]["config"]["steps"],
+        "fake_quantized": art["qat"]["metrics"]["fake_quantized"],
+        "left_in_float": art["qat"]["metrics"]["left_in_float"],
+        "machine": machine_description(),
+    }
+    out = REPO / "benchmarks" / "results" / "qat_recovery.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    run()

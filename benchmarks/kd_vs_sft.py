@@ -8,25 +8,15 @@ benchmarks/results/kd_vs_sft.json from the run's holdout evaluation: KL(teacher 
 and perplexity on documents neither student trained on.
 """
 
-import json
-import sys
-from pathlib import Path
+from common import run_recipe, write_result
 
-from edgekit.cli import main
 from edgekit.pipeline import machine_description
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run() -> dict:
-    runs = REPO / "runs"
-    rc = main(["run", str(REPO / "recipes" / "quickstart.yaml"), "--runs-dir", str(runs), "name=kd-vs-sft",
-               "stages.distill.baselines=[sft]", *sys.argv[1:]])
-    if rc:
-        sys.exit(rc)
-    manifest = json.loads((runs / "kd-vs-sft" / "manifest.json").read_text())
-    distill = manifest["artifacts"]["distill"]
-    ev = manifest["artifacts"]["evaluate"]["metrics"]
+    art = run_recipe("quickstart.yaml", "kd-vs-sft", "stages.distill.baselines=[sft]")
+    distill = art["distill"]
+    ev = art["evaluate"]["metrics"]
     cfg = distill["config"]
     result = {
         "kd": {"holdout_kl": ev["student|teacher"]["kl"], "holdout_ppl": ev["student"]["ppl"],
@@ -42,9 +32,7 @@ def run() -> dict:
         "kl_reduction_vs_sft": 1 - ev["student|teacher"]["kl"] / ev["student_sft|teacher"]["kl"],
         "machine": machine_description(),
     }
-    out = REPO / "benchmarks" / "results" / "kd_vs_sft.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result("kd_vs_sft.json", result)
     return result
 
 

@@ -11,22 +11,13 @@ benchmarks/results/qat_recovery.json:
 - parity: KL / top-1 of the QAT Q4_K_M file (llama.cpp) against the PyTorch fake-quant model.
 """
 
-import json
-import sys
-from pathlib import Path
+from common import run_recipe, write_result
 
-from edgekit.cli import main
 from edgekit.pipeline import machine_description
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def run() -> dict:
-    runs = REPO / "runs"
-    if main(["run", str(REPO / "recipes" / "quickstart.yaml"), "--runs-dir", str(runs), *sys.argv[1:]]):
-        sys.exit(2)
-    manifest = json.loads((runs / "quickstart" / "manifest.json").read_text())
-    art = manifest["artifacts"]
+    art = run_recipe("quickstart.yaml", "quickstart")
     ev = art["evaluate"]["metrics"]
     fp16, ptq, qat = ev["ptq_gguf_f16"]["ppl"], ev["ptq_gguf_q4_k_m"]["ppl"], ev["gguf_q4_k_m"]["ppl"]
     parity = ev["gguf_q4_k_m|student_qat"]
@@ -41,9 +32,7 @@ def run() -> dict:
         "left_in_float": art["qat"]["metrics"]["left_in_float"],
         "machine": machine_description(),
     }
-    out = REPO / "benchmarks" / "results" / "qat_recovery.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    write_result("qat_recovery.json", result)
     return result
 
 

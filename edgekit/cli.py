@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 
-    b = sub.add_parser("bench", help="measure speed and memory of GGUF files")
+    b = sub.add_parser("bench", help="measure speed and memory of GGUF files (llama.cpp) and ONNX folders (ONNX Runtime)")
     b.add_argument("files", nargs="+")
     b.add_argument("--target", action="append", default=None, help="target profile (repeatable): laptop, phone")
     b.add_argument("--prompt-tokens", type=int, default=64)
@@ -168,9 +168,8 @@ def cmd_bench(args) -> int:
 
     paths = [Path(f) for f in args.files]
     for p in paths:
-        if p.is_dir():
-            raise EdgekitError(f"{p} is a directory; this version benchmarks GGUF files (the ONNX backend is issue 5/6)",
-                               "pass .gguf files")
+        if not p.exists():
+            raise EdgekitError(f"{p} does not exist", "pass .gguf files or onnxruntime-genai model folders")
     rows = bench_files(paths, args.target or ["laptop"], args.prompt_tokens, args.gen_tokens, args.repeats)
     if args.json:
         print(json.dumps(rows, indent=2))

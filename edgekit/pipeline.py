@@ -211,10 +211,19 @@ def publish(stage_dir: Path, files: dict, run_dir: Path) -> None:
         if target.is_file() and os.path.samefile(source, target):
             continue
         with atomic_path(target) as tmp:
-            try:
-                os.link(source, tmp)
-            except OSError:
-                shutil.copy2(source, tmp)
+            if source.is_dir():  # a model folder (ONNX): hard-link its files
+                shutil.copytree(source, tmp, copy_function=_link_or_copy)
+            else:
+                _link_or_copy(source, tmp)
+
+
+def _link_or_copy(src, dst) -> None:
+    import os
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def lock(recipe: Recipe) -> dict:

@@ -73,7 +73,7 @@ student: {{init: teacher_layers, keep_every: 2}}
 data: {{train: docs.jsonl, holdout_fraction: 0.2, seq_len: 32}}
 stages:
   - {{type: distill, steps: 4, batch_size: 2, loss_chunk: 16, checkpoint_every: 2, warmup_steps: 1}}
-  - {{type: export, formats: [f16, q8_0]}}
+  - {{type: export, formats: [f16, q8_0, onnx_int4]}}
   - {{type: evaluate, max_tokens: 64, ctx: 32}}
   - {{type: bench, prompt_tokens: 8, gen_tokens: 4, repeats: 1}}
   - {{type: report, sample_tokens: 4}}

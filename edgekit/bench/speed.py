@@ -24,5 +24,10 @@ def measure(path: Path, threads: int, prompt_tokens: int, gen_tokens: int, repea
         raise EdgekitError(f"benchmark of {path.name} failed: {last}", "run `edgekit inspect` on the file to check it")
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_rss_mb"] = result.pop("_peak_rss_kb") / 1024
-    result["size_mb"] = path.stat().st_size / 2**20
+    result["size_mb"] = model_size(path) / 2**20
     return result
+
+
+def model_size(path: Path) -> int:
+    """Bytes of a file, or of every file in a model folder."""
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size

@@ -49,12 +49,19 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
             scorers["student_sft"] = torch_scorer(ctx.load_model(ctx.output("distill", "sft_model")))
     if "qat" in ctx.finished:
         scorers["student_qat"] = torch_scorer(qat_model(ctx))
+    onnx = ctx.finished["export"]["outputs"].get("onnx_int4")
+    if onnx:
+        from edgekit.bench.ort_runner import ort_scorer
+
+        scorers["onnx_int4"] = ort_scorer(Path(ctx.finished["export"]["dir"]) / onnx["path"])
     for prefix in ("ptq_gguf_", "gguf_"):
         for fmt, path in gguf_outputs(ctx, prefix).items():
             scorers[f"{prefix}{fmt}"] = llama_scorer(path, ctx=rows.shape[1])
     pairs = [(name, "teacher") for name in scorers if name != "teacher"]
     if exported_from != "teacher":
         # parity: each file against the PyTorch model it came from
+        if onnx:
+            pairs.append(("onnx_int4", "student_qat" if "qat" in ctx.finished else "student"))
         for fmt in gguf_outputs(ctx):
             if "qat" in ctx.finished and fmt not in ("f16", "f32"):
                 pairs.append((f"gguf_{fmt}", "student_qat"))
@@ -66,5 +73,9 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
 
 @stage("bench")
 def run_bench(ctx: RunContext, cfg, out: Path) -> dict:
-    rows = bench_files(list(gguf_outputs(ctx).values()), cfg.targets, cfg.prompt_tokens, cfg.gen_tokens, cfg.repeats)
+    files = list(gguf_outputs(ctx).values())
+    onnx = ctx.finished["export"]["outputs"].get("onnx_int4")
+    if onnx:
+        files.append(Path(ctx.finished["export"]["dir"]) / onnx["path"])
+    rows = bench_files(files, cfg.targets, cfg.prompt_tokens, cfg.gen_tokens, cfg.repeats)
     return {"outputs": {}, "metrics": {"rows": rows}}

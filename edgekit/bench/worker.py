@@ -1,4 +1,4 @@
-"""Child process for `speed.measure`: python -m edgekit.bench.worker FILE THREADS PROMPT GEN REPEATS"""
+"""Child process for `speed.measure`: python -m edgekit.bench.worker FILE|ONNX_DIR THREADS PROMPT GEN REPEATS"""
 
 import json
 import resource
@@ -24,7 +24,12 @@ def peak_rss_kb() -> int:
 def main() -> None:
     path, threads, prompt, gen, repeats = sys.argv[1], *map(int, sys.argv[2:6])
     try:
-        result = llama_speed(Path(path), prompt, gen, threads, repeats)
+        if Path(path).is_dir():
+            from edgekit.bench.ort_runner import ort_speed
+
+            result = ort_speed(Path(path), prompt, gen, threads, repeats)
+        else:
+            result = llama_speed(Path(path), prompt, gen, threads, repeats)
     except EdgekitError as e:
         print(str(e), file=sys.stderr)
         sys.exit(2)

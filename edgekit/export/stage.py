@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgekit.bench.speed import model_size
 from edgekit.export.gguf_read import tensor_table
+from edgekit.export.onnx_export import export_onnx_int4
 from edgekit.export.gguf_write import write_gguf
 from edgekit.export.llama_quantize import FILE_TYPE_NAMES, quantize_gguf
 from edgekit.pipeline import RunContext, stage
@@ -20,11 +22,22 @@ def model_to_export(ctx: RunContext, which: str) -> Path:
 
 def export_gguf(src: Path, out: Path, name: str, formats: list[str]) -> dict[str, str]:
     """Write `formats` of the model in `src` as <name>-<TYPE>.gguf; {format: file name}."""
+    gguf_formats = [f for f in formats if f != "onnx_int4"]
+    files = {}
+    if "onnx_int4" in formats:
+        target = out / f"{name}-int4-onnx"
+        with status(f"building {target.name} with onnxruntime-genai's model builder"):
+            export_onnx_int4(src, target)
+        files["onnx_int4"] = target.name
+    if not gguf_formats:
+        return files
+    formats = gguf_formats
     float_fmt = "f32" if "f32" in formats else "f16"
     base = out / f"{name}-{FILE_TYPE_NAMES[float_fmt]}.gguf"
     with status(f"writing {base.name}"):
         write_gguf(src, base, float_fmt, name=name)
-    files = {float_fmt: base.name} if float_fmt in formats else {}
+    if float_fmt in formats:
+        files[float_fmt] = base.name
     for fmt in formats:
         if fmt not in ("f32", "f16"):
             target = out / f"{name}-{FILE_TYPE_NAMES[fmt]}.gguf"
@@ -40,15 +53,19 @@ def export_gguf(src: Path, out: Path, name: str, formats: list[str]) -> dict[str
 def run_export(ctx: RunContext, cfg, out: Path) -> dict:
     name = f"{ctx.recipe.name}-{cfg.model}"
     files = export_gguf(model_to_export(ctx, cfg.model), out, name, cfg.formats)
-    outputs = {f"gguf_{fmt}": f for fmt, f in files.items()}
+    outputs = {(fmt if fmt == "onnx_int4" else f"gguf_{fmt}"): f for fmt, f in files.items()}
     if "qat" in ctx.finished and cfg.model == "student" and "distill" in ctx.finished:
         # the same student without QAT, through llama.cpp's own quantizer: the PTQ baseline
-        base = export_gguf(ctx.output("distill", "model"), out, f"{name}-ptq", cfg.formats)
+        base = export_gguf(ctx.output("distill", "model"), out, f"{name}-ptq", [f for f in cfg.formats if f != "onnx_int4"])
         outputs.update({f"ptq_gguf_{fmt}": f for fmt, f in base.items()})
     metrics = {}
     for key, fname in outputs.items():
+        if key == "onnx_int4":
+            metrics[key] = {"file": fname, "size_mb": round(model_size(out / fname) / 2**20, 2), "tensor_types": {"MatMulNBits int4": 1}}
+            continue
         types: dict[str, int] = {}
         for t in tensor_table(out / fname):
             types[t["type"]] = types.get(t["type"], 0) + 1
         metrics[key] = {"file": fname, "size_mb": round((out / fname).stat().st_size / 2**20, 2), "tensor_types": types}
     return {"outputs": outputs, "metrics": metrics, "publish": {f: f"export/{f}" for f in files.values()}}
+

@@ -120,7 +120,7 @@ class QATConfig(Closed):
 
 class ExportConfig(Closed):
     type: Literal["export"]
-    formats: list[Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m"]] = ["f16", "q4_k_m"]
+    formats: list[Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m", "onnx_int4"]] = ["f16", "q4_k_m"]
     model: Literal["student", "teacher"] = "student"
 
     @field_validator("formats")

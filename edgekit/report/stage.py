@@ -13,6 +13,8 @@ LABELS = {"teacher": "teacher (PyTorch fp32)", "student_init": "student before K
 
 
 def _label(name: str) -> str:
+    if name == "onnx_int4":
+        return "exported int4 ONNX (ONNX Runtime)"
     if name.startswith("ptq_gguf_"):
         return f"student without QAT, llama.cpp {name.removeprefix('ptq_gguf_').upper()} (PTQ baseline, llama.cpp)"
     return LABELS.get(name, f"exported {name.removeprefix('gguf_').upper()} GGUF (llama.cpp)")
@@ -64,7 +66,7 @@ def render(ctx: RunContext, sample: dict) -> str:
                            f"{m[f'{n}|teacher']['kl']:.4f}" if f"{n}|teacher" in m else "-",
                            f"{m[f'{n}|teacher']['top1']:.1%}" if f"{n}|teacher" in m else "-"] for n in names])]
         parity = [[_label(k.split("|")[0]), _label(k.split("|")[1]), f"{v['kl']:.5f}", f"{v['top1']:.1%}"]
-                  for k, v in m.items() if k.startswith("gguf_") and "|" in k and not k.endswith("|teacher")]
+                  for k, v in m.items() if k.startswith(("gguf_", "onnx_")) and "|" in k and not k.endswith("|teacher")]
         if parity:
             lines += ["", "### Parity: exported files vs the PyTorch model they came from", "",
                       _table(["file", "PyTorch model", "KL (nats/token)", "top-1 agreement"], parity)]
@@ -81,10 +83,10 @@ def render(ctx: RunContext, sample: dict) -> str:
         rows = fin["bench"]["metrics"]["rows"]
         measured = [x for x in rows if not x.get("predicted")]
         predicted = [x for x in rows if x.get("predicted")]
-        lines += ["", "## Speed and memory (llama.cpp, measured on this machine)", "",
-                  _table(["file", "target", "threads", "prefill tok/s", "decode tok/s (min-max)", "roofline tok/s",
+        lines += ["", "## Speed and memory (measured on this machine)", "",
+                  _table(["file", "backend", "target", "threads", "prefill tok/s", "decode tok/s (min-max)", "roofline tok/s",
                           "share of roofline", "TTFT ms", "load s", "peak RSS MB", "size MB"],
-                         [[x["file"], x["target"], x["threads"], f"{x['prefill_tps']:.0f}",
+                         [[x["file"], x["backend"], x["target"], x["threads"], f"{x['prefill_tps']:.0f}",
                            f"{x['decode_tps']:.1f} ({x['decode_tps_min']:.1f}-{x['decode_tps_max']:.1f})",
                            f"{x['roofline_tps']:.0f}", f"{x['roofline_share']:.0%}",
                            f"{x['ttft_ms']:.0f}", f"{x['load_s']:.2f}", f"{x['peak_rss_mb']:.0f}", f"{x['size_mb']:.1f}"]

@@ -22,7 +22,8 @@ def test_end_to_end_then_cached_then_partial_rerun(tiny_recipe, tmp_path, capsys
     runs = tmp_path / "runs"
     run_dir = run(tiny_recipe, runs)
     exported = sorted(p.name for p in (run_dir / "export").iterdir())
-    assert exported == ["tiny-student-F16.gguf", "tiny-student-Q8_0.gguf"]
+    assert exported == ["tiny-student-F16.gguf", "tiny-student-Q8_0.gguf", "tiny-student-int4-onnx"]
+    assert (run_dir / "export" / "tiny-student-int4-onnx" / "genai_config.json").is_file()
     report = (run_dir / "report.md").read_text()
     assert "Quality on held-out text" in report and "Parity" in report and "decode tok/s" in report
     manifest = read_json(run_dir / "manifest.json")
@@ -30,6 +31,10 @@ def test_end_to_end_then_cached_then_partial_rerun(tiny_recipe, tmp_path, capsys
     assert set(manifest["artifacts"]) == {"distill", "export", "evaluate", "bench", "report"}
     ev = manifest["artifacts"]["evaluate"]["metrics"]
     assert ev["gguf_f16|student"]["top1"] > 0.97  # parity of the F16 export with its PyTorch model
+    # ONNX Runtime ran the int4 folder (int4 RTN of tiny random weights is lossy: the real-model bound is in integration)
+    assert 0 < ev["onnx_int4|student"]["kl"] < 5 and ev["onnx_int4"]["ppl"] > 1
+    backends = {r["backend"] for r in manifest["artifacts"]["bench"]["metrics"]["rows"]}
+    assert backends == {"llama.cpp", "onnxruntime"}
     assert (run_dir / "recipe.lock.yaml").is_file()
     assert not list((run_dir / "stages").glob("*.partial"))
 

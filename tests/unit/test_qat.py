@@ -18,7 +18,7 @@ def test_plan_reads_llama_cpp_choices(tiny_teacher_dir):
 
 def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path):
     text = tiny_recipe.read_text().replace(
-        "  - {type: export, formats: [f16, q8_0]}",
+        "  - {type: export, formats: [f16, q8_0, onnx_int4]}",
         "  - {type: qat, steps: 3, batch_size: 2, loss_chunk: 16, lr: 1.0e-3}\n  - {type: export, formats: [f16, q4_k_m]}")
     tiny_recipe.write_text(text)
     assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path)]) == 0
@@ -69,7 +69,7 @@ def assert_file_holds_the_trained_grid(gguf_path, qat_dir):
 
 
 def test_qat_mix_must_be_exported(tiny_recipe, capsys):
-    text = tiny_recipe.read_text().replace("  - {type: export, formats: [f16, q8_0]}",
+    text = tiny_recipe.read_text().replace("  - {type: export, formats: [f16, q8_0, onnx_int4]}",
                                            "  - {type: qat}\n  - {type: export, formats: [f16, q8_0]}")
     tiny_recipe.write_text(text)
     assert main(["validate", str(tiny_recipe)]) == 2

@@ -1,0 +1,24 @@
+"""Shared by the benchmark scripts: run a shipped recipe, write a results file."""
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def run_recipe(recipe: str, name: str, *overrides: str) -> dict:
+    """Run recipes/<recipe> as runs/<name> (finished stages are reused); its manifest's artifacts."""
+    from edgekit.cli import main
+
+    runs = REPO / "runs"
+    if main(["run", str(REPO / "recipes" / recipe), "--runs-dir", str(runs), f"name={name}", *overrides, *sys.argv[1:]]):
+        sys.exit(2)
+    return json.loads((runs / name / "manifest.json").read_text())["artifacts"]
+
+
+def write_result(file_name: str, result) -> None:
+    out = REPO / "benchmarks" / "results" / file_name
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))

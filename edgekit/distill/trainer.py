@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 from edgekit.distill.losses import cross_entropy, kd_loss
@@ -161,28 +162,31 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
         opt.zero_grad(set_to_none=True)
         parts = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
         for micro in range(st.grad_accum):
-            idx = batch_indices(rows.shape[0], st.batch_size, st.seed, step, micro)
-            x = rows[idx]  # (B, T)
-            m = mask[idx] if mask is not None else torch.ones_like(x, dtype=torch.bool)
-            if teacher is not None and is_on_policy(st, step, micro):
-                x, m = on_policy_batch(student, x, st, seed=st.seed * 7919 + step * 31 + micro)
-            inputs = x[:, :-1]
-            labels = torch.where(m[:, 1:], x[:, 1:], -100).reshape(-1)
-            s_h = trunk_s(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)  # (B*(T-1), H)
-            t_h = None
-            if trunk_t is not None:
-                with torch.no_grad():
-                    t_h = trunk_t(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
-            loss, p = chunked_loss(s_h, t_h, labels, student, teacher, st)
-            if not torch.isfinite(loss.detach()):
-                log.close()
-                raise EdgekitError(
-                    f"{desc}: the loss became {float(loss.detach())} at step {step}; the last good checkpoint is kept in {ckpt}",
-                    "lower the learning rate (lr), raise warmup_steps, or check the data for empty or broken rows")
-            (loss / st.grad_accum).backward()
-            parts["loss"] += float(loss.detach()) / st.grad_accum
-            parts["ce"] += p["ce"] / st.grad_accum
-            parts["kd"] += p["kd"] / st.grad_accum
+            # parametrized (fake-quantized) weights are computed once per micro-step, not once per
+            # use: the chunked loss reads the output head in every chunk and again in backward
+            with parametrize.cached():
+                idx = batch_indices(rows.shape[0], st.batch_size, st.seed, step, micro)
+                x = rows[idx]  # (B, T)
+                m = mask[idx] if mask is not None else torch.ones_like(x, dtype=torch.bool)
+                if teacher is not None and is_on_policy(st, step, micro):
+                    x, m = on_policy_batch(student, x, st, seed=st.seed * 7919 + step * 31 + micro)
+                inputs = x[:, :-1]
+                labels = torch.where(m[:, 1:], x[:, 1:], -100).reshape(-1)
+                s_h = trunk_s(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)  # (B*(T-1), H)
+                t_h = None
+                if trunk_t is not None:
+                    with torch.no_grad():
+                        t_h = trunk_t(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
+                loss, p = chunked_loss(s_h, t_h, labels, student, teacher, st)
+                if not torch.isfinite(loss.detach()):
+                    log.close()
+                    raise EdgekitError(
+                        f"{desc}: the loss became {float(loss.detach())} at step {step}; the last good checkpoint is kept in {ckpt}",
+                        "lower the learning rate (lr), raise warmup_steps, or check the data for empty or broken rows")
+                (loss / st.grad_accum).backward()
+                parts["loss"] += float(loss.detach()) / st.grad_accum
+                parts["ce"] += p["ce"] / st.grad_accum
+                parts["kd"] += p["kd"] / st.grad_accum
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, st.grad_clip))
         if not math.isfinite(grad_norm):
             log.close()

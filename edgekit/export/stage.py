@@ -54,9 +54,12 @@ def run_export(ctx: RunContext, cfg, out: Path) -> dict:
     name = f"{ctx.recipe.name}-{cfg.model}"
     files = export_gguf(model_to_export(ctx, cfg.model), out, name, cfg.formats)
     outputs = {(fmt if fmt == "onnx_int4" else f"gguf_{fmt}"): f for fmt, f in files.items()}
-    if "qat" in ctx.finished and cfg.model == "student" and "distill" in ctx.finished:
-        # the same student without QAT, through llama.cpp's own quantizer: the PTQ baseline
-        base = export_gguf(ctx.output("distill", "model"), out, f"{name}-ptq", [f for f in cfg.formats if f != "onnx_int4"])
+    if "qat" in ctx.finished and cfg.model == "student":
+        # the PTQ baseline: the student trained as long without QAT (the qat stage's float twin,
+        # else the distilled student), through llama.cpp's own quantizer
+        outs = ctx.finished["qat"]["outputs"]
+        twin = ctx.output("qat", "float_model") if "float_model" in outs else ctx.output("distill", "model")
+        base = export_gguf(twin, out, f"{name}-ptq", [f for f in cfg.formats if f != "onnx_int4"])
         outputs.update({f"ptq_gguf_{fmt}": f for fmt, f in base.items()})
     metrics = {}
     for key, fname in outputs.items():

@@ -23,11 +23,20 @@ def run_qat(ctx: RunContext, cfg, out: Path) -> dict:
     student = ctx.load_model(src)
     coverage = prepare(student, plan)
     rows, mask = ctx.rows_and_mask("train")
-    last = train(student, ctx.teacher(), rows, KDSettings.from_config(cfg), out, desc="qat", mask=mask)
+    settings = KDSettings.from_config(cfg)
+    last = train(student, ctx.teacher(), rows, settings, out, desc="qat", mask=mask)
     strip(student)
     save_model(student, src, out / "model")
+    outputs = {"model": "model", "plan": "qat_plan.json"}
+    twin_last = None
+    if "float" in cfg.baselines:
+        del student
+        twin = ctx.load_model(src)
+        twin_last = train(twin, ctx.teacher(), rows, settings, out / "float_twin", desc="float twin (no QAT)", mask=mask)
+        save_model(twin, src, out / "float_model")
+        outputs["float_model"] = "float_model"
     (out / "qat_plan.json").write_text(__import__("json").dumps({"mix": cfg.mix, "plan": plan, **coverage}, indent=1))
-    return {"outputs": {"model": "model", "plan": "qat_plan.json"},
-            "metrics": {"mix": cfg.mix, "final": last,
+    return {"outputs": outputs,
+            "metrics": {"mix": cfg.mix, "final": last, "float_twin_final": twin_last,
                         "fake_quantized": dict(Counter(coverage["fake_quantized"].values())),
                         "left_in_float": dict(Counter(coverage["float"].values()))}}

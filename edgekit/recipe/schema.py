@@ -116,6 +116,9 @@ class QATConfig(Closed):
     loss_chunk: int = Field(128, ge=1)
     checkpoint_every: int = Field(10, ge=1)
     seed: int = 1
+    # also train a float twin: the same start, data, steps and seed without fake quantization.
+    # Its llama.cpp quantization is the PTQ baseline QAT is judged against, at equal training.
+    baselines: list[Literal["float"]] = ["float"]
 
 
 class ExportConfig(Closed):

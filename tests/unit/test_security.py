@@ -36,3 +36,14 @@ def test_run_names_cannot_escape_the_runs_directory():
     with pytest.raises(Exception, match="name"):
         Recipe.model_validate({"name": "../../etc", "teacher": {"model": "x/y"}, "data": {"train": "d"},
                                "stages": [{"type": "distill"}]})
+
+
+def test_hub_ids_use_the_hub_client_and_fail_clearly_offline(tmp_path, monkeypatch):
+    from edgekit.models.sources import classify
+
+    assert classify("HuggingFaceTB/SmolLM2-360M-Instruct", tmp_path) == "hub"
+    assert classify("embedded:smollm2-135m-instruct", tmp_path) == "embedded"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(EdgekitError, match="could not fetch 'HuggingFaceTB/SmolLM2-360M-Instruct' from the Hugging Face hub"):
+        resolve_model("HuggingFaceTB/SmolLM2-360M-Instruct", tmp_path)

@@ -6,6 +6,7 @@
     edgekit inspect FILE.gguf
     edgekit bench FILE.gguf [FILE.gguf ...] --target laptop --target phone
     edgekit eval FILE.gguf --data holdout.jsonl [--reference MODEL]
+    edgekit chat runs/quickstart/export
 
 User mistakes exit with code 2 and a one-line message (a traceback only with --debug).
 """
@@ -86,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-tokens", type=int, default=4096)
     e.add_argument("--json", action="store_true")
     e.set_defaults(fn=cmd_eval)
-    for sp in (r, v, m, i, b, e):
+    c = sub.add_parser("chat", help="chat with an exported bundle, .gguf or ONNX folder in the terminal")
+    c.add_argument("model")
+    c.add_argument("--max-tokens", type=int, default=256)
+    c.add_argument("--temperature", type=float, default=0.0)
+    c.set_defaults(fn=cmd_chat)
+    for sp in (r, v, m, i, b, e, c):
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
@@ -147,6 +153,29 @@ def cmd_inspect(args) -> int:
     for t in tensors:
         types[t["type"]] = types.get(t["type"], 0) + 1
     print("  tensor types: " + ", ".join(f"{k} {n}" for k, n in sorted(types.items())))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from edgekit import runtime
+
+    model = runtime.load(args.model)
+    print(f"{model.path.name} on {model.backend}; empty line or Ctrl-D to quit", file=sys.stderr)
+    history: list[dict] = []
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        history.append({"role": "user", "content": line})
+        reply = ""
+        for piece in model.chat(history, max_tokens=args.max_tokens, temperature=args.temperature, stream=True):
+            reply += piece
+            print(piece, end="", flush=True)
+        print()
+        history.append({"role": "assistant", "content": reply})
     return 0
 
 

@@ -1,9 +1,9 @@
 """The KD training loop: frozen teacher, chunked loss, exact resume, NaN guard.
 
 Memory: neither model's (B, T, V) logits are ever held whole. Both trunks return hidden
-states (B, T, H); the loss walks over position chunks, projecting each chunk through
-the output heads inside `torch.utils.checkpoint`, so backward recomputes one chunk of
-logits at a time. Peak logits memory is 2 x chunk x V floats, whatever B and T are.
+states (B, T, H); the loss walks over position chunks, projecting each chunk through the
+output heads and computing its gradient on the spot (`_FusedHeadKD`). Peak logits memory
+is a few chunk x V floats, whatever B and T are, with no recomputation.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from torch.nn.utils import parametrize
-from torch.utils.checkpoint import checkpoint
 
 from edgekit.distill.losses import cross_entropy, kd_loss
 from edgekit.errors import EdgekitError
@@ -53,11 +52,54 @@ def hidden_and_head(model):
     return model.get_decoder(), model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None)
 
 
-def project(h: torch.Tensor, head, softcap: float | None) -> torch.Tensor:
-    logits = head(h)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
+def _softcap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+class _FusedHeadKD(torch.autograd.Function):
+    """Output projection + KD/CE loss, one chunk of positions at a time, gradients included.
+
+    Forward walks the chunks: logits (C, V) = h @ W^T, the loss, and its gradient with
+    respect to those logits (autograd on that small piece); then grad_h = g @ W and
+    grad_W += g^T @ h, and the chunk's logits are freed. Backward only scales the stored
+    gradients. Three matmuls per chunk as plain autograd does, no recomputation, and peak
+    logits memory of one chunk (the fused linear + loss idea of Liger-Kernel's FLCE).
+    """
+
+    @staticmethod
+    def forward(ctx, s_h, w, t_h, t_w, labels, st, s_cap, t_cap):
+        n = max(1, int((labels != -100).sum()))
+        grad_h = torch.zeros_like(s_h)
+        grad_w = torch.zeros_like(w)
+        total = ce_sum = kd_sum = 0.0
+        for i in range(0, s_h.shape[0], st.loss_chunk):
+            sl = slice(i, i + st.loss_chunk)
+            h, lab = s_h[sl], labels[sl]
+            logits = (h @ w.T).requires_grad_()  # (C, V)
+            with torch.enable_grad():
+                s_logits = _softcap(logits, s_cap)
+                ce = cross_entropy(s_logits, lab).sum()
+                loss, kd = ce, torch.zeros(())
+                if t_h is not None:
+                    t_logits = _softcap(t_h[sl] @ t_w.T, t_cap)  # (C, V), no grad
+                    kd = (kd_loss(st.loss, s_logits, t_logits, st.temperature, st.skew_alpha, st.jsd_beta)
+                          * (lab != -100)).sum()
+                    loss = st.alpha_ce * ce + (1 - st.alpha_ce) * kd
+                (g,) = torch.autograd.grad(loss, logits)  # (C, V)
+            grad_h[sl] = g @ w  # (C, H)
+            grad_w.addmm_(g.T, h)  # (V, H)
+            total += float(loss)
+            ce_sum += float(ce)
+            kd_sum += float(kd)
+        ctx.save_for_backward(grad_h / n, grad_w / n)
+        out = torch.tensor([total / n, ce_sum / n, kd_sum / n])
+        ctx.mark_non_differentiable(out)
+        return torch.tensor(total / n), out
+
+    @staticmethod
+    def backward(ctx, g_loss, _g_parts):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * g_loss, grad_w * g_loss, None, None, None, None, None, None
 
 
 def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings) -> tuple[torch.Tensor, dict]:
@@ -65,28 +107,12 @@ def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings) -> tuple[to
     tokens, -100 where nothing is trained (chat context, padding): both CE and KD skip those."""
     _, s_head, s_cap = hidden_and_head(student)
     t_head, t_cap = (hidden_and_head(teacher)[1:] if teacher is not None else (None, None))
-
-    def chunk_fn(sh, th, lab):
-        s_logits = project(sh, s_head, s_cap)  # (C, V)
-        ce = cross_entropy(s_logits, lab).sum()
-        if th is None:
-            return ce, ce.detach(), torch.zeros(())
-        with torch.no_grad():
-            t_logits = project(th, t_head, t_cap)
-        kd = (kd_loss(st.loss, s_logits, t_logits, st.temperature, st.skew_alpha, st.jsd_beta) * (lab != -100)).sum()
-        return st.alpha_ce * ce + (1 - st.alpha_ce) * kd, ce.detach(), kd.detach()
-
-    total = torch.zeros(())
-    ce_sum = kd_sum = 0.0
-    n = max(1, int((labels != -100).sum()))
-    for i in range(0, s_h.shape[0], st.loss_chunk):
-        sl = slice(i, i + st.loss_chunk)
-        th = t_h[sl] if t_h is not None else None
-        loss, ce, kd = checkpoint(chunk_fn, s_h[sl], th, labels[sl], use_reentrant=False)
-        total = total + loss
-        ce_sum += float(ce)
-        kd_sum += float(kd)
-    return total / n, {"ce": ce_sum / n, "kd": kd_sum / n}
+    if getattr(s_head, "bias", None) is not None:
+        raise EdgekitError("the student's output layer has a bias; the fused KD loss supports bias-free heads (all llama-family models)",
+                           "use a model whose lm_head has no bias")
+    t_w = t_head.weight.detach() if t_head is not None else None
+    loss, parts = _FusedHeadKD.apply(s_h, s_head.weight, t_h, t_w, labels, st, s_cap, t_cap)
+    return loss, {"ce": float(parts[1]), "kd": float(parts[2])}
 
 
 def batch_indices(n_rows: int, batch: int, seed: int, step: int, micro: int) -> torch.Tensor:

@@ -65,3 +65,14 @@ def test_bench_a_third_party_gguf(tmp_path, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["target"] for r in rows] == ["laptop", "phone"]
     assert all(r["decode_tps"] > 1 for r in rows)
+
+
+def test_runtime_chats_with_the_bundle_on_both_backends(quickstart_run):
+    from edgekit import runtime
+
+    export = quickstart_run / "export"
+    for model in (runtime.load(export), runtime.load(export / "qs-ci-student-int4-onnx")):
+        reply = "".join(model.chat([{"role": "user", "content": "What is Python?"}], max_tokens=8, stream=True))
+        assert isinstance(reply, str)
+    teacher_like = runtime.load(export / "qs-ci-student-Q4_K_M.gguf")
+    assert teacher_like.llm.metadata.get("tokenizer.chat_template")  # the chat template travels in the GGUF

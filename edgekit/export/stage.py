@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgekit.bench.speed import model_size
+from edgekit.export.bundle_readme import bundle_readme
 from edgekit.export.gguf_read import tensor_table
 from edgekit.export.onnx_export import export_onnx_int4
 from edgekit.export.gguf_write import write_gguf
@@ -70,5 +71,7 @@ def run_export(ctx: RunContext, cfg, out: Path) -> dict:
         for t in tensor_table(out / fname):
             types[t["type"]] = types.get(t["type"], 0) + 1
         metrics[key] = {"file": fname, "size_mb": round((out / fname).stat().st_size / 2**20, 2), "tensor_types": types}
-    return {"outputs": outputs, "metrics": metrics, "publish": {f: f"export/{f}" for f in files.values()}}
+    (out / "README.md").write_text(bundle_readme(name, files))
+    publish = {f: f"export/{f}" for f in files.values()} | {"README.md": "export/README.md"}
+    return {"outputs": outputs | {"readme": "README.md"}, "metrics": metrics, "publish": publish}
 

@@ -22,7 +22,9 @@ def test_end_to_end_then_cached_then_partial_rerun(tiny_recipe, tmp_path, capsys
     runs = tmp_path / "runs"
     run_dir = run(tiny_recipe, runs)
     exported = sorted(p.name for p in (run_dir / "export").iterdir())
-    assert exported == ["tiny-student-F16.gguf", "tiny-student-Q8_0.gguf", "tiny-student-int4-onnx"]
+    assert exported == ["README.md", "tiny-student-F16.gguf", "tiny-student-Q8_0.gguf", "tiny-student-int4-onnx"]
+    assert "llama-cli -m tiny-student-F16.gguf" in (run_dir / "export" / "README.md").read_text()
+    assert "onnxruntime_genai" in (run_dir / "export" / "README.md").read_text()
     assert (run_dir / "export" / "tiny-student-int4-onnx" / "genai_config.json").is_file()
     report = (run_dir / "report.md").read_text()
     assert "Quality on held-out text" in report and "Parity" in report and "decode tok/s" in report

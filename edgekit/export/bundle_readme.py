@@ -1,0 +1,38 @@
+"""The README that ships inside runs/<name>/export/: how an app loads the files."""
+
+from __future__ import annotations
+
+
+def bundle_readme(name: str, files: dict[str, str]) -> str:
+    gguf = next((f for k, f in files.items() if k == "q4_k_m"), None) or next((f for f in files.values() if f.endswith(".gguf")), None)
+    onnx = files.get("onnx_int4")
+    lines = [f"# {name}: exported model bundle", "",
+             "Made by `edgekit run`. Files:", ""]
+    lines += [f"- `{f}`" + (" (folder)" if k == "onnx_int4" else "") for k, f in files.items()]
+    lines += ["", "Quality and speed of each file, and how it was made: `../report.md` and `../manifest.json`.",
+              "The GGUF files carry their tokenizer and chat template; the ONNX folder carries",
+              "`genai_config.json` and the tokenizer files, so each runs as is.", ""]
+    if gguf:
+        lines += ["## llama.cpp", "",
+                  "Command line (llama.cpp's own tools):", "", "```sh", f"llama-cli -m {gguf} -cnv", "```", "",
+                  "Python (llama-cpp-python):", "", "```python", "from llama_cpp import Llama",
+                  f'llm = Llama("{gguf}", n_ctx=2048)',
+                  'print(llm.create_chat_completion(messages=[{"role": "user", "content": "Hi!"}])["choices"][0]["message"]["content"])',
+                  "```", "",
+                  "C/C++: link llama.cpp and load the file with `llama_model_load_from_file`, then",
+                  "tokenize, `llama_decode` and sample as in llama.cpp's `examples/simple`.",
+                  "Android and iOS: llama.cpp's own Android (`examples/llama.android`) and SwiftUI",
+                  "(`examples/llama.swiftui`) examples load a GGUF the same way; ship this file in the app's assets.", ""]
+    if onnx:
+        lines += ["## ONNX Runtime (onnxruntime-genai)", "", "```python", "import onnxruntime_genai as og",
+                  f'model = og.Model("{onnx}")', "tokenizer = og.Tokenizer(model)",
+                  "params = og.GeneratorParams(model)", "params.set_search_options(max_length=256)",
+                  "gen = og.Generator(model, params)", 'gen.append_tokens(tokenizer.encode("The capital of France is"))',
+                  "while not gen.is_done():", "    gen.generate_next_token()",
+                  "    print(tokenizer.decode(gen.get_next_tokens()), end='', flush=True)", "```", "",
+                  "onnxruntime-genai also has C, C#, Java (Android) and Objective-C (iOS) APIs over the same folder.", ""]
+    lines += ["## edgekit", "", "```python", "import edgekit.runtime",
+              'm = edgekit.runtime.load(".")  # picks the Q4_K_M GGUF; or name a file or the ONNX folder',
+              'for piece in m.chat([{"role": "user", "content": "Hi!"}], stream=True):', '    print(piece, end="")',
+              "```", "", "Terminal: `edgekit chat .`", ""]
+    return "\n".join(lines)

@@ -114,6 +114,45 @@ def run_report(ctx: RunContext, cfg, out: Path) -> dict:
     if "export" in ctx.finished:
         sample = {"prompt": cfg.sample_prompt, "outputs": {
             p.name: llama_generate(p, cfg.sample_prompt, cfg.sample_tokens) for p in gguf_outputs(ctx).values()}}
+    plots = make_plots(ctx, out)
     text = render(ctx, sample)
+    if plots:
+        text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n"
     (out / "report.md").write_text(text)
-    return {"outputs": {"report": "report.md"}, "metrics": {"sample": sample}, "publish": {"report.md": "report.md"}}
+    (out / "report.html").write_text(to_html(ctx.recipe.name, text, out))
+    publish = {"report.md": "report.md", "report.html": "report.html"} | {f"plots/{p.name}": f"plots/{p.name}" for p in plots}
+    return {"outputs": {"report": "report.md", "html": "report.html"}, "metrics": {"sample": sample}, "publish": publish}
+
+
+def make_plots(ctx: RunContext, out: Path) -> list[Path]:
+    from edgekit.report.plots import decode_speed, quality_vs_size
+
+    (out / "plots").mkdir(exist_ok=True)
+    plots = []
+    fin = ctx.finished
+    if "evaluate" in fin and "export" in fin:
+        m, files = fin["evaluate"]["metrics"], fin["export"]["metrics"]
+        points = [(v["file"], v["size_mb"], m[f"{k}|teacher"]["kl"]) for k, v in files.items() if f"{k}|teacher" in m]
+        if points:
+            plots.append(quality_vs_size(points, out / "plots" / "quality_vs_size.png"))
+    if "bench" in fin:
+        rows = [r for r in fin["bench"]["metrics"]["rows"] if not r.get("predicted")]
+        if rows:
+            plots.append(decode_speed(rows, out / "plots" / "decode_speed.png"))
+    return plots
+
+
+def to_html(name: str, markdown_text: str, out: Path) -> str:
+    """A self-contained page: the Markdown report rendered, its plots embedded as data URIs."""
+    import base64
+
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"])
+    for png in sorted((out / "plots").glob("*.png")):
+        data = base64.b64encode(png.read_bytes()).decode()
+        body = body.replace(f'src="plots/{png.name}"', f'src="data:image/png;base64,{data}"')
+    style = ("body{font-family:system-ui,sans-serif;max-width:72rem;margin:2rem auto;padding:0 1rem;line-height:1.45}"
+             "table{border-collapse:collapse;font-size:.85rem;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem}"
+             "th{background:#f3f3f3}img{max-width:100%}code{background:#f5f5f5;padding:0 .2rem}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>edgekit report: {name}</title><style>{style}</style></head><body>{body}</body></html>"

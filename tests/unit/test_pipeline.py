@@ -26,6 +26,9 @@ def test_end_to_end_then_cached_then_partial_rerun(tiny_recipe, tmp_path, capsys
     assert "llama-cli -m tiny-student-F16.gguf" in (run_dir / "export" / "README.md").read_text()
     assert "onnxruntime_genai" in (run_dir / "export" / "README.md").read_text()
     assert (run_dir / "export" / "tiny-student-int4-onnx" / "genai_config.json").is_file()
+    html = (run_dir / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "<table>" in html  # self-contained, plots embedded
+    assert sorted(p.name for p in (run_dir / "plots").iterdir()) == ["decode_speed.png", "quality_vs_size.png"]
     report = (run_dir / "report.md").read_text()
     assert "Quality on held-out text" in report and "Parity" in report and "decode tok/s" in report
     manifest = read_json(run_dir / "manifest.json")

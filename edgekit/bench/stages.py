@@ -33,7 +33,6 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
     each file against the PyTorch model it was exported from."""
     from edgekit.bench.llama_runner import llama_scorer
     from edgekit.distill.stage import build_student
-    from edgekit.export.stage import model_to_export
 
     rows = ctx.rows("holdout")
     rows = rows[: max(1, cfg.max_tokens // rows.shape[1])]
@@ -44,7 +43,7 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
     if "distill" in ctx.finished:
         if "student_init" in cfg.baselines:
             scorers["student_init"] = torch_scorer(build_student(ctx)[0])
-        scorers["student"] = torch_scorer(ctx.load_model(model_to_export(ctx, "student")))
+        scorers["student"] = torch_scorer(ctx.load_model(ctx.output("distill", "model")))  # after KD, before QAT
         if "sft_model" in ctx.finished["distill"]["outputs"]:
             scorers["student_sft"] = torch_scorer(ctx.load_model(ctx.output("distill", "sft_model")))
     if "qat" in ctx.finished:

@@ -28,6 +28,8 @@ def run() -> dict:
         "kl_to_teacher": {k: ev[f"{k}|teacher"]["kl"] for k in ("ptq_gguf_f16", "ptq_gguf_q4_k_m", "gguf_q4_k_m")},
         "holdout_tokens": ev["teacher"]["tokens"],
         "qat_steps": art["qat"]["config"]["steps"],
+        "qat_lr": art["qat"]["config"]["lr"],
+        "distill": {k: art["distill"]["config"][k] for k in ("loss", "temperature", "alpha_ce", "steps", "batch_size")},
         "fake_quantized": art["qat"]["metrics"]["fake_quantized"],
         "left_in_float": art["qat"]["metrics"]["left_in_float"],
         "machine": machine_description(),

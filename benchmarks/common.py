@@ -20,5 +20,6 @@ def run_recipe(recipe: str, name: str, *overrides: str) -> dict:
 
 def write_result(file_name: str, result) -> None:
     out = REPO / "benchmarks" / "results" / file_name
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

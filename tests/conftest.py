@@ -33,7 +33,8 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 4, seed: int = 0, hidden: int = 64) -> Path:
+def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 4, seed: int = 0, hidden: int = 64,
+                    init_range: float = 0.3) -> Path:
     import shutil
 
     import torch
@@ -45,7 +46,7 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 4, seed: int =
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      initializer_range=0.3,  # peaked logits: a uniform teacher has nothing to teach
+                      initializer_range=init_range,  # 0.3: peaked logits: a uniform teacher has nothing to teach
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     model = LlamaForCausalLM(cfg)
     out.mkdir(parents=True, exist_ok=True)

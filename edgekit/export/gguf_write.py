@@ -46,25 +46,32 @@ def tensor_name_map(cfg: dict):
     return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, SUPPORTED[arch]), cfg["num_hidden_layers"])
 
 
-def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None = None) -> Path:
+def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None = None,
+               types: dict[str, str] | None = None) -> Path:
+    """Write `model_dir` as GGUF. F32/F16 by default; with `types` ({weight name: GGML type},
+    e.g. a QAT plan) each weight is quantized by edgekit's exact block quantizers into the
+    bytes llama.cpp's own quantizer would write, so a QAT grid reaches the file unchanged."""
     import gguf
     from safetensors import safe_open
 
     cfg = json.loads((model_dir / "config.json").read_text())
     arch = cfg.get("model_type")
     name_map = tensor_name_map(cfg)
-    if ftype not in FLOAT_TYPES:
-        raise EdgekitError(f"write_gguf writes f32/f16; '{ftype}' comes from llama.cpp's quantizer", "use export formats f16 + q4_k_m")
+    if ftype not in FLOAT_TYPES and types is None:
+        raise EdgekitError(f"write_gguf writes f32/f16 by itself; '{ftype}' needs a per-tensor type plan",
+                           "quantize the F16 file with llama.cpp (export formats f16 + q4_k_m)")
     n_layer, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads", n_head)
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    float_type = getattr(gguf.GGMLQuantizationType, FLOAT_TYPES[ftype])
+    float_type = getattr(gguf.GGMLQuantizationType, FLOAT_TYPES.get(ftype, "F16"))
 
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, arch)
         w.add_name(name or model_dir.name)
         w.add_type("model")
-        w.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if ftype == "f16" else gguf.LlamaFileType.ALL_F32)
+        w.add_file_type(FILE_TYPES[ftype](gguf))
+        if types is not None:
+            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_context_length(cfg.get("max_position_embeddings", 2048))
         w.add_embedding_length(cfg["hidden_size"])
         w.add_block_count(n_layer)
@@ -95,13 +102,38 @@ def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None 
                         data = _permute_rotary(data, n_kv)
                     # 1-D tensors (norms) stay F32, as llama.cpp's converter does
                     qtype = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else float_type
-                    data = data.astype(np.float16 if qtype == gguf.GGMLQuantizationType.F16 else np.float32)
+                    if types is not None and data.ndim == 2:
+                        data, qtype = _planned(data, key, types, gguf)
+                    elif qtype == gguf.GGMLQuantizationType.F16:
+                        data = data.astype(np.float16)
                     w.add_tensor(gname, data, raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=True)
         w.close()
     return out
+
+
+FILE_TYPES = {"f32": lambda g: g.LlamaFileType.ALL_F32, "f16": lambda g: g.LlamaFileType.MOSTLY_F16,
+              "q8_0": lambda g: g.LlamaFileType.MOSTLY_Q8_0, "q4_0": lambda g: g.LlamaFileType.MOSTLY_Q4_0,
+              "q4_k_m": lambda g: g.LlamaFileType.MOSTLY_Q4_K_M}
+
+
+def _planned(data: np.ndarray, key: str, types: dict[str, str], gguf) -> tuple[np.ndarray, object]:
+    """One weight in its planned GGML type: block bytes from the exact quantizers. The weight
+    is rounded to fp16 first, as llama.cpp quantizes from the F16 file (and QAT trains)."""
+    import torch
+
+    from edgekit.quant.ggml_blocks import GGML_TYPES, to_bytes
+
+    t = types.get(key)
+    if t in ("F32", "F16"):
+        return data.astype(np.float32 if t == "F32" else np.float16), gguf.GGMLQuantizationType[t]
+    if t not in GGML_TYPES:
+        raise EdgekitError(f"no exact quantizer for '{key}' planned as {t}",
+                           f"plans may use {sorted(GGML_TYPES)} + F16/F32; let llama.cpp quantize this file instead")
+    w16 = torch.from_numpy(data.astype(np.float16).astype(np.float32))
+    return to_bytes(w16, GGML_TYPES[t]).numpy(), gguf.GGMLQuantizationType[t]
 
 
 def _tensor_as_f32(st, key: str) -> np.ndarray:

@@ -1,7 +1,9 @@
-"""The `export` stage: GGUF files (our F16 writer, then llama.cpp's quantizer)."""
+"""The `export` stage: GGUF files (our F16 writer, then llama.cpp's quantizer; a QAT
+student's planned mix written straight from its trained grid) and int4 ONNX."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from edgekit.bench.speed import model_size
@@ -21,8 +23,10 @@ def model_to_export(ctx: RunContext, which: str) -> Path:
     return ctx.output("qat" if "qat" in ctx.finished else "distill", "model")
 
 
-def export_gguf(src: Path, out: Path, name: str, formats: list[str]) -> dict[str, str]:
-    """Write `formats` of the model in `src` as <name>-<TYPE>.gguf; {format: file name}."""
+def export_gguf(src: Path, out: Path, name: str, formats: list[str], plan: dict | None = None) -> dict[str, str]:
+    """Write `formats` of the model in `src` as <name>-<TYPE>.gguf; {format: file name}.
+    `plan` ({"mix": fmt, "plan": {weight: GGML type}}, from a qat stage) makes the `mix`
+    file be written from the trained grid by edgekit's exact quantizers, not by llama.cpp."""
     gguf_formats = [f for f in formats if f != "onnx_int4"]
     files = {}
     if "onnx_int4" in formats:
@@ -42,8 +46,12 @@ def export_gguf(src: Path, out: Path, name: str, formats: list[str]) -> dict[str
     for fmt in formats:
         if fmt not in ("f32", "f16"):
             target = out / f"{name}-{FILE_TYPE_NAMES[fmt]}.gguf"
-            with status(f"quantizing to {target.name} with llama.cpp"):
-                quantize_gguf(base, target, fmt)
+            if plan and plan["mix"] == fmt:
+                with status(f"writing {target.name} from the QAT grid (no second quantization)"):
+                    write_gguf(src, target, fmt, name=name, types=plan["plan"])
+            else:
+                with status(f"quantizing to {target.name} with llama.cpp"):
+                    quantize_gguf(base, target, fmt)
             files[fmt] = target.name
     if float_fmt not in formats:
         base.unlink()
@@ -53,7 +61,10 @@ def export_gguf(src: Path, out: Path, name: str, formats: list[str]) -> dict[str
 @stage("export")
 def run_export(ctx: RunContext, cfg, out: Path) -> dict:
     name = f"{ctx.recipe.name}-{cfg.model}"
-    files = export_gguf(model_to_export(ctx, cfg.model), out, name, cfg.formats)
+    plan = None
+    if cfg.model == "student" and "qat" in ctx.finished:
+        plan = json.loads(ctx.output("qat", "plan").read_text())
+    files = export_gguf(model_to_export(ctx, cfg.model), out, name, cfg.formats, plan)
     outputs = {(fmt if fmt == "onnx_int4" else f"gguf_{fmt}"): f for fmt, f in files.items()}
     if "qat" in ctx.finished and cfg.model == "student":
         # the PTQ baseline: the student trained as long without QAT (the qat stage's float twin,
@@ -70,7 +81,9 @@ def run_export(ctx: RunContext, cfg, out: Path) -> dict:
         types: dict[str, int] = {}
         for t in tensor_table(out / fname):
             types[t["type"]] = types.get(t["type"], 0) + 1
-        metrics[key] = {"file": fname, "size_mb": round((out / fname).stat().st_size / 2**20, 2), "tensor_types": types}
+        metrics[key] = {"file": fname, "size_mb": round((out / fname).stat().st_size / 2**20, 2), "tensor_types": types,
+                        "writer": "edgekit (QAT grid)" if plan and key == f"gguf_{plan['mix']}" else
+                        ("edgekit" if key.removeprefix("ptq_").removeprefix("gguf_") in ("f16", "f32") else "llama.cpp")}
     (out / "README.md").write_text(bundle_readme(name, files))
     publish = {f: f"export/{f}" for f in files.values()} | {"README.md": "export/README.md"}
     return {"outputs": outputs | {"readme": "README.md"}, "metrics": metrics, "publish": publish}

@@ -8,8 +8,9 @@ to its fp16 rounding, which is precisely what llama.cpp computes when it quantiz
 exported F16 file. So exporting the latent weights and quantizing them with llama.cpp
 reproduces the trained grid bit for bit for those tensors.
 
-Formats without an exact quantizer here yet (Q4_K, Q6_K) stay in float during QAT; the
-plan lists them, and parity is measured, not assumed.
+Every type llama.cpp's Q4_K_M, Q4_0 and Q8_0 mixes choose (Q4_K, Q6_K, Q5_0, Q8_0, Q4_0,
+Q4_1) has an exact quantizer; F32 tensors (norms) stay float. The export writes the
+trained grid itself (`gguf_write.write_gguf(types=plan)`), and parity is measured.
 """
 
 from __future__ import annotations
@@ -22,9 +23,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edgekit.quant.ggml_blocks import dequantize, quantize
-
-EXACT = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q5_0": "q5_0", "Q4_1": "q4_1"}
+from edgekit.quant.ggml_blocks import GGML_TYPES as EXACT
+from edgekit.quant.ggml_blocks import grid
 
 
 class FakeQuant(nn.Module):
@@ -35,8 +35,9 @@ class FakeQuant(nn.Module):
         self.fmt = fmt
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        grid = dequantize(quantize(w.detach().half().float(), self.fmt)).to(w.dtype)
-        return w + (grid - w).detach()
+        on_grid = grid(w.detach().half().float(), self.fmt).to(w.dtype)
+        # exactly the grid forward (w + (grid - w) can be an ulp off), identity gradient
+        return on_grid + (w - w.detach())
 
 
 def plan_types(model_dir: Path, mix: str = "q4_k_m") -> dict[str, str]:

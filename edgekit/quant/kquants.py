@@ -1,0 +1,252 @@
+"""llama.cpp's K-quants Q4_K and Q6_K in PyTorch, bit for bit.
+
+Reproduces `quantize_row_q4_K_ref` and `quantize_row_q6_K_ref` (ggml-quants.c), which
+llama.cpp's quantizer runs when no importance matrix is given: the same float32
+operations in the same order (ggml-base is built without FMA contraction), sums
+accumulated sequentially over the 32 (or 16) values of a sub-block, `nearest_int`
+rounding halves to even, fp16 scales rounded to nearest even. Vectorised over all
+sub-blocks of a tensor and, in the scale search, over all candidate scales at once.
+
+Super-block layouts (QK_K = 256 weights, little-endian):
+    Q4_K (144 B): d:f16, dmin:f16, scales:u8[12] (8 six-bit scales + 8 six-bit mins),
+                  qs:u8[128] (per 64 weights: low nibble = w[l], high = w[l+32])
+                  w = d*sc[j]*q - dmin*m[j],  q in 0..15, j = sub-block of 32
+    Q6_K (210 B): ql:u8[128], qh:u8[64], scales:i8[16], d:f16
+                  w = d*sc[j]*(q-32),  q in 0..63, j = sub-block of 16
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+QK_K = 256
+_CHUNK = 1 << 15  # sub-blocks per vectorised pass: bounds the (n, steps, 32) search tensors
+
+
+@dataclass
+class KBlocks:
+    """A K-quantized weight (R, C): codes and the super-block scales."""
+    fmt: str            # "q4_k" | "q6_k"
+    q: torch.Tensor     # (R, C) int16 codes: 0..15 (q4_k), 0..63 (q6_k)
+    sc: torch.Tensor    # (R, C/256, 8) 6-bit scales (q4_k) | (R, C/256, 16) int8 scales (q6_k)
+    d: torch.Tensor     # (R, C/256) float16
+    m: torch.Tensor | None = None     # (R, C/256, 8) 6-bit mins (q4_k)
+    dmin: torch.Tensor | None = None  # (R, C/256) float16 (q4_k)
+
+
+def f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def nearest_int(x: torch.Tensor) -> torch.Tensor:
+    """ggml's nearest_int (adds 1.5*2^23): round half to even, like torch.round."""
+    return torch.round(x)
+
+
+def seq_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the first axis in order, in float32, as a C loop does (torch.sum reorders)."""
+    acc = x[0].clone()
+    for row in x[1:]:
+        acc += row
+    return acc
+
+
+def _super_blocks(w: torch.Tensor) -> torch.Tensor:
+    rows, cols = w.shape
+    if cols % QK_K:
+        raise ValueError(f"row length {cols} is not a multiple of {QK_K}: llama.cpp falls back to another type")
+    return w.float().reshape(rows, cols // QK_K, QK_K)
+
+
+# ---------------------------------------------------------------- Q4_K
+
+def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: float, rdelta: float,
+                     nstep: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ggml's make_qkx2_quants (use_mad=false) for n sub-blocks at once.
+    x, weights: (k, n), the values of a sub-block down a column (so sequential sums
+    read contiguous rows). Returns scale (n,), the_min (n,) (>= 0, subtracted), L (k, n)."""
+    mn = x.amin(0).clamp(max=0)  # (n,)
+    mx = x.amax(0)
+    sum_w = seq_sum(weights)
+    sum_x = seq_sum(weights * x)
+    flat = mx == mn
+    span = torch.where(flat, torch.ones_like(mx), mx - mn)
+    xm = x - mn  # (k, n)
+
+    iscale = f32(nmax) / span
+    scale = f32(1.0) / iscale
+    L = nearest_int(iscale * xm).clamp_(0, nmax)
+    diff = scale * L + mn - x
+    best_error = seq_sum(weights * (diff * diff))
+
+    # The candidates are tried in order and each one starts from the min the last accepted
+    # candidate left (C updates `min` inside the loop), so the search is sequential in `is`.
+    min_ = mn.clone()
+    for step in range(nstep + 1):
+        num = (f32(rmin) + f32(rdelta) * f32(step)) + f32(nmax)
+        span = torch.where(flat, torch.ones_like(mx), mx - min_)
+        Laux = nearest_int((num / span) * (x - min_)).clamp_(0, nmax)  # (k, n)
+        wl = weights * Laux
+        sum_l, sum_l2, sum_xl = seq_sum(wl), seq_sum(wl * Laux), seq_sum(wl.mul_(x))  # (n,)
+        D = sum_w * sum_l2 - sum_l * sum_l
+        safe_D = torch.where(D > 0, D, torch.ones_like(D))
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_D
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_D
+        pos = this_min > 0
+        this_scale = torch.where(pos, sum_xl / torch.where(pos, sum_l2, torch.ones_like(sum_l2)), this_scale)
+        this_min = torch.where(pos, torch.zeros_like(this_min), this_min)
+        d = (this_scale * Laux).add_(this_min).sub_(x)
+        cur_error = seq_sum(d.mul_(d).mul_(weights))  # w * (d*d): the products commute exactly
+        take = (D > 0) & (cur_error < best_error)  # the first strictly better candidate wins
+        best_error = torch.where(take, cur_error, best_error)
+        scale = torch.where(take, this_scale, scale)
+        min_ = torch.where(take, this_min, min_)
+        L = torch.where(take, Laux, L)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    L = torch.where(flat, torch.zeros_like(L), L)
+    min_ = torch.where(flat, mn, min_)
+    return scale, -min_, L
+
+
+def _q4_k_sub_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x: (32, n) sub-blocks down columns -> scale (n,), min (n,), L (32, n)."""
+    # torch.sqrt on float32 is not always correctly rounded (1 ulp off); C's sqrtf is
+    av_x = (seq_sum(x * x) / f32(32.0)).double().sqrt().float()
+    weights = av_x + x.abs()
+    return make_qkx2_quants(x, weights, 15, -1.0, 0.1, 20)
+
+
+def quantize_q4_k(w: torch.Tensor) -> KBlocks:
+    """quantize_row_q4_K_ref. w: (R, C) with C % 256 == 0."""
+    b = _super_blocks(w)  # (R, nb, 256)
+    rows, nb, _ = b.shape
+    sub = b.reshape(-1, 32).T.contiguous()  # (32, n)
+    parts = [_q4_k_sub_scales(sub[:, i:i + _CHUNK]) for i in range(0, sub.shape[1], _CHUNK)]
+    scales = torch.cat([p[0] for p in parts]).reshape(rows, nb, 8)
+    mins = torch.cat([p[1] for p in parts]).reshape(rows, nb, 8)
+    L = torch.cat([p[2] for p in parts], 1).T.reshape(rows, nb, 8, 32)
+
+    # C keeps the running max from +0.0 with `>`: a -0.0 min never replaces it
+    max_scale = torch.where(scales.amax(-1) > 0, scales.amax(-1), 0.0)  # (R, nb)
+    max_min = torch.where(mins.amax(-1) > 0, mins.amax(-1), 0.0)
+    inv_scale = torch.where(max_scale > 0, f32(63.0) / torch.where(max_scale > 0, max_scale, 1), 0)
+    inv_min = torch.where(max_min > 0, f32(63.0) / torch.where(max_min > 0, max_min, 1), 0)
+    # C stores nearest_int into a uint8_t, then MIN(63)
+    ls = torch.remainder(nearest_int(inv_scale[..., None] * scales), 256).clamp(max=63)
+    lm = torch.remainder(nearest_int(inv_min[..., None] * mins), 256).clamp(max=63)
+    d = (max_scale / f32(63.0)).half()
+    dmin = (max_min / f32(63.0)).half()
+
+    dd = d.float()[..., None] * ls  # (R, nb, 8)
+    dm = dmin.float()[..., None] * lm
+    live = dd != 0
+    requant = nearest_int((b.reshape(rows, nb, 8, 32) + dm[..., None]) / torch.where(live, dd, 1)[..., None]).clamp(0, 15)
+    L = torch.where(live[..., None], requant, L)
+    return KBlocks("q4_k", L.reshape(w.shape).to(torch.int16), ls.to(torch.int16), d,
+                   lm.to(torch.int16), dmin)
+
+
+# ---------------------------------------------------------------- Q6_K
+
+def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qx_quants(rmse_type=1, no importance) for n sub-blocks: x (k, n) down
+    columns. Returns scale (n,) and L (k, n) in 0..2*nmax-1."""
+    mx = x.gather(0, x.abs().argmax(0, keepdim=True))[0]  # signed value of largest magnitude
+    zero = mx.abs() < f32(1e-15)
+    mx_safe = torch.where(zero, torch.ones_like(mx), mx)
+    wx = (x * x * x)[..., None]  # w*x with w = x*x, as C evaluates w*x[i]*l
+    ww = (x * x)[..., None]
+
+    def trial(iscale):  # iscale (n, S) -> codes (k, n, S), sumlx, suml2 (n, S)
+        l = nearest_int(iscale * x[..., None]).clamp_(-nmax, nmax - 1)
+        return l, seq_sum(wx * l), seq_sum(ww * l * l)
+
+    l0, sumlx, suml2 = trial((f32(-nmax) / mx_safe)[:, None])
+    l0, sumlx, suml2 = l0[..., 0], sumlx[:, 0], suml2[:, 0]
+    scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1), 0)
+    best = scale * sumlx
+    steps = torch.tensor([s for s in range(-9, 10) if s], dtype=torch.float32)
+    ls, lx, l2 = trial(-(f32(nmax) + f32(0.1) * steps) / mx_safe[:, None])
+    L = l0
+    for s in range(steps.numel()):
+        take = (l2[:, s] > 0) & (lx[:, s] * lx[:, s] > best * l2[:, s])
+        scale = torch.where(take, lx[:, s] / torch.where(take, l2[:, s], 1), scale)
+        best = torch.where(take, scale * lx[:, s], best)
+        L = torch.where(take, ls[..., s], L)
+    scale = torch.where(zero, torch.zeros_like(scale), scale)
+    L = torch.where(zero, torch.zeros_like(L), L + nmax)
+    return scale, L
+
+
+def quantize_q6_k(w: torch.Tensor) -> KBlocks:
+    """quantize_row_q6_K_ref. w: (R, C) with C % 256 == 0."""
+    b = _super_blocks(w)
+    rows, nb, _ = b.shape
+    sub = b.reshape(-1, 16).T.contiguous()  # (16, n)
+    parts = [make_qx_quants_rmse1(sub[:, i:i + _CHUNK], 32) for i in range(0, sub.shape[1], _CHUNK)]
+    scales = torch.cat([p[0] for p in parts]).reshape(rows, nb, 16)
+    L = torch.cat([p[1] for p in parts], 1).T.reshape(rows, nb, 16, 16)
+
+    max_scale = scales.gather(-1, scales.abs().argmax(-1, keepdim=True))[..., 0]  # (R, nb)
+    dead = max_scale.abs() < f32(1e-15)
+    iscale = f32(-128.0) / torch.where(dead, 1, max_scale)
+    d = torch.where(dead, 0, f32(1.0) / iscale).half()
+    sc = nearest_int(iscale[..., None] * scales).clamp(max=127)
+    sc = torch.where(dead[..., None], 0, sc)
+    dd = d.float()[..., None] * sc  # (R, nb, 16)
+    live = dd != 0
+    requant = nearest_int(b.reshape(rows, nb, 16, 16) / torch.where(live, dd, 1)[..., None]).clamp(-32, 31) + 32
+    L = torch.where(live[..., None], requant, L)
+    L = torch.where(dead[..., None, None], 0, L)
+    return KBlocks("q6_k", L.reshape(w.shape).to(torch.int16), sc.to(torch.int16), d)
+
+
+# ---------------------------------------------------------------- decode and pack
+
+def dequantize_k(blk: KBlocks) -> torch.Tensor:
+    """dequantize_row_q4_K / dequantize_row_q6_K: (R, C) float32."""
+    rows, cols = blk.q.shape
+    nb = cols // QK_K
+    if blk.fmt == "q4_k":
+        q = blk.q.float().reshape(rows, nb, 8, 32)
+        d1 = blk.d.float()[..., None] * blk.sc.float()  # (R, nb, 8)
+        m1 = blk.dmin.float()[..., None] * blk.m.float()
+        return (d1[..., None] * q - m1[..., None]).reshape(rows, cols)
+    q = blk.q.float().reshape(rows, nb, 16, 16) - 32
+    d1 = blk.d.float()[..., None] * blk.sc.float()
+    return (d1[..., None] * q).reshape(rows, cols)
+
+
+def quantize_k(w: torch.Tensor, fmt: str) -> KBlocks:
+    return {"q4_k": quantize_q4_k, "q6_k": quantize_q6_k}[fmt](w)
+
+
+def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.uint8).reshape(*x.shape, 2)
+
+
+def pack_k(blk: KBlocks) -> torch.Tensor:
+    """The GGUF bytes: (R, C/256 * block_bytes) uint8."""
+    rows, cols = blk.q.shape
+    nb = cols // QK_K
+    if blk.fmt == "q4_k":
+        ls, lm = blk.sc.to(torch.uint8), blk.m.to(torch.uint8)  # (R, nb, 8)
+        scales = torch.zeros(rows, nb, 12, dtype=torch.uint8)
+        scales[..., 0:4] = ls[..., :4] | ((ls[..., 4:] >> 4) << 6)
+        scales[..., 4:8] = lm[..., :4] | ((lm[..., 4:] >> 4) << 6)
+        scales[..., 8:12] = (ls[..., 4:] & 0xF) | ((lm[..., 4:] & 0xF) << 4)
+        q = blk.q.to(torch.uint8).reshape(rows, nb, 4, 2, 32)  # per 64: [low 32 | high 32]
+        qs = (q[..., 0, :] | (q[..., 1, :] << 4)).reshape(rows, nb, 128)
+        body = [_f16_bytes(blk.d), _f16_bytes(blk.dmin), scales, qs]
+    elif blk.fmt == "q6_k":
+        q = blk.q.to(torch.uint8).reshape(rows, nb, 2, 4, 32)  # per 128: four runs of 32
+        ql = torch.cat([(q[..., 0, :] & 0xF) | ((q[..., 2, :] & 0xF) << 4),
+                        (q[..., 1, :] & 0xF) | ((q[..., 3, :] & 0xF) << 4)], -1).reshape(rows, nb, 128)
+        qh = ((q[..., 0, :] >> 4) | ((q[..., 1, :] >> 4) << 2) | ((q[..., 2, :] >> 4) << 4)
+              | ((q[..., 3, :] >> 4) << 6)).reshape(rows, nb, 64)
+        body = [ql, qh, blk.sc.to(torch.int8).view(torch.uint8), _f16_bytes(blk.d)]
+    else:
+        raise ValueError(f"not a K-quant: {blk.fmt}")
+    return torch.cat(body, -1).reshape(rows, -1)

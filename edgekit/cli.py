@@ -100,9 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_validate(args) -> int:
     from edgekit.recipe import load_recipe
 
-    recipe, _ = load_recipe(args.recipe, args.overrides)
+    recipe, base = load_recipe(args.recipe, args.overrides)
     print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {' -> '.join(s.type for s in recipe.stages)})")
+    print_memory_estimates(recipe, base)
     return 0
+
+
+def print_memory_estimates(recipe, base) -> None:
+    from edgekit.distill.memory import machine_memory_mb, recipe_estimates
+
+    estimates = recipe_estimates(recipe, base)
+    if isinstance(estimates, str):
+        print(estimates)
+        return
+    have = machine_memory_mb()
+    for stage_type, est in estimates:
+        parts = ", ".join(f"{k.removesuffix('_mb').replace('_', ' ')} {v:,.0f}" for k, v in est.items() if k != "total_mb")
+        print(f"{stage_type}: expected peak memory {est['total_mb']:,.0f} MB ({parts})")
+        if est["total_mb"] > have:
+            print(f"  warning: more than this machine's {have:,.0f} MB; lower batch_size or seq_len, use "
+                  "teacher.load: nf4, optimizer: adamw8bit or lora:", file=sys.stderr)
 
 
 def cmd_run(args) -> int:

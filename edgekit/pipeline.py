@@ -74,15 +74,27 @@ class RunContext:
         self.teacher_path()
         return self._cache["teacher"].provenance
 
-    def load_model(self, path: Path, trust_remote_code: bool = False):
+    def load_model(self, path: Path, trust_remote_code: bool = False, load: str | None = None):
         from edgekit.models.loading import load_causal_lm
 
-        return load_causal_lm(path, self.recipe.teacher.dtype, trust_remote_code)
+        return load_causal_lm(path, self.recipe.teacher.dtype, trust_remote_code, load)
 
     def teacher(self):
+        """The frozen teacher, in the recipe's `teacher.load` format (NF4/int8 through bitsandbytes)."""
         if "teacher_model" not in self._cache:
-            self._cache["teacher_model"] = self.load_model(self.teacher_path(), self.recipe.teacher.trust_remote_code)
+            t = self.recipe.teacher
+            self._cache["teacher_model"] = self.load_model(self.teacher_path(), t.trust_remote_code, t.load)
         return self._cache["teacher_model"]
+
+    def reference_teacher(self):
+        """The teacher at full precision whatever `teacher.load` says: students are initialised
+        from, and evaluated against, the real teacher, not its NF4/int8 copy."""
+        t = self.recipe.teacher
+        if t.load in (None, "fp32") and t.dtype == "float32":
+            return self.teacher()
+        from edgekit.models.loading import load_causal_lm
+
+        return load_causal_lm(self.teacher_path(), "float32", t.trust_remote_code)
 
     def tokenizer(self):
         if "tokenizer" not in self._cache:

@@ -38,7 +38,9 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
     rows = rows[: max(1, cfg.max_tokens // rows.shape[1])]
     if rows.shape[1] > cfg.ctx:
         rows = rows[:, : cfg.ctx]
-    scorers = {"teacher": torch_scorer(ctx.teacher())}
+    scorers = {"teacher": torch_scorer(ctx.reference_teacher())}
+    if ctx.recipe.teacher.load not in (None, "fp32"):  # what the students were trained against
+        scorers[f"teacher_{ctx.recipe.teacher.load}"] = torch_scorer(ctx.teacher())
     exported_from = ctx.finished["export"]["config"]["model"]  # "student" or "teacher"
     if "distill" in ctx.finished:
         if "student_init" in cfg.baselines:

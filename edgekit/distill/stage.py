@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from edgekit.distill.lean import trainable_parameters
 from edgekit.distill.trainer import KDSettings, train
 from edgekit.errors import EdgekitError
 from edgekit.pipeline import RunContext, stage
@@ -18,8 +19,8 @@ def build_student(ctx: RunContext, same_vocab: bool = True):
     from edgekit.models.student import check_same_vocab, init_from_teacher_layers, layers_to_keep
 
     s = ctx.recipe.student
-    teacher = ctx.teacher()
     if s.init == "teacher_layers":
+        teacher = ctx.reference_teacher()
         keep = layers_to_keep(teacher.config.num_hidden_layers, s.keep_every, s.keep_layers)
         return init_from_teacher_layers(teacher, keep), ctx.teacher_path(), {"init": "teacher_layers", "kept_layers": keep}
     src = resolve_model(s.model, ctx.base)
@@ -60,6 +61,15 @@ def sequence_kd_data(ctx: RunContext, cfg, out: Path) -> tuple[list, dict]:
     return docs, json.loads((out / "sequence_kd_stats.json").read_text())
 
 
+def adapters(student, cfg):
+    """(model to train, merge) with LoRA when the recipe asks for it, else the model itself."""
+    if cfg.lora is None:
+        return student, lambda: student
+    from edgekit.distill.lean import with_lora
+
+    return with_lora(student, cfg.lora)
+
+
 @stage("distill")
 def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
     from edgekit.data.tokens import pack
@@ -81,15 +91,19 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
     settings = KDSettings.from_config(cfg)
     if teacher is None:
         settings = replace(settings, alpha_ce=1.0)
+    student, merge = adapters(student, cfg)
+    init_info["trainable_params"], _ = trainable_parameters(student)
     last = train(student, teacher, rows, settings, out, desc="distill", mask=mask)
+    student = merge()
     save_model(student, tok_dir, out / "model")
     outputs = {"model": "model", "metrics_log": "metrics.jsonl"}
     extra = {}
     if "sft" in cfg.baselines:
         del student
-        baseline = build_student(ctx)[0]
+        baseline, merge = adapters(build_student(ctx)[0], cfg)
         sft = replace(settings, alpha_ce=1.0)
         extra["sft_final"] = train(baseline, None, rows, sft, out / "sft", desc="sft baseline", mask=mask)
+        baseline = merge()
         save_model(baseline, tok_dir, out / "sft_model")
         outputs["sft_model"] = "sft_model"
         student = baseline

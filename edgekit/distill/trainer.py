@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
+from edgekit.distill.lean import make_optimizer
 from edgekit.distill.losses import cross_entropy, kd_loss
 from edgekit.errors import EdgekitError
 from edgekit.progress import bar
@@ -41,6 +42,7 @@ class KDSettings:
     seed: int = 0
     on_policy_fraction: float = 0.0  # GKD's lambda: share of steps trained on the student's own samples
     on_policy_temperature: float = 1.0
+    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes)
 
     @classmethod
     def from_config(cls, cfg) -> "KDSettings":
@@ -170,7 +172,7 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
         teacher.eval().requires_grad_(False)
     student.train()
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=st.lr, weight_decay=st.weight_decay)
+    opt = make_optimizer(params, st.optimizer, st.lr, st.weight_decay)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / "checkpoint"
     start = load_checkpoint(ckpt, student, opt) if (ckpt / "state.pt").is_file() else 0

@@ -7,16 +7,43 @@ from pathlib import Path
 from edgekit.errors import EdgekitError
 
 
-def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool = False):
+LOAD_DTYPES = {"fp32": "float32", "fp16": "float16"}
+
+
+def quantization_config(load: str):
+    """transformers' BitsAndBytesConfig for a frozen model loaded as NF4 or int8 weights
+    (bitsandbytes). Compute stays in float32: bf16/fp16 matmuls are slow on CPUs."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise EdgekitError(f"teacher.load: {load} needs bitsandbytes",
+                           "pip install 'edgekit[lean]' (bitsandbytes==0.50.2), or use load: fp32 / fp16") from None
+    if load == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.float32)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool = False, load: str | None = None):
+    """A transformers causal LM from a local directory. `load` (fp32 | fp16 | nf4 | int8)
+    overrides `dtype`; nf4/int8 load the Linear weights through bitsandbytes (frozen use only)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from edgekit.models.sources import refuse_pickles
 
     refuse_pickles(path)
+    extra = {}
+    if load in LOAD_DTYPES:
+        dtype = LOAD_DTYPES[load]
+    elif load is not None:
+        extra = {"quantization_config": quantization_config(load), "device_map": "cpu" if not torch.cuda.is_available() else "auto"}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+                                                     trust_remote_code=trust_remote_code, **extra)
     except Exception as e:
         raise EdgekitError(f"could not load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
                            "check the directory holds a complete transformers model (config.json + safetensors)") from None

@@ -28,6 +28,8 @@ class ModelSpec(Closed):
     revision: str | None = None
     trust_remote_code: bool = False  # off unless the recipe says so: hub code runs on your machine
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # fp32 on CPU: bf16 is ~25x slower here
+    # teacher weights in memory: nf4/int8 through bitsandbytes (frozen teacher only); fp16/fp32 set dtype
+    load: Literal["fp32", "fp16", "nf4", "int8"] | None = None
 
 
 class StudentSpec(Closed):
@@ -72,6 +74,18 @@ class SequenceKD(Closed):
     verifier: str | None = None  # command; reads {"prompt","response"} JSON on stdin; exit 0 keeps the answer
 
 
+class LoraSpec(Closed):
+    """LoRA adapters on the student (peft), merged into its weights when the stage ends."""
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                        "gate_proj", "up_proj", "down_proj"], min_length=1)
+
+
+Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]  # 8-bit states: bitsandbytes
+
+
 class DistillConfig(Closed):
     type: Literal["distill"]
     loss: Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd"] = "forward_kl"
@@ -95,6 +109,8 @@ class DistillConfig(Closed):
     on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0)  # GKD lambda: share of steps on student samples
     on_policy_temperature: float = Field(1.0, gt=0.0)
     sequence_kd: SequenceKD | None = None  # train on teacher-generated answers instead of data.train
+    optimizer: Optimizer = "adamw"
+    lora: LoraSpec | None = None  # train adapters instead of every weight; merged before export
 
 
 class QATConfig(Closed):
@@ -119,6 +135,7 @@ class QATConfig(Closed):
     # also train a float twin: the same start, data, steps and seed without fake quantization.
     # Its llama.cpp quantization is the PTQ baseline QAT is judged against, at equal training.
     baselines: list[Literal["float"]] = ["float"]
+    optimizer: Optimizer = "adamw"
 
 
 class ExportConfig(Closed):

@@ -1,0 +1,107 @@
+"""Memory-lean KD: teacher formats (bitsandbytes NF4/int8, fp16) x optimizers (AdamW, 8-bit AdamW).
+
+    .venv/bin/python benchmarks/lean_kd.py [--steps 16] [--batch 4] [--seq-len 128]
+
+Quickstart pair (SmolLM2-135M teacher, its 11-layer student initialised from the fp32
+teacher's layers), quickstart data split by document as a recipe splits it. Each
+configuration runs in its own process through edgekit's trainer:
+- peak_mem_mb: the process's peak RSS during KD training (everything: runtime, both
+  models, gradients, optimizer states, activations), beside the estimate `edgekit
+  validate` prints for the same settings (`estimate_mb`);
+- tokens_per_s: median over the steps after the first;
+- teacher_kl_vs_fp: KL(fp32 teacher || this teacher) per token on the holdout rows;
+- student_holdout_kl: KL(fp32 teacher || student after KD from this teacher) on the
+  same rows (the fp32-teacher row is the baseline for the others).
+Writes benchmarks/results/lean_kd.json.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+CONFIGS = [("fp32", "adamw"), ("fp32", "adamw8bit"), ("fp16", "adamw"), ("nf4", "adamw"), ("nf4", "adamw8bit"),
+           ("int8", "adamw8bit")]
+
+
+def data(seq_len: int):
+    from transformers import AutoTokenizer
+
+    from edgekit.data.documents import load_documents, split_documents
+    from edgekit.data.tokens import pack
+    from edgekit.models.sources import resolve_model
+
+    path = resolve_model("embedded:smollm2-135m-instruct", REPO).path
+    tok = AutoTokenizer.from_pretrained(path)
+    train, hold = split_documents(load_documents("recipes/data/stdlib_docs.jsonl", REPO), 0.1, 0)
+    return path, pack(train, tok, seq_len, "train")[0], pack(hold, tok, seq_len, "holdout")[0][:16]
+
+
+def worker(load: str, optimizer: str, steps: int, batch: int, seq_len: int) -> None:
+    import torch
+
+    from edgekit.bench.quality import evaluate, torch_scorer
+    from edgekit.bench.worker import peak_rss_kb
+    from edgekit.distill.memory import counts, estimate
+    from edgekit.distill.trainer import KDSettings, train
+    from edgekit.models.loading import load_causal_lm
+    from edgekit.models.student import init_from_teacher_layers, layers_to_keep
+
+    torch.manual_seed(0)
+    path, rows, holdout = data(seq_len)
+    fp = load_causal_lm(path)
+    student = init_from_teacher_layers(fp, layers_to_keep(fp.config.num_hidden_layers, 3, None))
+    t_counts, s_counts = counts(fp.config), counts(student.config)
+    teacher = fp if load == "fp32" else load_causal_lm(path, load=load)
+    quality = {}
+    if load != "fp32":
+        quality = evaluate({"fp": torch_scorer(fp), "q": torch_scorer(teacher)}, holdout, [("q", "fp")], desc=f"{load} teacher")
+        del fp  # training sees only the teacher in its chosen format
+    Path("/proc/self/clear_refs").write_text("5")  # peak from here: what KD training needs
+    st = KDSettings(steps=steps, batch_size=batch, loss_chunk=128, lr=5e-4, warmup_steps=2, checkpoint_every=10**6,
+                    optimizer=optimizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        train(student, teacher, rows, st, Path(tmp), desc=f"KD {load}/{optimizer}")
+        speeds = [json.loads(line)["tokens_per_s"] for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    peak = peak_rss_kb() / 1024
+    tokens_per_s = sorted(speeds[1:])[len(speeds[1:]) // 2]
+    reference = fp if load == "fp32" else load_causal_lm(path)
+    after = evaluate({"fp": torch_scorer(reference), "s": torch_scorer(student)}, holdout, [("s", "fp")], desc="student")
+    est = estimate(t_counts, s_counts, teacher_load=load, optimizer=optimizer, batch=batch, seq_len=seq_len, loss_chunk=128)
+    print(json.dumps({"teacher_load": load, "optimizer": optimizer, "peak_mem_mb": round(peak, 1),
+                      "estimate_mb": est["total_mb"], "tokens_per_s": tokens_per_s,
+                      "teacher_kl_vs_fp": round(quality["q|fp"]["kl"], 5) if quality else 0.0,
+                      "student_holdout_kl": round(after["s|fp"]["kl"], 4)}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--worker", nargs=2)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(*a.worker, a.steps, a.batch, a.seq_len)
+    from benchmarks.common import write_result
+    from edgekit.pipeline import machine_description
+
+    rows = []
+    for load, optimizer in CONFIGS:
+        out = subprocess.run([sys.executable, __file__, "--worker", load, optimizer, "--steps", str(a.steps),
+                              "--batch", str(a.batch), "--seq-len", str(a.seq_len)], text=True,
+                             stdout=subprocess.PIPE, check=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]) | {"steps": a.steps, "batch": a.batch,
+                                                                         "seq_len": a.seq_len,
+                                                                         "machine": machine_description()})
+        print(rows[-1], flush=True)
+    write_result("lean_kd.json", rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Memory-lean KD: NF4/int8 teachers (bitsandbytes), 8-bit AdamW, LoRA students (peft),
+and the memory estimate `edgekit validate` prints."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from edgekit.cli import main
+
+
+def test_nf4_and_int8_teachers_stay_close_to_fp32(tiny_teacher_dir):
+    from edgekit.models.loading import load_causal_lm
+
+    fp = load_causal_lm(tiny_teacher_dir)
+    x = torch.randint(0, fp.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    kl = {}
+    with torch.no_grad():
+        ref = fp(x).logits.log_softmax(-1)
+        uniform = float((ref.exp() * (ref + torch.log(torch.tensor(float(ref.shape[-1]))))).sum(-1).mean())
+        for load in ("nf4", "int8", "fp16"):
+            q = load_causal_lm(tiny_teacher_dir, load=load)
+            assert q.get_memory_footprint() < fp.get_memory_footprint()
+            out = q(x).logits.float().log_softmax(-1)
+            kl[load] = float((ref.exp() * (ref - out)).sum(-1).mean())
+            if load == "nf4":
+                assert any("4bit" in type(m.weight).__name__.lower() for m in q.modules() if hasattr(m, "weight"))
+    # more bits, closer to fp32; all far closer than knowing nothing (a uniform guess)
+    assert 0 < kl["fp16"] < kl["int8"] < kl["nf4"] < uniform / 2, (kl, uniform)
+
+
+def test_lean_recipe_end_to_end(tiny_recipe, tmp_path, capsys):
+    """NF4 teacher + 8-bit AdamW + LoRA student: trains, merges, exports a plain model."""
+    text = tiny_recipe.read_text()
+    text = text.replace("teacher: {model: ", "teacher: {load: nf4, model: ")
+    text = text.replace("checkpoint_every: 2, warmup_steps: 1}",
+                        "checkpoint_every: 2, warmup_steps: 1, optimizer: adamw8bit, lr: 5.0e-3,"
+                        " lora: {r: 4, alpha: 8, targets: [q_proj, v_proj, down_proj]}}")
+    text = text.replace("[f16, q8_0, onnx_int4]", "[f16]").replace("  - {type: bench, prompt_tokens: 8, gen_tokens: 4, repeats: 1}\n", "")
+    tiny_recipe.write_text(text)
+    assert main(["validate", str(tiny_recipe)]) == 0
+    assert "distill: expected peak memory" in capsys.readouterr().out
+    assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "tiny" / "manifest.json").read_text())["artifacts"]
+    d = m["distill"]["metrics"]
+    assert 0 < d["trainable_params"] < d["student_params"] / 5
+    model_dir = next((tmp_path / "tiny" / "stages").glob("*-distill")) / "model"
+    with safe_open(model_dir / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert keys and not [k for k in keys if "lora" in k or "base_layer" in k]  # adapters merged away
+    ev = m["evaluate"]["metrics"]
+    assert "teacher_nf4" in ev  # the teacher the student learned from, next to the real one
+
+
+def test_bad_lora_target_is_named(tiny_recipe, tmp_path, capsys):
+    text = tiny_recipe.read_text().replace("warmup_steps: 1}", "warmup_steps: 1, lora: {targets: [qkv]}}")
+    tiny_recipe.write_text(text)
+    assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "lora.targets ['qkv']" in err and "q_proj" in err
+
+
+def test_bad_teacher_load_is_refused(tiny_recipe, capsys):
+    tiny_recipe.write_text(tiny_recipe.read_text().replace("teacher: {model: ", "teacher: {load: nf8, model: "))
+    assert main(["validate", str(tiny_recipe)]) == 2
+    assert "nf8" in capsys.readouterr().err
+
+
+def test_estimate_grows_and_shrinks_as_it_should(tiny_teacher_dir):
+    from transformers import AutoConfig
+
+    from edgekit.distill.memory import ModelCounts, counts, estimate
+    from edgekit.models.loading import load_causal_lm
+
+    tiny = counts(AutoConfig.from_pretrained(tiny_teacher_dir))  # from the config alone, on the meta device
+    assert tiny.params == sum(p.numel() for p in load_causal_lm(tiny_teacher_dir).parameters())
+    c = ModelCounts(params=135_000_000, block_linear=106_000_000, layers=30, hidden=576, intermediate=1536, vocab=49152)
+    base = dict(batch=4, seq_len=256, loss_chunk=128)
+    full = estimate(c, c, teacher_load=None, optimizer="adamw", **base)
+    assert estimate(c, c, teacher_load="nf4", optimizer="adamw", **base)["teacher_weights_mb"] < full["teacher_weights_mb"]
+    assert estimate(c, c, teacher_load=None, optimizer="adamw8bit", **base)["optimizer_states_mb"] == pytest.approx(
+        full["optimizer_states_mb"] / 4, rel=0.05)
+    assert estimate(c, c, teacher_load=None, optimizer="adamw", **(base | {"batch": 8}))["activations_mb"] == pytest.approx(
+        2 * full["activations_mb"], rel=0.02)

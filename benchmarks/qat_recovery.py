@@ -4,8 +4,9 @@
 
 Runs recipes/quickstart.yaml (finished stages are reused) and writes
 benchmarks/results/qat_recovery.json:
-- ppl_fp16: the distilled student (before QAT) as F16 GGUF;
-- ppl_ptq_q4_k_m: that student through llama.cpp's own Q4_K_M (post-training quantization);
+- ppl_fp16: the float twin (the distilled student trained the same QAT steps without
+  fake quantization, so both arms saw equal training) as F16 GGUF;
+- ppl_ptq_q4_k_m: that twin through llama.cpp's own Q4_K_M (post-training quantization);
 - ppl_qat_q4_k_m: the QAT-KD student through the same Q4_K_M;
 - recovery = (ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_FP16);
 - parity: KL / top-1 of the QAT Q4_K_M file (llama.cpp) against the PyTorch fake-quant model.

@@ -18,6 +18,6 @@ def status(message: str):
     print(f"✓ {message} ({time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
 
 
-def bar(total: int, desc: str, unit: str = "it"):
+def bar(total: int, desc: str, unit: str = "it", disable: bool = False):
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, file=sys.stderr,
-                mininterval=2.0, disable=False)
+                mininterval=2.0, disable=disable)

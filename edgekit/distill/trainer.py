@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from edgekit.distill.lean import make_optimizer
 from edgekit.distill.losses import cross_entropy, kd_loss
+from edgekit.distill.parallel import average_gradients, barrier, mean_scalars, shard, world
 from edgekit.errors import EdgekitError
 from edgekit.progress import bar
 
@@ -168,6 +170,10 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     """Train `student` in place on packed `rows` (N, T). `teacher=None` trains on labels alone.
     `mask` (N, T) bool marks the tokens to train on (default: all)."""
     torch.manual_seed(st.seed)
+    rank, size = world()
+    if st.batch_size % size:
+        raise EdgekitError(f"batch_size {st.batch_size} does not split over {size} processes",
+                           f"use a batch_size divisible by {size} (each process takes batch_size/{size} rows)")
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     student.train()
@@ -176,11 +182,11 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / "checkpoint"
     start = load_checkpoint(ckpt, student, opt) if (ckpt / "state.pt").is_file() else 0
-    log = (workdir / "metrics.jsonl").open("a")
+    log = (workdir / "metrics.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
     trunk_s = hidden_and_head(student)[0]
     trunk_t = hidden_and_head(teacher)[0] if teacher is not None else None
     tokens_per_step = st.batch_size * st.grad_accum * (rows.shape[1] - 1)
-    progress = bar(st.steps, desc, unit="step")
+    progress = bar(st.steps, desc if size == 1 else f"{desc} (rank {rank}/{size})", unit="step", disable=rank != 0)
     progress.update(start)
     last = {}
     for step in range(start, st.steps):
@@ -193,7 +199,7 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
             # parametrized (fake-quantized) weights are computed once per micro-step, not once per
             # use: the chunked loss reads the output head in every chunk and again in backward
             with parametrize.cached():
-                idx = batch_indices(rows.shape[0], st.batch_size, st.seed, step, micro)
+                idx = shard(batch_indices(rows.shape[0], st.batch_size, st.seed, step, micro), rank, size)
                 x = rows[idx]  # (B, T)
                 m = mask[idx] if mask is not None else torch.ones_like(x, dtype=torch.bool)
                 if teacher is not None and is_on_policy(st, step, micro):
@@ -206,7 +212,7 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
                     with torch.no_grad():
                         t_h = trunk_t(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
                 loss, p = chunked_loss(s_h, t_h, labels, student, teacher, st)
-                if not torch.isfinite(loss.detach()):
+                if mean_scalars({"bad": float(not torch.isfinite(loss.detach()))}, size)["bad"] > 0:
                     log.close()
                     raise EdgekitError(
                         f"{desc}: the loss became {float(loss.detach())} at step {step}; the last good checkpoint is kept in {ckpt}",
@@ -215,6 +221,8 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
                 parts["loss"] += float(loss.detach()) / st.grad_accum
                 parts["ce"] += p["ce"] / st.grad_accum
                 parts["kd"] += p["kd"] / st.grad_accum
+        average_gradients(params, size)
+        parts = mean_scalars(parts, size)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, st.grad_clip))
         if not math.isfinite(grad_norm):
             log.close()
@@ -229,7 +237,9 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
         progress.update(1)
         progress.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
         if (step + 1) % st.checkpoint_every == 0 and step + 1 < st.steps:
-            save_checkpoint(ckpt, student, opt, step + 1)
+            if rank == 0:  # replicated state: rank 0's copy is everyone's
+                save_checkpoint(ckpt, student, opt, step + 1)
+            barrier(size)
     progress.close()
     log.close()
     student.eval()

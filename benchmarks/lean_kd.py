@@ -49,6 +49,7 @@ def worker(load: str, optimizer: str, steps: int, batch: int, seq_len: int) -> N
     from edgekit.bench.worker import peak_rss_kb
     from edgekit.distill.memory import counts, estimate
     from edgekit.distill.trainer import KDSettings, train
+    from edgekit.fsutil import release_memory
     from edgekit.models.loading import load_causal_lm
     from edgekit.models.student import init_from_teacher_layers, layers_to_keep
 
@@ -62,6 +63,7 @@ def worker(load: str, optimizer: str, steps: int, batch: int, seq_len: int) -> N
     if load != "fp32":
         quality = evaluate({"fp": torch_scorer(fp), "q": torch_scorer(teacher)}, holdout, [("q", "fp")], desc=f"{load} teacher")
         del fp  # training sees only the teacher in its chosen format
+        release_memory()
     Path("/proc/self/clear_refs").write_text("5")  # peak from here: what KD training needs
     st = KDSettings(steps=steps, batch_size=batch, loss_chunk=128, lr=5e-4, warmup_steps=2, checkpoint_every=10**6,
                     optimizer=optimizer)

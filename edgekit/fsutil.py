@@ -111,3 +111,16 @@ def quiet_stderr():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS (glibc `malloc_trim`): after a
+    model copy is dropped, its pages otherwise stay in the process and add to the peak."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        pass

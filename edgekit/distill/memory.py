@@ -12,8 +12,10 @@ no weights read). Bytes per parameter:
 Activations kept for backward, per token and student layer, in fp32 floats: ~10 H
 (norms, q/k/v, attention output, residual inputs) + 4 I (gate, up, act, product), measured
 on the quickstart pair and checked by a test. The fused loss adds ~6 chunk x V logits-sized
-buffers (student and teacher logits, softmaxes, gradient). The Python + torch +
-transformers runtime itself is ~350 MB on Linux.
+buffers (student and teacher logits, softmaxes, gradient) and a (V, H) head-gradient
+buffer; the optimizer step adds temporaries (see `estimate`). The Python + torch +
+transformers runtime itself is ~350 MB on Linux. Measured peaks are process RSS: a
+teacher memory-mapped from safetensors counts once its pages are touched (every step).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class ModelCounts:
     hidden: int
     intermediate: int
     vocab: int
+    largest: int = 0   # the largest single tensor (usually the embedding)
 
 
 def counts(config) -> ModelCounts:
@@ -48,7 +51,7 @@ def counts(config) -> ModelCounts:
                        if isinstance(m, torch.nn.Linear) and m is not head)
     return ModelCounts(sum(p.numel() for p in model.parameters()), block_linear, config.num_hidden_layers,
                        config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size),
-                       config.vocab_size)
+                       config.vocab_size, max(p.numel() for p in model.parameters()))
 
 
 def teacher_bytes(t: ModelCounts, load: str | None) -> float:
@@ -70,19 +73,30 @@ def lora_params(s: ModelCounts, r: int, targets: list[str], config) -> int:
 
 
 def estimate(teacher: ModelCounts | None, student: ModelCounts, *, teacher_load: str | None, optimizer: str,
-             batch: int, seq_len: int, loss_chunk: int, trainable: int | None = None) -> dict[str, float]:
-    """Expected peak of one training stage, in MB, by component, and `total_mb`."""
+             batch: int, seq_len: int, loss_chunk: int, trainable: int | None = None,
+             on_gpu: bool = False) -> dict[str, float]:
+    """Expected peak of one training stage, in MB, by component, and `total_mb`: process
+    memory on a CPU machine, device memory with `on_gpu`."""
     trainable = student.params if trainable is None else trainable
     tokens = batch * (seq_len - 1)
     opt_bytes = 8.0 if optimizer == "adamw" else 2.0 + 8.0 / 256
     parts = {
         "runtime": RUNTIME_MB * MB,
         "teacher_weights": teacher_bytes(teacher, teacher_load) if teacher else 0.0,
+        # measured on CPU: loading through bitsandbytes leaves the fp32 block weights it read to
+        # quantize resident (RSS), so an NF4/int8 teacher saves far less than its footprint says
+        "teacher_load_residue": (4.0 * teacher.block_linear if teacher and teacher_load in ("nf4", "int8") and not on_gpu
+                                 else 0.0),
         "student_weights": 4.0 * student.params,
         "gradients": 4.0 * trainable,
         "optimizer_states": opt_bytes * trainable,
         "activations": 4.0 * tokens * student.layers * (ACT_FLOATS_H * student.hidden + ACT_FLOATS_I * student.intermediate),
         "logits_chunk": 4.0 * LOGIT_BUFFERS * min(loss_chunk, tokens) * student.vocab,
+        # the fused loss accumulates the output head's gradient in its own (V, H) buffer
+        "head_grad_buffer": 4.0 * student.vocab * student.hidden if trainable == student.params else 0.0,
+        # the step's temporaries: torch's foreach AdamW ~one parameter-sized list; bitsandbytes'
+        # CPU path dequantizes each tensor's states to fp32 (~4 copies of the largest tensor)
+        "optimizer_step": 4.0 * trainable if optimizer == "adamw" else 16.0 * min(trainable, student.largest or trainable),
     }
     out = {f"{k}_mb": round(v / MB, 1) for k, v in parts.items()}
     out["total_mb"] = round(sum(parts.values()) / MB, 1)
@@ -96,8 +110,8 @@ def machine_memory_mb() -> float:
 
 
 def model_config(spec: str, base, trust_remote_code: bool = False, revision: str | None = None):
-    """A model's transformers config without loading weights; None when it is not reachable
-    (a hub id offline)."""
+    """A model's transformers config without loading weights; None for a hub id whose config
+    is not in the local cache (validate never downloads)."""
     from transformers import AutoConfig
 
     from edgekit.models.sources import cache_dir, classify
@@ -115,9 +129,9 @@ def model_config(spec: str, base, trust_remote_code: bool = False, revision: str
         try:
             from huggingface_hub import hf_hub_download
 
-            return AutoConfig.from_pretrained(hf_hub_download(spec, "config.json", revision=revision).rsplit("/", 1)[0],
-                                              trust_remote_code=trust_remote_code)
-        except Exception:  # offline, or a gated repo: the estimate is skipped, nothing else depends on it
+            cfg = hf_hub_download(spec, "config.json", revision=revision, local_files_only=True)
+            return AutoConfig.from_pretrained(cfg.rsplit("/", 1)[0], trust_remote_code=trust_remote_code)
+        except Exception:  # not downloaded yet: the estimate is skipped, nothing else depends on it
             return None
     return AutoConfig.from_pretrained((base / spec).expanduser(), trust_remote_code=trust_remote_code)
 
@@ -131,7 +145,8 @@ def recipe_estimates(recipe, base) -> list[tuple[str, dict]] | str:
     t = recipe.teacher
     tcfg = model_config(t.model, base, t.trust_remote_code, t.revision)
     if tcfg is None:
-        return f"teacher config of '{t.model}' not reachable (offline?): no memory estimate"
+        return (f"no memory estimate: the config of '{t.model}' is not in the local hub cache "
+                f"(`huggingface-cli download {t.model} config.json` fetches it)")
     s = recipe.student
     if s.init == "teacher_layers":
         scfg = copy.deepcopy(tcfg)
@@ -139,8 +154,12 @@ def recipe_estimates(recipe, base) -> list[tuple[str, dict]] | str:
     else:
         scfg = model_config(s.model, base, s.trust_remote_code)
         if scfg is None:
-            return f"student config of '{s.model}' not reachable (offline?): no memory estimate"
+            return (f"no memory estimate: the config of '{s.model}' is not in the local hub cache "
+                    f"(`huggingface-cli download {s.model} config.json` fetches it)")
+    import torch
+
     teacher, student = counts(tcfg), counts(scfg)
+    on_gpu = torch.cuda.is_available()
     out = []
     for st in recipe.stages:
         if st.type not in ("distill", "qat"):
@@ -149,5 +168,5 @@ def recipe_estimates(recipe, base) -> list[tuple[str, dict]] | str:
         trainable = lora_params(student, lora.r, lora.targets, scfg) if lora else None
         out.append((st.type, estimate(teacher, student, teacher_load=t.load, optimizer=st.optimizer,
                                       batch=st.batch_size, seq_len=recipe.data.seq_len, loss_chunk=st.loss_chunk,
-                                      trainable=trainable)))
+                                      trainable=trainable, on_gpu=on_gpu)))
     return out

@@ -8,6 +8,7 @@ from pathlib import Path
 from edgekit.distill.lean import trainable_parameters
 from edgekit.distill.trainer import KDSettings, train
 from edgekit.errors import EdgekitError
+from edgekit.fsutil import release_memory
 from edgekit.pipeline import RunContext, stage
 
 
@@ -22,7 +23,11 @@ def build_student(ctx: RunContext, same_vocab: bool = True):
     if s.init == "teacher_layers":
         teacher = ctx.reference_teacher()
         keep = layers_to_keep(teacher.config.num_hidden_layers, s.keep_every, s.keep_layers)
-        return init_from_teacher_layers(teacher, keep), ctx.teacher_path(), {"init": "teacher_layers", "kept_layers": keep}
+        student = init_from_teacher_layers(teacher, keep)
+        if teacher is not ctx.teacher():  # a full-precision copy beside an NF4/int8 teacher: free it now
+            del teacher
+            release_memory()
+        return student, ctx.teacher_path(), {"init": "teacher_layers", "kept_layers": keep}
     src = resolve_model(s.model, ctx.base)
     tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=s.trust_remote_code)
     if same_vocab:

@@ -5,7 +5,7 @@ llama.cpp's quantizer runs when no importance matrix is given: the same float32
 operations in the same order (ggml-base is built without FMA contraction), sums
 accumulated sequentially over the 32 (or 16) values of a sub-block, `nearest_int`
 rounding halves to even, fp16 scales rounded to nearest even. Vectorised over all
-sub-blocks of a tensor and, in the scale search, over all candidate scales at once.
+sub-blocks of a tensor; the candidate scales of each search are tried in order, as in C.
 
 Super-block layouts (QK_K = 256 weights, little-endian):
     Q4_K (144 B): d:f16, dmin:f16, scales:u8[12] (8 six-bit scales + 8 six-bit mins),
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 QK_K = 256
-_CHUNK = 1 << 15  # sub-blocks per vectorised pass: bounds the (n, steps, 32) search tensors
+_CHUNK = 1 << 15  # sub-blocks per vectorised pass: bounds the (32, n) / (16, n, 18) temporaries
 
 
 @dataclass

@@ -83,3 +83,41 @@ def test_estimate_grows_and_shrinks_as_it_should(tiny_teacher_dir):
         full["optimizer_states_mb"] / 4, rel=0.05)
     assert estimate(c, c, teacher_load=None, optimizer="adamw", **(base | {"batch": 8}))["activations_mb"] == pytest.approx(
         2 * full["activations_mb"], rel=0.02)
+
+
+def test_real_size_recipe_prints_its_estimate_from_cached_configs(tmp_path):
+    """The shipped 1.7B -> 360M recipe: with the two configs in the hub cache (as after a
+    first download), validate prints the distill stage's expected peak (~22 GB on a CPU
+    machine, ~16 GB on a GPU)."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig
+
+    from tests.conftest import REPO
+
+    configs = {
+        "HuggingFaceTB/SmolLM2-1.7B-Instruct": LlamaConfig(vocab_size=49152, hidden_size=2048, intermediate_size=8192,
+                                                           num_hidden_layers=24, num_attention_heads=32,
+                                                           num_key_value_heads=32, tie_word_embeddings=True),
+        "HuggingFaceTB/SmolLM2-360M-Instruct": LlamaConfig(vocab_size=49152, hidden_size=960, intermediate_size=2560,
+                                                           num_hidden_layers=32, num_attention_heads=15,
+                                                           num_key_value_heads=5, tie_word_embeddings=True),
+    }
+    for repo, cfg in configs.items():  # the hub cache layout huggingface_hub reads offline
+        root = tmp_path / f"models--{repo.replace('/', '--')}"
+        (root / "refs").mkdir(parents=True)
+        (root / "refs" / "main").write_text("0" * 40)
+        snap = root / "snapshots" / ("0" * 40)
+        snap.mkdir(parents=True)
+        cfg.save_pretrained(snap)
+    env = os.environ | {"HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "edgekit.cli", "validate", "recipes/smollm2-1.7b-to-360m.yaml"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    line = next(x for x in out.stdout.splitlines() if x.startswith("distill: expected peak memory"))
+    total = float(line.split("memory ")[1].split(" MB")[0].replace(",", ""))
+    import torch
+
+    assert (15_000 < total < 17_000) if torch.cuda.is_available() else (21_000 < total < 23_500), line

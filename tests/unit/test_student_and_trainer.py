@@ -106,10 +106,11 @@ def test_every_loss_trains(teacher, rows, tmp_path, loss):
     assert last["step"] == 2 and last["loss"] > 0
 
 
-def test_resume_is_exact(teacher, rows, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_is_exact(teacher, rows, tmp_path, monkeypatch, optimizer):
     import edgekit.distill.trainer as trainer
 
-    st = KDSettings(steps=4, batch_size=2, checkpoint_every=2, lr=1e-3, warmup_steps=1)
+    st = KDSettings(steps=4, batch_size=2, checkpoint_every=2, lr=1e-3, warmup_steps=1, optimizer=optimizer)
     straight = init_from_teacher_layers(teacher, [0, 3])
     train(straight, teacher, rows, st, tmp_path / "a")
 

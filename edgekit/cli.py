@@ -155,6 +155,11 @@ def cmd_models(args) -> int:
 def cmd_inspect(args) -> int:
     from edgekit.export.gguf_read import read_metadata, tensor_table
 
+    path = Path(args.file)
+    if not path.exists():
+        raise EdgekitError(f"'{args.file}' does not exist", "give the path of a .gguf, .safetensors or .onnx file")
+    if path.suffix in (".safetensors", ".onnx") or (path.is_dir() and (path / "model.onnx").is_file()):
+        return _inspect_other(path, args.json)
     meta = read_metadata(args.file)
     tensors = tensor_table(args.file)
     if args.json:
@@ -168,6 +173,24 @@ def cmd_inspect(args) -> int:
         print(f"  {k} = {shown}")
     types: dict[str, int] = {}
     for t in tensors:
+        types[t["type"]] = types.get(t["type"], 0) + 1
+    print("  tensor types: " + ", ".join(f"{k} {n}" for k, n in sorted(types.items())))
+    return 0
+
+
+def _inspect_other(path: Path, as_json: bool) -> int:
+    from edgekit.export.inspect_files import inspect_onnx, inspect_safetensors
+
+    info = inspect_safetensors(path) if path.suffix == ".safetensors" else inspect_onnx(path)
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    size = sum(f.stat().st_size for f in (path.rglob("*") if path.is_dir() else [path]) if f.is_file())
+    print(f"{path}: {info['format']}, {size / 2**20:.1f} MB, {len(info['tensors'])} tensors")
+    for k, v in info["metadata"].items():
+        print(f"  {k} = {v}")
+    types: dict[str, int] = {}
+    for t in info["tensors"]:
         types[t["type"]] = types.get(t["type"], 0) + 1
     print("  tensor types: " + ", ".join(f"{k} {n}" for k, n in sorted(types.items())))
     return 0

@@ -160,10 +160,22 @@ class EvaluateConfig(Closed):
 
 class BenchConfig(Closed):
     type: Literal["bench"]
-    targets: list[str] = ["laptop"]
+    targets: list[str] = ["laptop"]  # profiles in edgekit/bench/targets.yaml
     prompt_tokens: int = Field(64, ge=1)
     gen_tokens: int = Field(32, ge=1)
     repeats: int = Field(3, ge=1)
+
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, v):
+        from edgekit.bench.targets import PROFILES
+        from edgekit.errors import did_you_mean
+
+        for name in v:
+            if name not in PROFILES:
+                raise ValueError(f"unknown target '{name}'{did_you_mean(name, list(PROFILES))}; known: {', '.join(PROFILES)}")
+        return v
 
 
 class ReportConfig(Closed):

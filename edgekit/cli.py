@@ -14,11 +14,15 @@ User mistakes exit with code 2 and a one-line message (a traceback only with --d
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
+
+
+DISK_FULL = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}  # no space, file size limit, quota
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,6 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        short_write = e.errno is None and " requested and " in str(e)  # numpy's tofile on a full disk
+        if (e.errno not in DISK_FULL and not short_write) or args.debug:
+            raise
+        print(f"error: no room to write {e.filename or 'a file'} ({e.strerror}); nothing finished was replaced. "
+              "Free disk space (or give --runs-dir on a larger disk) and rerun the same command to resume",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume from the last finished stage or checkpoint", file=sys.stderr)

@@ -47,21 +47,26 @@ def digest(path: Path) -> str:
 
 
 def test_sigkill_anywhere_then_resume_gives_identical_artifacts(tiny_recipe, tmp_path):
+    # the quickstart's stages on tiny models: distill, qat (with its float twin), export, evaluate, bench, report
     text = tiny_recipe.read_text().replace("steps: 4, batch_size: 2", "steps: 6, batch_size: 2")
-    tiny_recipe.write_text(text.replace("[f16, q8_0, onnx_int4]", "[f16, q8_0]"))
+    tiny_recipe.write_text(text.replace(
+        "  - {type: export, formats: [f16, q8_0, onnx_int4]}",
+        "  - {type: qat, steps: 4, batch_size: 2, loss_chunk: 16, checkpoint_every: 2, lr: 1.0e-3}\n"
+        "  - {type: export, formats: [f16, q4_k_m]}"))
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
     assert subprocess.run([sys.executable, "-m", "edgekit.cli", "run", str(tiny_recipe), "--runs-dir", str(clean)],
                           cwd=REPO, capture_output=True).returncode == 0
 
     kills = 0
     for marker, delay in [("[01-distill] running", 0.0), ("[01-distill] running", 1.5), ("[01-distill] running", 3.0),
-                          ("[02-export] running", 0.3), ("[03-evaluate] running", 0.5),
-                          ("[04-bench] running", 0.5), ("[05-report] running", 0.2)]:
+                          ("[02-qat] running", 1.0), ("[02-qat] running", 2.5),
+                          ("[03-export] running", 0.3), ("[04-evaluate] running", 0.5),
+                          ("[05-bench] running", 0.5), ("[06-report] running", 0.2)]:
         kills += run_killing_at(tiny_recipe, crashed, marker, delay)
         # after every kill: no finished stage is half-written (artifact.json is written last)
         for art in (crashed / "tiny" / "stages").glob("*/artifact.json") if (crashed / "tiny").exists() else []:
             json.loads(art.read_text())
-    assert kills >= 5
+    assert kills >= 7
     final = start(tiny_recipe, crashed)
     out = final.communicate()[0]
     assert final.returncode == 0, out[-2000:]
@@ -70,7 +75,7 @@ def test_sigkill_anywhere_then_resume_gives_identical_artifacts(tiny_recipe, tmp
     assert not list(b.glob("stages/*.partial")), "a work directory was left behind"
     for f in sorted((a / "export").iterdir()):
         assert digest(b / "export" / f.name) == digest(f), f.name
-    for stage in ("01-distill",):
+    for stage in ("01-distill", "02-qat"):
         assert digest(b / "stages" / stage / "model") == digest(a / "stages" / stage / "model")
     ma = json.loads((a / "manifest.json").read_text())["artifacts"]
     mb = json.loads((b / "manifest.json").read_text())["artifacts"]

@@ -1,0 +1,79 @@
+"""Quality of each 4-bit export of one model, in its own runtime, against its FP16 GGUF.
+
+    .venv/bin/python benchmarks/export_quality.py [--model embedded:smollm2-135m-instruct] [--rows 16]
+
+The model (default: the embedded SmolLM2-135M-Instruct, a real pretrained model) is written
+as F16 GGUF (the reference), then
+- RTN: llama.cpp's Q4_0 (round-to-nearest, block 32, no search);
+- llama.cpp Q4_K_M (its own mix, fallbacks included);
+- edgekit Q4_K_M (our exact quantizers; must equal llama.cpp's, byte for byte);
+- ONNX int4 (onnxruntime-genai builder, MatMulNBits block 32) run by ONNX Runtime.
+Holdout: the quickstart recipe's data split (documents never trained on), 256-token rows.
+GPTQ / AWQ rows (issue 5) are not produced yet. Writes benchmarks/results/export_quality.json.
+"""
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def holdout_rows(model_dir: Path, n: int):
+    from transformers import AutoTokenizer
+
+    from edgekit.data.documents import load_documents, split_documents
+    from edgekit.data.tokens import pack
+
+    _, hold = split_documents(load_documents("recipes/data/stdlib_docs.jsonl", REPO), 0.1, 0)
+    return pack(hold, AutoTokenizer.from_pretrained(model_dir), 256, "holdout")[0][:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    ap.add_argument("--rows", type=int, default=16)
+    a = ap.parse_args()
+    from benchmarks.common import write_result
+    from edgekit.bench.llama_runner import llama_scorer
+    from edgekit.bench.ort_runner import ort_scorer
+    from edgekit.bench.quality import evaluate
+    from edgekit.bench.speed import model_size
+    from edgekit.export.gguf_write import write_gguf
+    from edgekit.export.llama_quantize import quantize_gguf
+    from edgekit.export.onnx_export import export_onnx_int4
+    from edgekit.models.sources import resolve_model
+    from edgekit.pipeline import machine_description
+    from edgekit.quant.qat import plan_types
+
+    src = resolve_model(a.model, REPO).path
+    rows = holdout_rows(src, a.rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        f16 = write_gguf(src, t / "F16.gguf", "f16")
+        artifacts = {  # name: (format, runtime, path)
+            "fp16": ("GGUF F16", "llama.cpp", f16),
+            "rtn_q4_0": ("GGUF Q4_0 (RTN)", "llama.cpp", quantize_gguf(f16, t / "Q4_0.gguf", "q4_0")),
+            "llama.cpp_q4_k_m": ("GGUF Q4_K_M", "llama.cpp", quantize_gguf(f16, t / "Q4_K_M.gguf", "q4_k_m")),
+            "edgekit_q4_k_m": ("GGUF Q4_K_M", "llama.cpp",
+                               write_gguf(src, t / "ek-Q4_K_M.gguf", "q4_k_m", types=plan_types(src, "q4_k_m"))),
+            "onnx_int4": ("ONNX MatMulNBits int4 (block 32)", "onnxruntime-genai",
+                          export_onnx_int4(src, t / "int4-onnx")),
+        }
+        scorers = {k: (ort_scorer(p) if k == "onnx_int4" else llama_scorer(p, ctx=rows.shape[1]))
+                   for k, (_, _, p) in artifacts.items()}
+        res = evaluate(scorers, rows, [(k, "fp16") for k in artifacts if k != "fp16"], desc="export quality")
+        table = []
+        for k, (fmt, runtime, path) in artifacts.items():
+            pair = res.get(f"{k}|fp16", {"kl": 0.0, "top1": 1.0})
+            table.append({"artifact": k, "format": fmt, "runtime": runtime, "holdout_ppl": round(res[k]["ppl"], 4),
+                          "kl_vs_fp16": round(pair["kl"], 5), "top1_vs_fp16": round(pair["top1"], 4),
+                          "size_mb": round(model_size(path) / 2**20, 2), "model": a.model,
+                          "holdout_tokens": res[k]["tokens"], "machine": machine_description()})
+    write_result("export_quality.json", table)
+
+
+if __name__ == "__main__":
+    main()

@@ -150,9 +150,19 @@ def prepare_data(ctx: RunContext) -> dict:
             "train_sha256": sha256_tree(out / "train.jsonl"), "holdout_sha256": sha256_tree(out / "holdout.jsonl")}
 
 
+TRAINING_STAGES = ("distill", "qat")  # the stages every process of a torchrun job takes part in
+
+
 def run_recipe(recipe: Recipe, base: Path, runs_dir: Path, force: bool = False, from_stage: str | None = None) -> Path:
+    """Run (or resume) a recipe. Under torchrun, rank 0 does all of this; the other ranks
+    follow it (`_follow`): they train with it and write nothing in the run directory."""
+    from edgekit.distill.parallel import barrier, broadcast_object, world
+
     _load_stage_modules()
+    rank, size = world()
     run_dir = (runs_dir / recipe.name).resolve()
+    if rank > 0:
+        return _follow(recipe, base, run_dir, rank, size)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(recipe, base, run_dir)
     types = [s.type for s in recipe.stages]
@@ -162,6 +172,7 @@ def run_recipe(recipe: Recipe, base: Path, runs_dir: Path, force: bool = False, 
     data_info = prepare_data(ctx)
     inputs = {"teacher": ctx.teacher_provenance(), "student": recipe.student.model_dump(), "data": data_info,
               "seed": recipe.seed, "edgekit": __version__}
+    barrier(size)  # followers read data/ and the converted teacher from here on
     key = sha256_json(inputs)
     rerun = force
     timeline = []
@@ -171,18 +182,41 @@ def run_recipe(recipe: Recipe, base: Path, runs_dir: Path, force: bool = False, 
         name = f"{i:02d}-{cfg.type}"
         final = run_dir / "stages" / name
         art_file = final / "artifact.json"
-        if not rerun and art_file.is_file() and read_json(art_file).get("key") == key:
+        cached = not rerun and art_file.is_file() and read_json(art_file).get("key") == key
+        broadcast_object(cached, size)
+        if cached:
             art = read_json(art_file)
             print(f"[{name}] cached (key {key[:12]}), skipping", flush=True)
         else:
             rerun = True  # everything after a rerun stage reruns too
             art = _run_stage(ctx, cfg, name, key, final)
         art["dir"] = str(final)
+        broadcast_object(art, size)
         publish(final, art.get("publish", {}), run_dir)
         ctx.finished[cfg.type] = art
         timeline.append({"stage": name, "wall_s": art["wall_s"], "cached": not rerun})
         write_manifest(ctx, inputs, timeline)
     remove_stale_stages(run_dir, {f"{i:02d}-{c.type}" for i, c in enumerate(recipe.stages, 1)})
+    return run_dir
+
+
+def _follow(recipe: Recipe, base: Path, run_dir: Path, rank: int, size: int) -> Path:
+    """Rank > 0 of a torchrun job: wait for rank 0's data, then run each training stage that
+    rank 0 runs (same inputs, so the same model; gradients are averaged in the trainer) with
+    a scratch output directory, and take rank 0's finished artifacts as its own."""
+    from edgekit.distill.parallel import barrier, broadcast_object
+
+    ctx = RunContext(recipe, base, run_dir)
+    barrier(size)
+    for i, cfg in enumerate(recipe.stages, 1):
+        cached = broadcast_object(None, size)
+        if not cached and cfg.type in TRAINING_STAGES:
+            scratch = run_dir / ".ranks" / str(rank) / f"{i:02d}-{cfg.type}"
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(parents=True)
+            STAGES[cfg.type](ctx, cfg, scratch)
+        ctx.finished[cfg.type] = broadcast_object(None, size)
+    shutil.rmtree(run_dir / ".ranks" / str(rank), ignore_errors=True)
     return run_dir
 
 

@@ -61,3 +61,26 @@ def mean_scalars(values: dict[str, float], size: int) -> dict[str, float]:
 def barrier(size: int) -> None:
     if size > 1:
         dist.barrier()
+
+
+def broadcast_object(obj, size: int):
+    """Rank 0's `obj` on every process (our own process group: pickling here is not
+    loading an untrusted file)."""
+    if size <= 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_training_state(model, opt, start: int, size: int) -> int:
+    """Make every process start from rank 0's weights, optimizer state and step (rank 0 alone
+    reads checkpoints): a run resumes on any number of processes."""
+    if size <= 1:
+        return start
+    for t in list(model.parameters()) + list(model.buffers()):
+        dist.broadcast(t.data, src=0)
+    state = broadcast_object(opt.state_dict() if dist.get_rank() == 0 else None, size)
+    if dist.get_rank() != 0:
+        opt.load_state_dict(state)
+    return int(broadcast_object(start, size))

@@ -20,7 +20,8 @@ from torch.nn.utils import parametrize
 
 from edgekit.distill.lean import make_optimizer
 from edgekit.distill.losses import cross_entropy, kd_loss
-from edgekit.distill.parallel import average_gradients, barrier, mean_scalars, shard, world
+from edgekit.distill.parallel import (average_gradients, barrier, broadcast_training_state, mean_scalars, shard,
+                                      world)
 from edgekit.errors import EdgekitError
 from edgekit.progress import bar
 
@@ -181,7 +182,8 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     opt = make_optimizer(params, st.optimizer, st.lr, st.weight_decay)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / "checkpoint"
-    start = load_checkpoint(ckpt, student, opt) if (ckpt / "state.pt").is_file() else 0
+    start = load_checkpoint(ckpt, student, opt) if rank == 0 and (ckpt / "state.pt").is_file() else 0
+    start = broadcast_training_state(student, opt, start, size)
     log = (workdir / "metrics.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
     trunk_s = hidden_and_head(student)[0]
     trunk_t = hidden_and_head(teacher)[0] if teacher is not None else None

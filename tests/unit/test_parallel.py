@@ -63,3 +63,57 @@ def test_batch_must_split_over_processes(tiny_teacher_dir, tmp_path, monkeypatch
     monkeypatch.setattr("edgekit.distill.trainer.world", lambda: (0, 2))
     with pytest.raises(EdgekitError, match="does not split over 2 processes"):
         train(torch.nn.Linear(2, 2), None, torch.zeros(4, 8, dtype=torch.long), KDSettings(batch_size=3), tmp_path)
+
+
+def test_edgekit_run_under_torchrun(tiny_recipe, tmp_path):
+    """`edgekit run` with 2 processes: rank 0 keeps the books, both train; the result is the
+    single-process result (up to float summation order) and rank 1 leaves nothing behind."""
+    text = tiny_recipe.read_text().replace("[f16, q8_0, onnx_int4]", "[f16]")
+    text = text.replace("  - {type: bench, prompt_tokens: 8, gen_tokens: 4, repeats: 1}\n", "")
+    tiny_recipe.write_text(text)
+    results = {}
+    for nproc in (1, 2):
+        runs = tmp_path / f"runs{nproc}"
+        launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+        proc = subprocess.run([sys.executable, *launcher, "-m" if nproc == 1 else str(REPO / "edgekit" / "cli.py"),
+                               *(["edgekit.cli"] if nproc == 1 else []), "run", str(tiny_recipe), "--runs-dir", str(runs)],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        m = json.loads((runs / "tiny" / "manifest.json").read_text())["artifacts"]
+        results[nproc] = m
+        assert not (runs / "tiny" / ".ranks").exists() or not any((runs / "tiny" / ".ranks").iterdir())
+    one, two = results[1]["distill"]["metrics"]["final"], results[2]["distill"]["metrics"]["final"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    ev1, ev2 = results[1]["evaluate"]["metrics"], results[2]["evaluate"]["metrics"]
+    assert ev2["gguf_f16"]["ppl"] == pytest.approx(ev1["gguf_f16"]["ppl"], rel=1e-3)
+
+
+def test_resume_on_another_number_of_processes(tiny_teacher_dir, tmp_path):
+    """2 steps on 1 process (checkpoint), then the rest on 2 processes = 4 steps on 1 process."""
+    straight = run(tmp_path, tiny_teacher_dir, 1)
+    script = tmp_path / "kd.py"
+    half = tmp_path / "half"
+    half.mkdir()
+    partial = SCRIPT.replace("steps=4,", "steps=2,").replace("checkpoint_every=2", "checkpoint_every=1")
+    (tmp_path / "kd_half.py").write_text(partial.replace(
+        "last = train(", "import edgekit.distill.trainer as tr\\nlast = train("))
+    # 2 of 4 steps, keeping the step-2 checkpoint (a finished run would not need one)
+    stop_after_checkpoint = (
+        "import edgekit.distill.trainer as tr\n"
+        "real = tr.save_checkpoint\n"
+        "def save_then_stop(*a):\n"
+        "    real(*a)\n"
+        "    raise SystemExit(0)\n"
+        "tr.save_checkpoint = save_then_stop\n")
+    (tmp_path / "kd_half.py").write_text(SCRIPT.replace("last = train(", stop_after_checkpoint + "last = train("))
+    subprocess.run([sys.executable, str(tmp_path / "kd_half.py"), str(tiny_teacher_dir), str(half)], cwd=REPO,
+                   check=True, capture_output=True, timeout=600)
+    assert (half / "work" / "checkpoint" / "state.pt").is_file()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tiny_teacher_dir), str(half)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((half / "result.json").read_text())
+    assert resumed["size"] == 2
+    assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-4)
+    assert resumed["weights"] == pytest.approx(straight["weights"], rel=1e-5)

@@ -186,6 +186,8 @@ def run_recipe(recipe: Recipe, base: Path, runs_dir: Path, force: bool = False, 
         broadcast_object(cached, size)
         if cached:
             art = read_json(art_file)
+            # an interrupted forced rerun (--from/--force) of a stage that is finished anyway
+            shutil.rmtree(final.with_name(final.name + ".partial"), ignore_errors=True)
             print(f"[{name}] cached (key {key[:12]}), skipping", flush=True)
         else:
             rerun = True  # everything after a rerun stage reruns too

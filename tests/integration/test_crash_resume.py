@@ -18,16 +18,17 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.integration
 
 
-def start(recipe: Path, runs: Path) -> subprocess.Popen:
+def start(recipe: Path, runs: Path, *extra: str) -> subprocess.Popen:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "edgekit.cli", "run", str(recipe), "--runs-dir", str(runs)],
+    return subprocess.Popen([sys.executable, "-m", "edgekit.cli", "run", str(recipe), "--runs-dir", str(runs), *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def run_killing_at(recipe: Path, runs: Path, marker: str, delay: float) -> bool:
-    """Run until `marker` appears in the output, then SIGKILL after `delay` s. False if the
-    run finished first."""
-    proc = start(recipe, runs)
+def run_killing_at(recipe: Path, runs: Path, stage: str, delay: float) -> bool:
+    """Run from `stage` (`--from`: it runs even if a kill let it finish, resuming its own
+    unfinished work), SIGKILL `delay` s after it starts. False if the run ended first."""
+    proc = start(recipe, runs, "--from", stage.split("-", 1)[1])
+    marker = f"[{stage}] running"
     for line in proc.stdout:
         if marker in line:
             time.sleep(delay)
@@ -58,15 +59,14 @@ def test_sigkill_anywhere_then_resume_gives_identical_artifacts(tiny_recipe, tmp
                           cwd=REPO, capture_output=True).returncode == 0
 
     kills = 0
-    for marker, delay in [("[01-distill] running", 0.0), ("[01-distill] running", 1.5), ("[01-distill] running", 3.0),
-                          ("[02-qat] running", 1.0), ("[02-qat] running", 2.5),
-                          ("[03-export] running", 0.3), ("[04-evaluate] running", 0.5),
-                          ("[05-bench] running", 0.5), ("[06-report] running", 0.2)]:
-        kills += run_killing_at(tiny_recipe, crashed, marker, delay)
+    points = [("01-distill", 0.0), ("01-distill", 1.5), ("01-distill", 3.0), ("02-qat", 1.0), ("02-qat", 2.5),
+              ("03-export", 0.3), ("04-evaluate", 0.5), ("05-bench", 0.5), ("06-report", 0.2)]
+    for stage, delay in points:
+        kills += run_killing_at(tiny_recipe, crashed, stage, delay)
         # after every kill: no finished stage is half-written (artifact.json is written last)
         for art in (crashed / "tiny" / "stages").glob("*/artifact.json") if (crashed / "tiny").exists() else []:
             json.loads(art.read_text())
-    assert kills >= 7
+    assert kills == len(points)
     final = start(tiny_recipe, crashed)
     out = final.communicate()[0]
     assert final.returncode == 0, out[-2000:]

@@ -183,28 +183,29 @@ def cmd_inspect(args) -> int:
     for k, v in meta.items():
         shown = f"[{len(v)} items]" if isinstance(v, list) and len(v) > 8 else (v[:100] + "…" if isinstance(v, str) and len(v) > 100 else v)
         print(f"  {k} = {shown}")
-    types: dict[str, int] = {}
-    for t in tensors:
-        types[t["type"]] = types.get(t["type"], 0) + 1
-    print("  tensor types: " + ", ".join(f"{k} {n}" for k, n in sorted(types.items())))
+    _print_tensor_types(tensors)
     return 0
 
 
+def _print_tensor_types(tensors: list[dict]) -> None:
+    from collections import Counter
+
+    types = Counter(t["type"] for t in tensors)
+    print("  tensor types: " + ", ".join(f"{k} {n}" for k, n in sorted(types.items())))
+
+
 def _inspect_other(path: Path, as_json: bool) -> int:
+    from edgekit.bench.speed import model_size
     from edgekit.export.inspect_files import inspect_onnx, inspect_safetensors
 
     info = inspect_safetensors(path) if path.suffix == ".safetensors" else inspect_onnx(path)
     if as_json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    size = sum(f.stat().st_size for f in (path.rglob("*") if path.is_dir() else [path]) if f.is_file())
-    print(f"{path}: {info['format']}, {size / 2**20:.1f} MB, {len(info['tensors'])} tensors")
+    print(f"{path}: {info['format']}, {model_size(path) / 2**20:.1f} MB, {len(info['tensors'])} tensors")
     for k, v in info["metadata"].items():
         print(f"  {k} = {v}")
-    types: dict[str, int] = {}
-    for t in info["tensors"]:
-        types[t["type"]] = types.get(t["type"], 0) + 1
-    print("  tensor types: " + ", ".join(f"{k} {n}" for k, n in sorted(types.items())))
+    _print_tensor_types(info["tensors"])
     return 0
 
 

@@ -86,11 +86,16 @@ class RunContext:
             self._cache["teacher_model"] = self.load_model(self.teacher_path(), t.trust_remote_code, t.load)
         return self._cache["teacher_model"]
 
+    def teacher_is_reference(self) -> bool:
+        """Is the training teacher (`teacher()`) already the full-precision one?"""
+        t = self.recipe.teacher
+        return t.load in (None, "fp32") and t.dtype == "float32"
+
     def reference_teacher(self):
         """The teacher at full precision whatever `teacher.load` says: students are initialised
         from, and evaluated against, the real teacher, not its NF4/int8 copy."""
         t = self.recipe.teacher
-        if t.load in (None, "fp32") and t.dtype == "float32":
+        if self.teacher_is_reference():
             return self.teacher()
         from edgekit.models.loading import load_causal_lm
 

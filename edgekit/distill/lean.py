@@ -9,9 +9,6 @@ import torch
 
 from edgekit.errors import EdgekitError
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
-
-
 def make_optimizer(params, name: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW with fp32 states (8 bytes/parameter) or bitsandbytes' blockwise 8-bit states
     (2 bytes/parameter). Paged states only page on CUDA; on CPU bitsandbytes runs them unpaged."""
@@ -49,7 +46,5 @@ def with_lora(model, spec) -> tuple[torch.nn.Module, Callable[[], torch.nn.Modul
     return peft_model.base_model.model, lambda: peft_model.merge_and_unload()
 
 
-def trainable_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    total = sum(p.numel() for p in model.parameters())
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+def trainable_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

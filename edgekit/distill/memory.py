@@ -61,7 +61,7 @@ def teacher_bytes(t: ModelCounts, load: str | None) -> float:
     return t.block_linear * per_linear + other * per_other
 
 
-def lora_params(s: ModelCounts, r: int, targets: list[str], config) -> int:
+def lora_params(r: int, targets: list[str], config) -> int:
     """r * (in + out) per adapted Linear: from the student's real module shapes."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -136,17 +136,22 @@ def model_config(spec: str, base, trust_remote_code: bool = False, revision: str
     return AutoConfig.from_pretrained((base / spec).expanduser(), trust_remote_code=trust_remote_code)
 
 
+def _not_cached(spec: str) -> str:
+    return (f"no memory estimate: the config of '{spec}' is not in the local hub cache "
+            f"(`huggingface-cli download {spec} config.json` fetches it)")
+
+
 def recipe_estimates(recipe, base) -> list[tuple[str, dict]] | str:
     """[(stage type, estimate)] for each training stage of a recipe, or why there is none."""
     import copy
 
     from edgekit.models.student import layers_to_keep
+    from edgekit.pipeline import TRAINING_STAGES
 
     t = recipe.teacher
     tcfg = model_config(t.model, base, t.trust_remote_code, t.revision)
     if tcfg is None:
-        return (f"no memory estimate: the config of '{t.model}' is not in the local hub cache "
-                f"(`huggingface-cli download {t.model} config.json` fetches it)")
+        return _not_cached(t.model)
     s = recipe.student
     if s.init == "teacher_layers":
         scfg = copy.deepcopy(tcfg)
@@ -154,18 +159,17 @@ def recipe_estimates(recipe, base) -> list[tuple[str, dict]] | str:
     else:
         scfg = model_config(s.model, base, s.trust_remote_code)
         if scfg is None:
-            return (f"no memory estimate: the config of '{s.model}' is not in the local hub cache "
-                    f"(`huggingface-cli download {s.model} config.json` fetches it)")
+            return _not_cached(s.model)
     import torch
 
     teacher, student = counts(tcfg), counts(scfg)
     on_gpu = torch.cuda.is_available()
     out = []
     for st in recipe.stages:
-        if st.type not in ("distill", "qat"):
+        if st.type not in TRAINING_STAGES:
             continue
         lora = getattr(st, "lora", None)
-        trainable = lora_params(student, lora.r, lora.targets, scfg) if lora else None
+        trainable = lora_params(lora.r, lora.targets, scfg) if lora else None
         out.append((st.type, estimate(teacher, student, teacher_load=t.load, optimizer=st.optimizer,
                                       batch=st.batch_size, seq_len=recipe.data.seq_len, loss_chunk=st.loss_chunk,
                                       trainable=trainable, on_gpu=on_gpu)))

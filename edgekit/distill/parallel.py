@@ -2,7 +2,7 @@
 batch, gradients are averaged across processes before clipping and the optimizer step,
 so every process holds the same student and optimizer state.
 
-    torchrun --nproc-per-node 2 -m edgekit.distill.parallel_check   (what the test runs)
+    torchrun --standalone --nproc-per-node 2 -m edgekit.cli run RECIPE
 
 Backend: NCCL on GPUs, gloo on CPUs. The teacher is replicated and frozen. Gradients are
 averaged explicitly (one flat all-reduce per step) rather than through DDP's hooks: the

@@ -24,7 +24,7 @@ def build_student(ctx: RunContext, same_vocab: bool = True):
         teacher = ctx.reference_teacher()
         keep = layers_to_keep(teacher.config.num_hidden_layers, s.keep_every, s.keep_layers)
         student = init_from_teacher_layers(teacher, keep)
-        if teacher is not ctx.teacher():  # a full-precision copy beside an NF4/int8 teacher: free it now
+        if not ctx.teacher_is_reference():  # a full-precision copy beside an NF4/int8 teacher: free it now
             del teacher
             release_memory()
         return student, ctx.teacher_path(), {"init": "teacher_layers", "kept_layers": keep}
@@ -97,7 +97,7 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
     if teacher is None:
         settings = replace(settings, alpha_ce=1.0)
     student, merge = adapters(student, cfg)
-    init_info["trainable_params"], _ = trainable_parameters(student)
+    init_info["trainable_params"] = trainable_parameters(student)
     last = train(student, teacher, rows, settings, out, desc="distill", mask=mask)
     student = merge()
     save_model(student, tok_dir, out / "model")

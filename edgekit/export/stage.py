@@ -4,6 +4,7 @@ student's planned mix written straight from its trained grid) and int4 ONNX."""
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 from edgekit.bench.speed import model_size
@@ -58,6 +59,14 @@ def export_gguf(src: Path, out: Path, name: str, formats: list[str], plan: dict 
     return files
 
 
+def _writer(output_key: str, plan: dict | None) -> str:
+    """Who wrote an exported GGUF: edgekit (floats, or a QAT grid) or llama.cpp's quantizer."""
+    if plan and output_key == f"gguf_{plan['mix']}":
+        return "edgekit (QAT grid)"
+    fmt = output_key.removeprefix("ptq_").removeprefix("gguf_")
+    return "edgekit" if fmt in ("f16", "f32") else "llama.cpp"
+
+
 @stage("export")
 def run_export(ctx: RunContext, cfg, out: Path) -> dict:
     name = f"{ctx.recipe.name}-{cfg.model}"
@@ -78,12 +87,9 @@ def run_export(ctx: RunContext, cfg, out: Path) -> dict:
         if key == "onnx_int4":
             metrics[key] = {"file": fname, "size_mb": round(model_size(out / fname) / 2**20, 2), "tensor_types": {"MatMulNBits int4": 1}}
             continue
-        types: dict[str, int] = {}
-        for t in tensor_table(out / fname):
-            types[t["type"]] = types.get(t["type"], 0) + 1
+        types = dict(Counter(t["type"] for t in tensor_table(out / fname)))
         metrics[key] = {"file": fname, "size_mb": round((out / fname).stat().st_size / 2**20, 2), "tensor_types": types,
-                        "writer": "edgekit (QAT grid)" if plan and key == f"gguf_{plan['mix']}" else
-                        ("edgekit" if key.removeprefix("ptq_").removeprefix("gguf_") in ("f16", "f32") else "llama.cpp")}
+                        "writer": _writer(key, plan)}
     (out / "README.md").write_text(bundle_readme(name, files))
     publish = {f: f"export/{f}" for f in files.values()} | {"README.md": "export/README.md"}
     return {"outputs": outputs | {"readme": "README.md"}, "metrics": metrics, "publish": publish}

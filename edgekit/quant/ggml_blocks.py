@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from edgekit.quant import kquants
+
 BLOCK = 32
 
 
@@ -86,7 +88,7 @@ def dequantize(blk: Blocks) -> torch.Tensor:
 
 def fake_quantize(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """dequantize(quantize(w)) forward, identity backward (straight-through estimator)."""
-    return dequantize(quantize(w.detach(), fmt)).to(w.dtype) + (w - w.detach())
+    return grid(w.detach(), fmt).to(w.dtype) + (w - w.detach())
 
 
 def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
@@ -116,26 +118,18 @@ def pack(blk: Blocks) -> torch.Tensor:
 
 # ---------------------------------------------------------------- every exact format, by GGML type
 
-def _kquants():
-    from edgekit.quant import kquants  # noqa: PLC0415  (kept apart: ~200 lines of its own)
-
-    return kquants
-
-
 GGML_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q5_0": "q5_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q6_K": "q6_k"}
 
 
 def grid(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """dequantize(quantize(w)) for any exact format: the float32 weights llama.cpp computes with."""
     if fmt in ("q4_k", "q6_k"):
-        k = _kquants()
-        return k.dequantize_k(k.quantize_k(w, fmt))
+        return kquants.dequantize_k(kquants.quantize_k(w, fmt))
     return dequantize(quantize(w, fmt))
 
 
 def to_bytes(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """The GGUF block bytes of w (R, C) in an exact format: (R, bytes per row) uint8."""
     if fmt in ("q4_k", "q6_k"):
-        k = _kquants()
-        return k.pack_k(k.quantize_k(w, fmt))
+        return kquants.pack_k(kquants.quantize_k(w, fmt))
     return pack(quantize(w, fmt))

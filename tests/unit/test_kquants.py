@@ -113,12 +113,11 @@ def test_planned_gguf_is_llama_cpp_quantization_byte_for_byte(tiny_wide_dir, tmp
     assert ours.stat().st_size == theirs.stat().st_size
 
 
-def test_qat_with_k_quants_reaches_the_file(tiny_recipe, tiny_wide_dir, tmp_path):
+def test_qat_with_k_quants_reaches_the_file(tiny_recipe, tiny_teacher_dir, tiny_wide_dir, tmp_path):
     from edgekit.cli import main
     from tests.unit.test_qat import assert_file_holds_the_trained_grid
 
-    text = tiny_recipe.read_text().replace("tiny-teacher", "tiny-wide").replace(
-        str(Path(tiny_recipe.read_text().split("model: ")[1].split("}")[0]).parent), str(tiny_wide_dir.parent))
+    text = tiny_recipe.read_text().replace(str(tiny_teacher_dir), str(tiny_wide_dir))
     text = text.replace("  - {type: export, formats: [f16, q8_0, onnx_int4]}",
                         "  - {type: qat, steps: 2, batch_size: 2, loss_chunk: 16, lr: 1.0e-3}\n"
                         "  - {type: export, formats: [f16, q4_k_m]}")

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned: a loose torch requirement would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	# llama-cpp-python compiles llama.cpp (~7 min on 2 cores, once; pip caches the wheel)
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -c constraints.txt -e ".[embedded,onnx,lean,dev]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -c constraints.txt -e ".[embedded,onnx,lean,ptq,dev]"
 	$(PY) -m pip check
 	touch $(STAMP)
 

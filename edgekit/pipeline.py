@@ -49,6 +49,7 @@ def _load_stage_modules() -> None:
     import edgekit.bench.stages  # noqa: F401
     import edgekit.distill.stage  # noqa: F401
     import edgekit.export.stage  # noqa: F401
+    import edgekit.quant.quantize_stage  # noqa: F401
     import edgekit.quant.stage  # noqa: F401
     import edgekit.report.stage  # noqa: F401
 

@@ -15,6 +15,12 @@ def gguf_outputs(ctx: RunContext, prefix: str = "gguf_") -> dict[str, Path]:
     return {k.removeprefix(prefix): Path(art["dir"]) / v["path"] for k, v in art["outputs"].items() if k.startswith(prefix)}
 
 
+def quantize_outputs(ctx: RunContext) -> dict[str, Path]:
+    """{artifact key: path} of the quantize stage (gptq, awq, gptq_gguf_q4_k_m, ...)."""
+    art = ctx.finished.get("quantize")
+    return {k: Path(art["dir"]) / v["path"] for k, v in art["outputs"].items()} if art else {}
+
+
 def qat_model(ctx: RunContext):
     """The QAT student as it trained: latent weights behind the same fake quantizers."""
     import json
@@ -58,6 +64,8 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
     for prefix in ("ptq_gguf_", "gguf_"):
         for fmt, path in gguf_outputs(ctx, prefix).items():
             scorers[f"{prefix}{fmt}"] = llama_scorer(path, ctx=rows.shape[1])
+    for key, path in quantize_outputs(ctx).items():  # GPTQ / AWQ: checkpoints in transformers, GGUFs in llama.cpp
+        scorers[key] = llama_scorer(path, ctx=rows.shape[1]) if path.suffix == ".gguf" else torch_scorer(ctx.load_model(path))
     pairs = [(name, "teacher") for name in scorers if name != "teacher"]
     if exported_from != "teacher":
         # parity: each file against the PyTorch model it came from

@@ -47,16 +47,19 @@ def tensor_name_map(cfg: dict):
 
 
 def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None = None,
-               types: dict[str, str] | None = None) -> Path:
+               types: dict[str, str] | None = None, blocks: dict[str, object] | None = None) -> Path:
     """Write `model_dir` as GGUF. F32/F16 by default; with `types` ({weight name: GGML type},
     e.g. a QAT plan) each weight is quantized by edgekit's exact block quantizers into the
-    bytes llama.cpp's own quantizer would write, so a QAT grid reaches the file unchanged."""
+    bytes llama.cpp's own quantizer would write, so a QAT grid reaches the file unchanged.
+    `blocks` ({weight name: quantized blocks}, e.g. from GPTQ on the GGUF grid) are packed
+    as they are, in place of the named weights."""
     import gguf
     from safetensors import safe_open
 
     cfg = json.loads((model_dir / "config.json").read_text())
     arch = cfg.get("model_type")
     name_map = tensor_name_map(cfg)
+    blocks = blocks or {}
     if ftype not in FLOAT_TYPES and types is None:
         raise EdgekitError(f"write_gguf writes f32/f16 by itself; '{ftype}' needs a per-tensor type plan",
                            "quantize the F16 file with llama.cpp (export formats f16 + q4_k_m)")
@@ -95,17 +98,22 @@ def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None 
                     if gname in seen:
                         raise EdgekitError(f"duplicated tensor '{gname}'", "the model directory has two weight files for one tensor")
                     seen.add(gname)
-                    data = _tensor_as_f32(st, key)
+                    packed = key in blocks
+                    data = _packed(blocks[key]) if packed else _tensor_as_f32(st, key)
                     if key.endswith("q_proj.weight"):
-                        data = _permute_rotary(data, n_head)
+                        data = _permute_rotary(data, n_head)  # a row permutation: packed rows move whole
                     elif key.endswith("k_proj.weight"):
                         data = _permute_rotary(data, n_kv)
-                    # 1-D tensors (norms) stay F32, as llama.cpp's converter does
-                    qtype = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else float_type
-                    if types is not None and data.ndim == 2:
+                    if packed:
+                        qtype = gguf.GGMLQuantizationType[_ggml_name(blocks[key].fmt)]
+                    elif data.ndim == 1:  # norms stay F32, as llama.cpp's converter does
+                        qtype = gguf.GGMLQuantizationType.F32
+                    elif types is not None:
                         data, qtype = _planned(data, key, types, gguf)
-                    elif qtype == gguf.GGMLQuantizationType.F16:
-                        data = data.astype(np.float16)
+                    else:
+                        qtype = float_type
+                        if qtype == gguf.GGMLQuantizationType.F16:
+                            data = data.astype(np.float16)
                     w.add_tensor(gname, data, raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
@@ -134,6 +142,19 @@ def _planned(data: np.ndarray, key: str, types: dict[str, str], gguf) -> tuple[n
                            f"plans may use {sorted(GGML_TYPES)} + F16/F32; let llama.cpp quantize this file instead")
     w16 = torch.from_numpy(data.astype(np.float16).astype(np.float32))
     return to_bytes(w16, GGML_TYPES[t]).numpy(), gguf.GGMLQuantizationType[t]
+
+
+def _packed(blk) -> np.ndarray:
+    """(rows, bytes per row) uint8: the GGUF bytes of already quantized blocks."""
+    from edgekit.quant.gptq import pack_exact
+
+    return pack_exact(blk).numpy()
+
+
+def _ggml_name(fmt: str) -> str:
+    from edgekit.quant.ggml_blocks import GGML_TYPES
+
+    return {v: k for k, v in GGML_TYPES.items()}[fmt]
 
 
 def _tensor_as_f32(st, key: str) -> np.ndarray:

@@ -138,6 +138,21 @@ class QATConfig(Closed):
     optimizer: Optimizer = "adamw"
 
 
+class QuantizeConfig(Closed):
+    """Post-training quantization (PTQ): GPTQ and AWQ int4 checkpoints through llm-compressor,
+    and both methods carried into GGUF (GPTQ run on the GGUF grid; AWQ scales folded into
+    the norms before GGUF quantization). Calibrated on the recipe's train split, never the holdout."""
+    type: Literal["quantize"]
+    methods: list[Literal["gptq", "awq"]] = Field(["gptq", "awq"], min_length=1)
+    gguf: list[Literal["q4_k_m", "q4_0", "q8_0"]] = ["q4_k_m"]  # GGUF mixes to write per method; [] for none
+    model: Literal["student", "teacher"] = "student"  # student: the float student QAT is compared with
+    calibration_rows: int = Field(64, ge=1)  # rows of data.seq_len tokens from the train split
+    group_size: int | None = Field(None, ge=8)  # int4 group; unset: largest of 128/64/32 dividing every width
+    damp: float = Field(0.01, gt=0.0, le=1.0)  # GPTQ: dampening, as a fraction of the mean Hessian diagonal
+    awq_grid: int = Field(20, ge=2)  # AWQ: scale exponents tried per layer group (fewer is faster)
+    parity_rows: int = Field(4, ge=1)  # holdout rows each artifact is checked on in its runtime
+
+
 class ExportConfig(Closed):
     type: Literal["export"]
     formats: list[Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m", "onnx_int4"]] = ["f16", "q4_k_m"]
@@ -185,11 +200,11 @@ class ReportConfig(Closed):
 
 
 StageConfig = Annotated[
-    Union[DistillConfig, QATConfig, ExportConfig, EvaluateConfig, BenchConfig, ReportConfig],
+    Union[DistillConfig, QATConfig, QuantizeConfig, ExportConfig, EvaluateConfig, BenchConfig, ReportConfig],
     Field(discriminator="type"),
 ]
 STAGE_CONFIGS = {c.model_fields["type"].annotation.__args__[0]: c
-                 for c in (DistillConfig, QATConfig, ExportConfig, EvaluateConfig, BenchConfig, ReportConfig)}
+                 for c in (DistillConfig, QATConfig, QuantizeConfig, ExportConfig, EvaluateConfig, BenchConfig, ReportConfig)}
 
 
 class Recipe(Closed):
@@ -214,10 +229,11 @@ class Recipe(Closed):
         for consumer in ("evaluate", "bench"):
             if consumer in types and "export" not in types:
                 problems.append(f"a '{consumer}' stage needs an 'export' stage before it (it measures exported files)")
-        if "export" in types and "distill" not in types and "qat" not in types:
-            exp = self.stages[types.index("export")]
-            if exp.model == "student" and self.student.init == "teacher_layers":
-                problems.append("export.model is 'student' but no distill stage trains one; add a distill stage or set export.model: teacher")
+        for producer in ("quantize", "export"):
+            if producer in types and "distill" not in types and "qat" not in types:
+                if self.stages[types.index(producer)].model == "student" and self.student.init == "teacher_layers":
+                    problems.append(f"{producer}.model is 'student' but no distill stage trains one; "
+                                    f"add a distill stage or set {producer}.model: teacher")
         if "qat" in types and "export" in types:
             qat, exp = self.stages[types.index("qat")], self.stages[types.index("export")]
             if qat.mix not in exp.formats:

@@ -15,6 +15,11 @@ LABELS = {"teacher": "teacher (PyTorch fp32)", "student_init": "student before K
 def _label(name: str) -> str:
     if name == "onnx_int4":
         return "exported int4 ONNX (ONNX Runtime)"
+    method, _, gguf = name.partition("_gguf_")
+    if method in ("gptq", "awq"):
+        how = {"gptq": "GPTQ on the GGUF grid", "awq": "AWQ-smoothed, exact quantizers"}[method]
+        return f"{method.upper()} {gguf.upper()} GGUF ({how}, llama.cpp)" if gguf else \
+            f"{method.upper()} int4 checkpoint (llm-compressor, transformers)"
     if name.startswith("ptq_gguf_"):
         return f"student trained as long without QAT, {name.removeprefix('ptq_gguf_').upper()} GGUF (PTQ baseline, llama.cpp)"
     return LABELS.get(name, f"exported {name.removeprefix('gguf_').upper()} GGUF (llama.cpp)")
@@ -56,6 +61,19 @@ def render(ctx: RunContext, sample: dict) -> str:
                   _table(["file", "size (MB)", "tensor types"],
                          [[v["file"], v["size_mb"], ", ".join(f"{t} {n}" for t, n in v["tensor_types"].items())]
                           for v in fin["export"]["metrics"].values()])]
+    if "quantize" in fin:
+        q = fin["quantize"]["metrics"]
+        arts = {k: v for k, v in q.items() if isinstance(v, dict) and "vs_source" in v}
+        lines += ["", "## Post-training quantization (GPTQ / AWQ)", "",
+                  f"From `{q['source']}`, calibrated on {q['calibration_rows']} train rows. Each artifact runs in its own "
+                  "runtime and is compared with the float model it came from; a GGUF also with PyTorch computing on "
+                  "the file's own grid (parity: a packing error would show here).", "",
+                  _table(["artifact", "format", "runtime", "size (MB)", "time (s)", "KL vs source", "top-1 vs source",
+                          "parity KL"],
+                         [[v["file"], v["format"], v["runtime"], v["size_mb"], v["seconds"], f"{v['vs_source']['kl']:.4f}",
+                           f"{v['vs_source']['top1']:.1%}",
+                           f"{v['parity_vs_pytorch_grid']['kl']:.5f}" if "parity_vs_pytorch_grid" in v else "-"]
+                          for v in arts.values()])]
     if "evaluate" in fin:
         m = fin["evaluate"]["metrics"]
         names = [k for k in m if isinstance(m[k], dict) and "ppl" in m[k]]

@@ -1,0 +1,111 @@
+"""Post-training quantization: GPTQ on llama.cpp's grid (gptq.py), GPTQ/AWQ checkpoints
+through llm-compressor, and both carried into GGUF files that llama.cpp runs."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from edgekit.quant.gptq import dequantize_exact, gptq, pack_exact, quantize_exact
+
+FORMATS = [("q4_0", 256), ("q5_0", 576), ("q4_1", 256), ("q8_0", 256), ("q4_k", 512), ("q6_k", 512)]
+
+
+@pytest.mark.parametrize("fmt,cols", FORMATS)
+def test_gptq_on_the_gguf_grid_beats_rounding(fmt, cols):
+    """Same grid, same file format: GPTQ's codes reproduce the layer's outputs better than
+    llama.cpp's rounding, and gguf's own decoder reads the packed blocks back exactly."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, cols, generator=g) * 0.05
+    x = torch.randn(1024, cols, generator=g) @ (torch.randn(cols, cols, generator=g) * 0.2 + torch.eye(cols))
+    h = 2 * x.T @ x / x.shape[0]
+    blk = gptq(w, h, fmt)
+    out_err = lambda q: float(((w - q) @ x.T).pow(2).mean())
+    assert out_err(dequantize_exact(blk)) < 0.7 * out_err(dequantize_exact(quantize_exact(w, fmt)))
+    decoded = gguf.quants.dequantize(pack_exact(blk).numpy(), gguf.GGMLQuantizationType[fmt.upper()])
+    assert np.array_equal(decoded.reshape(w.shape), dequantize_exact(blk).numpy())
+
+
+def test_gptq_handles_dead_inputs_and_needs_whole_blocks():
+    w = torch.randn(8, 64)
+    h = torch.eye(64)
+    h[5, 5] = 0  # an input channel calibration never saw: its weights go to zero
+    assert dequantize_exact(gptq(w, h, "q8_0"))[:, 5].abs().max() == 0
+    with pytest.raises(ValueError, match="multiple of 256"):
+        gptq(torch.randn(4, 96), torch.eye(96), "q4_k")
+
+
+@pytest.fixture(scope="module")
+def wide_teacher(tmp_path_factory, tiny_tokenizer_dir):
+    """256-wide, so llama.cpp's Q4_K_M gives real Q4_K / Q6_K tensors (no Q5_0 fallback)."""
+    from tests.conftest import make_tiny_llama
+
+    return make_tiny_llama(tmp_path_factory.mktemp("wide") / "wide", tiny_tokenizer_dir, layers=2, hidden=256)
+
+
+def test_gptq_blocks_reach_the_gguf_unchanged(wide_teacher, tmp_path):
+    """write_gguf(blocks=...) stores GPTQ's codes and scales as found, rotary rows permuted."""
+    from edgekit.export.gguf_write import _permute_rotary, gguf_name, tensor_name_map, write_gguf
+    from edgekit.models.loading import load_causal_lm
+    from edgekit.quant.ptq import gptq_gguf_blocks
+    from edgekit.quant.qat import plan_types
+
+    plan = plan_types(wide_teacher, "q4_k_m")
+    model = load_causal_lm(wide_teacher)
+    rows = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    blocks = gptq_gguf_blocks(model, plan, rows, tied=True)
+    assert {b.fmt for b in blocks.values()} >= {"q4_k", "q6_k"}
+    out = write_gguf(wide_teacher, tmp_path / "w.gguf", "q4_k_m", types=plan, blocks=blocks)
+    cfg = json.loads((wide_teacher / "config.json").read_text())
+    names = tensor_name_map(cfg)
+    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
+    for key, blk in blocks.items():
+        t = tensors[gguf_name(names, key, "llama")]
+        want = dequantize_exact(blk).numpy()
+        if key.endswith(("q_proj.weight", "k_proj.weight")):
+            want = _permute_rotary(want, cfg["num_attention_heads"] if "q_proj" in key else cfg["num_key_value_heads"])
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(want.shape)
+        assert t.tensor_type.name == blk.fmt.upper() and np.array_equal(got, want), key
+
+
+def test_quantize_stage_end_to_end(wide_teacher, tmp_path):
+    """GPTQ and AWQ checkpoints load with plain transformers; GPTQ/AWQ GGUFs run in llama.cpp
+    and match PyTorch on their own grid; GPTQ on the Q4_0 grid beats llama.cpp's Q4_0 rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from edgekit.cli import main
+    from tests.conftest import corpus_texts
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(30)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: tq
+teacher: {{model: {wide_teacher}}}
+data: {{train: docs.jsonl, holdout_fraction: 0.2, seq_len: 32}}
+stages:
+  - {{type: quantize, model: teacher, calibration_rows: 16, awq_grid: 4, gguf: [q4_k_m, q4_0]}}
+  - {{type: export, model: teacher, formats: [f16, q4_0]}}
+  - {{type: evaluate, max_tokens: 256, ctx: 32}}
+  - {{type: report, sample_tokens: 4}}
+""")
+    assert main(["run", str(recipe), "--runs-dir", str(tmp_path / "runs")]) == 0
+    run = tmp_path / "runs" / "tq"
+    art = json.loads((run / "manifest.json").read_text())["artifacts"]
+    q, ev = art["quantize"]["metrics"], art["evaluate"]["metrics"]
+    for method in ("gptq", "awq"):
+        ckpt = run / "export" / f"tq-teacher-{method}"
+        cfg = json.loads((ckpt / "config.json").read_text())
+        assert cfg["quantization_config"]["quant_method"] == "compressed-tensors"
+        model = AutoModelForCausalLM.from_pretrained(ckpt)  # plain transformers, as users load it
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+        assert q[method]["size_mb"] < 0.6 * (run / "export" / "tq-teacher-F16.gguf").stat().st_size / 2**20
+        for mix in ("q4_k_m", "q4_0"):
+            g = q[f"{method}_gguf_{mix}"]
+            assert (run / "export" / g["file"]).is_file()
+            # a mis-packed tensor would put the file as far from its PyTorch grid as from the source
+            assert g["parity_vs_pytorch_grid"]["kl"] < 0.2 * g["vs_source"]["kl"], g
+    assert ev["gptq_gguf_q4_0|teacher"]["kl"] < ev["gguf_q4_0|teacher"]["kl"], ev
+    report = (run / "report.md").read_text()
+    assert "Post-training quantization (GPTQ / AWQ)" in report and "GPTQ on the GGUF grid" in report

@@ -75,7 +75,7 @@ def _cpu_safe():
 
 
 def oneshot_int4(model: nn.Module, method: str, rows: torch.Tensor, group_size: int, damp: float = 0.01,
-                 awq_grid: int = 20) -> None:
+                 awq_grid: int = 10) -> None:
     """Run llm-compressor's GPTQ or AWQ on `model` in place over calibration rows (N, T).
     After it, GPTQ leaves the quantized weights and AWQ the smoothed float weights in the
     Linear modules, each with its int4 scales attached for `save_checkpoint`."""
@@ -114,9 +114,13 @@ def float_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: nn.Module, tokenizer_dir: Path, out: Path) -> None:
-    """compressed-tensors int4 checkpoint (packed int4 + scales) that transformers reloads."""
+    """compressed-tensors int4 checkpoint (packed int4 + scales) that transformers reloads.
+    Tensors left unquantized (embeddings, norms) and the scales are stored in fp16, as
+    published GPTQ/AWQ checkpoints are: fp32 would double the embedding table's bytes."""
     from edgekit.models.student import copy_tokenizer_files
 
+    if next(model.parameters()).dtype == torch.float32:
+        model.to(torch.float16)
     model.save_pretrained(out, save_compressed=True)
     copy_tokenizer_files(tokenizer_dir, out)
 
@@ -183,10 +187,12 @@ def on_file_grid(model: nn.Module, plan: dict[str, str], blocks: dict[str, objec
 # ---------------------------------------------------------------- every PTQ artifact of a model
 
 def artifacts(src: Path, out: Path, name: str, methods: list[str], mixes: list[str], calib: torch.Tensor,
-              dtype: str = "float32", group_size: int | None = None, damp: float = 0.01, awq_grid: int = 20):
+              dtype: str = "float32", group_size: int | None = None, damp: float = 0.01, awq_grid: int = 10,
+              awq_rows: int = 16):
     """Write the GPTQ / AWQ checkpoints of the model in `src` and their GGUFs (`mixes`) into
     `out`; yield (key, path, info, grid_model) per artifact as it is finished. `grid_model()`
-    builds the PyTorch model computing on a GGUF's own grid (None for checkpoints)."""
+    builds the PyTorch model computing on a GGUF's own grid (None for checkpoints).
+    GPTQ calibrates on all `calib` rows, AWQ on the first `awq_rows` of them."""
     import json
     import time
 
@@ -203,8 +209,9 @@ def artifacts(src: Path, out: Path, name: str, methods: list[str], mixes: list[s
         t0 = time.perf_counter()
         model = load_causal_lm(src, dtype)
         group = pick_group_size(model, group_size)
-        with status(f"{method.upper()} int4 (group {group}) with llm-compressor on {calib.shape[0]} calibration rows"):
-            oneshot_int4(model, method, calib, group, damp, awq_grid)
+        rows = calib[:awq_rows] if method == "awq" else calib
+        with status(f"{method.upper()} int4 (group {group}) with llm-compressor on {rows.shape[0]} calibration rows"):
+            oneshot_int4(model, method, rows, group, damp, awq_grid)
         if method == "awq" and mixes:
             smoothed = save_float(float_state(model), src, out / "awq_smoothed", dtype)
         target = out / f"{name}-{method}"
@@ -212,6 +219,7 @@ def artifacts(src: Path, out: Path, name: str, methods: list[str], mixes: list[s
         del model
         release_memory()
         yield method, target, {"format": f"compressed-tensors int4 g{group}", "runtime": "transformers",
+                               "calibration_rows": int(rows.shape[0]),
                                "symmetric": method == "gptq", "seconds": round(time.perf_counter() - t0, 1)}, None
 
     for mix in mixes:

@@ -43,7 +43,8 @@ def run_quantize(ctx: RunContext, cfg, out: Path) -> dict:
     outputs, publish = {}, {}
     metrics = {"source": src.name, "calibration_rows": int(calib.shape[0])}
     for key, path, info, grid_model in artifacts(src, out, f"{ctx.recipe.name}-{cfg.model}", cfg.methods, cfg.gguf, calib,
-                                                 ctx.recipe.teacher.dtype, cfg.group_size, cfg.damp, cfg.awq_grid):
+                                                 ctx.recipe.teacher.dtype, cfg.group_size, cfg.damp, cfg.awq_grid,
+                                                 cfg.awq_rows):
         # in its own runtime, as its users will run it: transformers for checkpoints, llama.cpp for GGUF
         runtime = llama_scorer(path, ctx=holdout.shape[1]) if path.suffix == ".gguf" else torch_scorer(ctx.load_model(path))
         checks = {"vs_source": agreement(runtime, reference, holdout)}  # what quantization cost

@@ -146,10 +146,11 @@ class QuantizeConfig(Closed):
     methods: list[Literal["gptq", "awq"]] = Field(["gptq", "awq"], min_length=1)
     gguf: list[Literal["q4_k_m", "q4_0", "q8_0"]] = ["q4_k_m"]  # GGUF mixes to write per method; [] for none
     model: Literal["student", "teacher"] = "student"  # student: the float student QAT is compared with
-    calibration_rows: int = Field(64, ge=1)  # rows of data.seq_len tokens from the train split
+    calibration_rows: int = Field(64, ge=1)  # rows of data.seq_len tokens from the train split (GPTQ)
+    awq_rows: int = Field(16, ge=1)  # AWQ's search runs every layer block once per grid point: ~1 min/layer at 64 rows on 2 CPU cores
     group_size: int | None = Field(None, ge=8)  # int4 group; unset: largest of 128/64/32 dividing every width
     damp: float = Field(0.01, gt=0.0, le=1.0)  # GPTQ: dampening, as a fraction of the mean Hessian diagonal
-    awq_grid: int = Field(20, ge=2)  # AWQ: scale exponents tried per layer group (fewer is faster)
+    awq_grid: int = Field(10, ge=2)  # AWQ: scale exponents tried per layer group (llm-compressor's default is 20)
     parity_rows: int = Field(4, ge=1)  # holdout rows each artifact is checked on in its runtime
 
 

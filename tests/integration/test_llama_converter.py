@@ -1,0 +1,58 @@
+"""Our GGUF writer against llama.cpp's own converter (convert_hf_to_gguf.py, from the
+llama.cpp source of the llama-cpp-python version we pin; fetched at test time, never copied)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def llama_src() -> Path:
+    out = subprocess.run(["bash", str(REPO / "third_party" / "llama_cpp_source.sh")], check=True, text=True,
+                         stdout=subprocess.PIPE, env={**os.environ, "PYTHON": sys.executable})
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def test_f16_gguf_matches_llama_cpp_converter(llama_src, tmp_path):
+    from transformers import AutoTokenizer
+
+    from edgekit.bench.llama_runner import load_llama
+    from edgekit.export.gguf_write import write_gguf
+    from edgekit.models.sources import resolve_model
+    from tests.conftest import corpus_texts
+
+    model = resolve_model("embedded:smollm2-135m-instruct", REPO).path
+    theirs = tmp_path / "convert-F16.gguf"
+    subprocess.run([sys.executable, str(llama_src / "convert_hf_to_gguf.py"), str(model), "--outfile", str(theirs),
+                    "--outtype", "f16"], check=True, capture_output=True)
+    ours = write_gguf(model, tmp_path / "edgekit-F16.gguf", "f16")
+
+    a = {t.name: t for t in gguf.GGUFReader(ours).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(theirs).tensors}
+    assert sorted(a) == sorted(b)
+    for name in a:  # same names, types, shapes and bytes (rotary permutation included)
+        assert a[name].tensor_type == b[name].tensor_type and list(a[name].shape) == list(b[name].shape), name
+        assert np.array_equal(a[name].data, b[name].data), name
+
+    tok = AutoTokenizer.from_pretrained(model)
+    text = corpus_texts(45)[-1][:3000]
+    ids = tok(text)["input_ids"][:256]
+    logits = {}
+    for label, path in (("ours", ours), ("theirs", theirs)):
+        llm = load_llama(path, n_ctx=512, logits_all=True)
+        llm.eval(ids)
+        logits[label] = np.array(llm.scores[: len(ids)])
+        if label == "ours":  # llama.cpp reads our tokenizer as transformers does, chat template included
+            assert llm.tokenize(text.encode(), add_bos=False, special=False)[: len(ids)] == ids
+            assert "<|im_start|>" in llm.metadata.get("tokenizer.chat_template", "")
+        del llm
+    assert np.array_equal(logits["ours"], logits["theirs"])  # the same computation, bit for bit

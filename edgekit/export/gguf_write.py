@@ -1,9 +1,10 @@
 """Write a transformers model directory as a GGUF file llama.cpp loads (gguf package).
 
-Supported: the llama family (Llama, SmolLM2, and students derived from them). Tensor
-names come from gguf's own `TensorNameMap`; Q and K projections are permuted from the
-HF rotate-half layout back to llama.cpp's interleaved rotary layout, as llama.cpp's
-converter does. Tokenizer metadata is copied verbatim from the GGUF the model came from
+Supported: the llama family (Llama, SmolLM2, and students derived from them), Qwen2 and
+Gemma 3 (text). Tensor names come from gguf's own `TensorNameMap`. For llama, Q and K
+projections are permuted from the HF rotate-half layout back to llama.cpp's interleaved
+rotary layout, as llama.cpp's converter does (Qwen2 and Gemma 3 use rotate-half in
+llama.cpp too); Gemma 3's norms are stored with the +1 its RMSNorm adds. Tokenizer metadata is copied verbatim from the GGUF the model came from
 (`gguf_tokenizer.json`), else built from the HF tokenizer files with gguf's vocab helpers.
 """
 
@@ -18,7 +19,9 @@ from edgekit.errors import EdgekitError
 from edgekit.fsutil import atomic_path
 from edgekit.models.sources import GGUF_TOKENIZER_FILE
 
-SUPPORTED = {"llama": "LLAMA"}
+SUPPORTED = {"llama": "LLAMA", "qwen2": "QWEN2", "gemma3_text": "GEMMA3"}  # transformers model_type -> gguf arch
+PERMUTE_QK = {"llama"}
+NORM_SHIFT = {"gemma3_text": 1.0}  # Gemma3RMSNorm computes x * (1 + w); llama.cpp multiplies by the stored w
 FLOAT_TYPES = {"f32": "F32", "f16": "F16"}
 
 
@@ -69,7 +72,7 @@ def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None 
     float_type = getattr(gguf.GGMLQuantizationType, FLOAT_TYPES.get(ftype, "F16"))
 
     with atomic_path(out) as tmp:
-        w = gguf.GGUFWriter(tmp, arch)
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, SUPPORTED[arch])])
         w.add_name(name or model_dir.name)
         w.add_type("model")
         w.add_file_type(FILE_TYPES[ftype](gguf))
@@ -81,10 +84,26 @@ def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None 
         w.add_feed_forward_length(cfg["intermediate_size"])
         w.add_head_count(n_head)
         w.add_head_count_kv(n_kv)
-        w.add_rope_dimension_count(head_dim)
         w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-5))
         w.add_rope_freq_base(float(_rope_theta(cfg)))
-        w.add_vocab_size(cfg["vocab_size"])
+        if arch == "gemma3_text":
+            _check_gemma3_attention_scale(cfg, head_dim)
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
+            if cfg.get("sliding_window"):
+                w.add_sliding_window(cfg["sliding_window"])
+                # which layers slide, and their rope base, from the config: llama.cpp otherwise assumes
+                # Gemma 3's usual 5-sliding-1-full pattern and base 10000, wrong for students that keep other layers
+                if cfg.get("layer_types"):
+                    w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+                local = ((cfg.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_theta")
+                if local:
+                    w.add_rope_freq_base_swa(float(local))
+            if cfg.get("final_logit_softcapping"):
+                w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+        else:
+            w.add_rope_dimension_count(head_dim)
+            w.add_vocab_size(cfg["vocab_size"])
         _add_tokenizer(w, model_dir, gguf)
 
         files = sorted(model_dir.glob("*.safetensors"))
@@ -100,10 +119,12 @@ def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None 
                     seen.add(gname)
                     packed = key in blocks
                     data = _packed(blocks[key]) if packed else _tensor_as_f32(st, key)
-                    if key.endswith("q_proj.weight"):
+                    if arch in PERMUTE_QK and key.endswith("q_proj.weight"):
                         data = _permute_rotary(data, n_head)  # a row permutation: packed rows move whole
-                    elif key.endswith("k_proj.weight"):
+                    elif arch in PERMUTE_QK and key.endswith("k_proj.weight"):
                         data = _permute_rotary(data, n_kv)
+                    elif arch in NORM_SHIFT and key.endswith("norm.weight"):
+                        data = data + np.float32(NORM_SHIFT[arch])
                     if packed:
                         qtype = gguf.GGMLQuantizationType[_ggml_name(blocks[key].fmt)]
                     elif data.ndim == 1:  # norms stay F32, as llama.cpp's converter does
@@ -166,11 +187,23 @@ def _tensor_as_f32(st, key: str) -> np.ndarray:
         raise EdgekitError(f"tensor '{key}' is bfloat16", "save the model in float32 or float16 before export") from None
 
 
+def _check_gemma3_attention_scale(cfg: dict, head_dim: int) -> None:
+    """llama.cpp has no key for Gemma 3's query_pre_attn_scalar: it scales queries by
+    1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for the 62-layer 27B. Refuse anything else
+    rather than write a file that computes something different."""
+    scalar = cfg.get("query_pre_attn_scalar", head_dim)
+    if scalar == head_dim or (cfg["num_hidden_layers"] == 62 and scalar == cfg["hidden_size"] // cfg["num_attention_heads"]):
+        return
+    raise EdgekitError(f"Gemma 3 query_pre_attn_scalar is {scalar} but head_dim is {head_dim}: llama.cpp would scale "
+                       "attention differently from this model", "use a model whose query_pre_attn_scalar equals head_dim")
+
+
 def _rope_theta(cfg: dict) -> float:
+    """The rope base; for models with sliding-window layers, that of the full-attention layers."""
     if "rope_theta" in cfg:
         return cfg["rope_theta"]
     params = cfg.get("rope_parameters") or {}
-    return params.get("rope_theta", 10000.0)
+    return params.get("full_attention", params).get("rope_theta", 10000.0)
 
 
 def _add_tokenizer(w, model_dir: Path, gguf) -> None:

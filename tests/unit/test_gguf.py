@@ -116,3 +116,59 @@ def test_bench_cli_measures_and_labels_predictions(tiny_gguf, capsys):
     assert pi["predicted"] and pi["roofline_share"] == laptop["roofline_share"]
     assert main(["bench", str(tiny_gguf), "--target", "laptp"]) == 2
     assert "did you mean 'laptop'" in capsys.readouterr().err
+
+
+def _tiny_other_arch(kind: str, out, tokenizer_dir):
+    """A tiny random Qwen2 (q/k/v biases) or Gemma 3 text model (q/k norms, +1 norms,
+    sliding-window layers, GELU MLP) with the tiny tokenizer."""
+    import shutil
+
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                  eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common, initializer_range=0.2))
+        with torch.no_grad():  # random biases, so a bias written wrong would show
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.2)
+    else:
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                                   initializer_range=0.2,
+                                                   layer_types=["sliding_attention", "sliding_attention", "full_attention"]))
+        with torch.no_grad():  # norms away from their zero init, so a missing +1 would show
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0, 0.3)
+    model.save_pretrained(out, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+@pytest.mark.parametrize("kind,arch", [("qwen2", "qwen2"), ("gemma3", "gemma3")])
+def test_other_architectures_compute_the_pytorch_logits(kind, arch, tiny_tokenizer_dir, tmp_path):
+    """Qwen2 and Gemma 3 through our writer: llama.cpp computes what transformers computes
+    (past the sliding window too: 24 tokens > window 8)."""
+    src = _tiny_other_arch(kind, tmp_path / kind, tiny_tokenizer_dir)
+    path = write_gguf(src, tmp_path / f"{kind}-F16.gguf", "f16")
+    assert read_metadata(path)["general.architecture"] == arch
+    rows = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    res = evaluate({"llama": llama_scorer(path, ctx=32), "torch": torch_scorer(load_causal_lm(src))}, rows,
+                   [("llama", "torch")])
+    assert res["llama|torch"]["kl"] < 1e-3 and res["llama|torch"]["top1"] > 0.95, res
+    q8 = quantize_gguf(path, tmp_path / f"{kind}-Q8_0.gguf", "q8_0")  # llama.cpp's quantizer takes our file
+    assert "Q8_0" in {t["type"] for t in tensor_table(q8)}
+
+
+def test_gemma3_attention_scale_llama_cpp_cannot_express_is_refused(tiny_tokenizer_dir, tmp_path):
+    src = _tiny_other_arch("gemma3", tmp_path / "g", tiny_tokenizer_dir)
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "query_pre_attn_scalar": 99}))
+    with pytest.raises(EdgekitError, match="query_pre_attn_scalar"):
+        write_gguf(src, tmp_path / "g.gguf", "f16")
+    assert not (tmp_path / "g.gguf").exists()

@@ -19,6 +19,7 @@ def quickstart_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     rc = main(["run", str(REPO / "recipes" / "quickstart.yaml"), "--runs-dir", str(runs), "name=qs-ci",
                "stages.distill.steps=3", "stages.distill.batch_size=2", "stages.qat.steps=2", "stages.qat.batch_size=2",
+               "stages.quantize.calibration_rows=8", "stages.quantize.parity_rows=1",
                "stages.evaluate.max_tokens=768", "stages.bench.targets=[laptop, snapdragon-8-gen-3]",
                "stages.bench.repeats=1", "stages.bench.gen_tokens=16"])
     assert rc == 0
@@ -44,13 +45,15 @@ def test_report_and_manifest_hold_measured_numbers(quickstart_run):
     assert ev["gguf_q4_k_m|student_qat"]["kl"] < 0.05 and ev["gguf_q4_k_m|student_qat"]["top1"] > 0.8
     assert ev["onnx_int4|student_qat"]["kl"] < 0.5 and ev["onnx_int4|student_qat"]["top1"] > 0.6
     assert ev["ptq_gguf_f16|teacher"]["kl"] > 0 and "ptq_gguf_q4_k_m" in ev
+    assert "gptq|teacher" in ev and "gptq_gguf_q4_k_m|teacher" in ev  # the GPTQ baselines, scored alike
     bench = m["bench"]["metrics"]["rows"]
     measured = [r for r in bench if not r["predicted"]]
     assert {r["backend"] for r in measured} == {"llama.cpp", "onnxruntime"}
     assert all(r["decode_tps"] > 0 and r["peak_rss_mb"] > 0 and 0 < r["roofline_share"] < 1.5 for r in measured)
     assert any(r["predicted"] and r["target"] == "snapdragon-8-gen-3" for r in bench)
     report = (quickstart_run / "report.md").read_text()
-    for heading in ("Quality on held-out text", "Parity", "QAT-KD", "Speed and memory", "PREDICTIONS", "Sample"):
+    for heading in ("Quality on held-out text", "Parity", "QAT-KD", "Post-training quantization", "Speed and memory",
+                    "PREDICTIONS", "Sample"):
         assert heading in report
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 
-def bundle_readme(name: str, files: dict[str, str]) -> str:
+def bundle_readme(name: str, files: dict[str, str], ptq: dict[str, str] | None = None) -> str:
+    """`files`: {format: file} of the export stage; `ptq`: {artifact: file} of a quantize stage."""
     gguf = next((f for k, f in files.items() if k == "q4_k_m"), None) or next((f for f in files.values() if f.endswith(".gguf")), None)
     onnx = files.get("onnx_int4")
     lines = [f"# {name}: exported model bundle", "",
@@ -31,6 +32,14 @@ def bundle_readme(name: str, files: dict[str, str]) -> str:
                   "while not gen.is_done():", "    gen.generate_next_token()",
                   "    print(tokenizer.decode(gen.get_next_tokens()), end='', flush=True)", "```", "",
                   "onnxruntime-genai also has C, C#, Java (Android) and Objective-C (iOS) APIs over the same folder.", ""]
+    if ptq:
+        checkpoints = [f for k, f in ptq.items() if "_gguf_" not in k]
+        lines += ["## GPTQ / AWQ (post-training quantization)", "",
+                  *[f"- `{f}`" + (" (folder)" if f in checkpoints else "") for f in ptq.values()], "",
+                  "The folders are int4 checkpoints in the compressed-tensors format (llm-compressor): plain",
+                  "transformers (`AutoModelForCausalLM.from_pretrained(folder)`, with `compressed-tensors`",
+                  "installed) and vLLM load them. The GGUF files are GPTQ run on llama.cpp's own grid, or AWQ-smoothed",
+                  "weights: they load like any GGUF above.", ""]
     lines += ["## edgekit", "", "```python", "import edgekit.runtime",
               'm = edgekit.runtime.load(".")  # picks the Q4_K_M GGUF; or name a file or the ONNX folder',
               'for piece in m.chat([{"role": "user", "content": "Hi!"}], stream=True):', '    print(piece, end="")',

@@ -90,7 +90,8 @@ def run_export(ctx: RunContext, cfg, out: Path) -> dict:
         types = dict(Counter(t["type"] for t in tensor_table(out / fname)))
         metrics[key] = {"file": fname, "size_mb": round((out / fname).stat().st_size / 2**20, 2), "tensor_types": types,
                         "writer": _writer(key, plan)}
-    (out / "README.md").write_text(bundle_readme(name, files))
+    ptq = {k: v["path"] for k, v in ctx.finished["quantize"]["outputs"].items()} if "quantize" in ctx.finished else None
+    (out / "README.md").write_text(bundle_readme(name, files, ptq))
     publish = {f: f"export/{f}" for f in files.values()} | {"README.md": "export/README.md"}
     return {"outputs": outputs | {"readme": "README.md"}, "metrics": metrics, "publish": publish}
 

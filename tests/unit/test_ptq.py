@@ -107,5 +107,7 @@ stages:
             # a mis-packed tensor would put the file as far from its PyTorch grid as from the source
             assert g["parity_vs_pytorch_grid"]["kl"] < 0.2 * g["vs_source"]["kl"], g
     assert ev["gptq_gguf_q4_0|teacher"]["kl"] < ev["gguf_q4_0|teacher"]["kl"], ev
+    bundle = (run / "export" / "README.md").read_text()  # app developers learn what the PTQ files are
+    assert "## GPTQ / AWQ" in bundle and "`tq-teacher-gptq` (folder)" in bundle and "tq-teacher-awq-Q4_0.gguf" in bundle
     report = (run / "report.md").read_text()
     assert "Post-training quantization (GPTQ / AWQ)" in report and "GPTQ on the GGUF grid" in report

@@ -167,7 +167,7 @@ def _planned(data: np.ndarray, key: str, types: dict[str, str], gguf) -> tuple[n
 
 def _packed(blk) -> np.ndarray:
     """(rows, bytes per row) uint8: the GGUF bytes of already quantized blocks."""
-    from edgekit.quant.gptq import pack_exact
+    from edgekit.quant.ggml_blocks import pack_exact
 
     return pack_exact(blk).numpy()
 

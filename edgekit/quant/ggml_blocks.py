@@ -118,18 +118,28 @@ def pack(blk: Blocks) -> torch.Tensor:
 
 # ---------------------------------------------------------------- every exact format, by GGML type
 
+K_FORMATS = ("q4_k", "q6_k")
 GGML_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q5_0": "q5_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q6_K": "q6_k"}
+
+
+def quantize_exact(w: torch.Tensor, fmt: str):
+    """Blocks (or K-quant super-blocks) of w in any exact format."""
+    return kquants.quantize_k(w, fmt) if fmt in K_FORMATS else quantize(w, fmt)
+
+
+def dequantize_exact(blk) -> torch.Tensor:
+    return kquants.dequantize_k(blk) if blk.fmt in K_FORMATS else dequantize(blk)
+
+
+def pack_exact(blk) -> torch.Tensor:
+    return kquants.pack_k(blk) if blk.fmt in K_FORMATS else pack(blk)
 
 
 def grid(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """dequantize(quantize(w)) for any exact format: the float32 weights llama.cpp computes with."""
-    if fmt in ("q4_k", "q6_k"):
-        return kquants.dequantize_k(kquants.quantize_k(w, fmt))
-    return dequantize(quantize(w, fmt))
+    return dequantize_exact(quantize_exact(w, fmt))
 
 
 def to_bytes(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """The GGUF block bytes of w (R, C) in an exact format: (R, bytes per row) uint8."""
-    if fmt in ("q4_k", "q6_k"):
-        return kquants.pack_k(kquants.quantize_k(w, fmt))
-    return pack(quantize(w, fmt))
+    return pack_exact(quantize_exact(w, fmt))

@@ -23,21 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from edgekit.quant import ggml_blocks, kquants
-
-K_FORMATS = ("q4_k", "q6_k")
-
-
-def quantize_exact(w: torch.Tensor, fmt: str):
-    return kquants.quantize_k(w, fmt) if fmt in K_FORMATS else ggml_blocks.quantize(w, fmt)
-
-
-def dequantize_exact(blk) -> torch.Tensor:
-    return kquants.dequantize_k(blk) if blk.fmt in K_FORMATS else ggml_blocks.dequantize(blk)
-
-
-def pack_exact(blk) -> torch.Tensor:
-    return kquants.pack_k(blk) if blk.fmt in K_FORMATS else ggml_blocks.pack(blk)
-
+from edgekit.quant.ggml_blocks import K_FORMATS, quantize_exact
 
 def affine(blk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """Per-weight (s, o, m) and the code range of a quantized block: w = s*(q - o) + m."""

@@ -172,7 +172,7 @@ def gptq_gguf_blocks(model: nn.Module, plan: dict[str, str], rows: torch.Tensor,
 def on_file_grid(model: nn.Module, plan: dict[str, str], blocks: dict[str, object] | None = None) -> nn.Module:
     """`model` computing with the weights a GGUF of this plan holds: GPTQ blocks decoded
     where given, every other planned weight through the exact quantizer (fake-quant)."""
-    from edgekit.quant.gptq import dequantize_exact
+    from edgekit.quant.ggml_blocks import dequantize_exact
     from edgekit.quant.qat import prepare
 
     blocks = blocks or {}

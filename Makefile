@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgekit-installed
 
-.PHONY: setup run test test-unit clean-runs
+.PHONY: setup browser run test test-unit clean-runs
 
 setup: $(STAMP)
 
@@ -17,14 +17,22 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned: a loose torch requirement would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	# llama-cpp-python compiles llama.cpp (~7 min on 2 cores, once; pip caches the wheel)
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -c constraints.txt -e ".[embedded,onnx,lean,ptq,dev]"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -c constraints.txt -e ".[embedded,onnx,lean,ptq,serve,dev]"
 	$(PY) -m pip check
 	touch $(STAMP)
+
+# A real headless browser for the report test: Debian's chromium-headless-shell, installed when
+# missing and this is root on a Debian-like system; otherwise that one test skips, saying why.
+browser:
+	@command -v chromium-headless-shell >/dev/null 2>&1 || command -v chromium >/dev/null 2>&1 || \
+	{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	  chromium-headless-shell >/dev/null; } || echo "note: no Chromium installed; the report browser test will skip"
 
 run: setup
 	$(VENV)/bin/edgekit run recipes/quickstart.yaml
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
 test-unit: setup

@@ -90,21 +90,35 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--gen-tokens", type=int, default=32)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--json", action="store_true")
+    b.add_argument("--out", help="folder for bench.json, bench.md and decode_speed.png")
+    b.add_argument("--llama-bench", action="store_true",
+                   help="cross-check each GGUF row with llama.cpp's own llama-bench (bash third_party/build_llama_tools.sh)")
     b.set_defaults(fn=cmd_bench)
-    e = sub.add_parser("eval", help="perplexity (and KL/top-1 against a reference) of a GGUF on held-out text")
-    e.add_argument("file")
-    e.add_argument("--data", required=True, help="JSONL (text / prompt+response / messages) or a .txt file")
+    e = sub.add_parser("eval", help="quality of GGUF files (llama.cpp) and ONNX folders (ONNX Runtime): perplexity, "
+                                    "KL/top-1 against a reference, task accuracy")
+    e.add_argument("files", nargs="+")
+    e.add_argument("--data", help="held-out text: JSONL (text / prompt+response / messages) or a .txt file")
+    e.add_argument("--tasks", help="JSONL task set: {prompt, choices, answer} (multiple choice) or {prompt, answer} (exact match)")
     e.add_argument("--reference", help="teacher or FP16 model: .gguf, model directory, embedded:NAME or hub id")
     e.add_argument("--ctx", type=int, default=256)
     e.add_argument("--max-tokens", type=int, default=4096)
     e.add_argument("--json", action="store_true")
+    e.add_argument("--out", help="folder for eval.json, eval.md and quality_vs_size.png")
     e.set_defaults(fn=cmd_eval)
     c = sub.add_parser("chat", help="chat with an exported bundle, .gguf or ONNX folder in the terminal")
     c.add_argument("model")
     c.add_argument("--max-tokens", type=int, default=256)
     c.add_argument("--temperature", type=float, default=0.0)
     c.set_defaults(fn=cmd_chat)
-    for sp in (r, v, m, i, b, e, c):
+    sv = sub.add_parser("serve", help="serve a bundle, .gguf or ONNX folder as a local OpenAI-compatible HTTP endpoint")
+    sv.add_argument("model")
+    sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    sv.add_argument("--port", type=int, default=8080)
+    sv.add_argument("--threads", type=int, default=None)
+    sv.add_argument("--ctx", type=int, default=2048, help="context window (llama.cpp)")
+    sv.add_argument("--max-tokens", type=int, default=256, help="reply length when a request gives none")
+    sv.set_defaults(fn=cmd_serve)
+    for sp in (r, v, m, i, b, e, c, sv):
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return p
 
@@ -233,28 +247,55 @@ def cmd_chat(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from edgekit.bench.eval_cmd import run_eval
+    from edgekit.bench.eval_cmd import run_eval, write_outputs
 
-    r = run_eval(Path(args.file), args.data, args.reference, args.ctx, args.max_tokens)
+    results = [run_eval(Path(f), args.data, args.reference, args.ctx, args.max_tokens, args.tasks) for f in args.files]
+    if args.out:
+        for path in write_outputs(results, Path(args.out)):
+            print(f"wrote {path}", file=sys.stderr)
     if args.json:
-        print(json.dumps(r, indent=2))
+        print(json.dumps(results, indent=2))
         return 0
-    line = f"{Path(args.file).name}: perplexity {r['ppl']:.3f} on {r['tokens']} tokens (ctx {r['ctx']})"
-    if args.reference:
-        line += (f"; reference perplexity {r['reference_ppl']:.3f}; KL(reference || file) {r['kl_vs_reference']:.5f} nats/token; "
-                 f"top-1 agreement {r['top1_vs_reference']:.1%}")
-    print(line)
+    for r in results:
+        parts = []
+        if "ppl" in r:
+            parts.append(f"perplexity {r['ppl']:.3f} on {r['tokens']} tokens (ctx {r['ctx']})")
+        if "kl_vs_reference" in r:
+            parts.append(f"reference perplexity {r['reference_ppl']:.3f}; KL(reference || file) {r['kl_vs_reference']:.5f} "
+                         f"nats/token; top-1 agreement {r['top1_vs_reference']:.1%}")
+        if "tasks" in r:
+            t = r["tasks"]
+            for who in ("file", "reference"):
+                if who in t:
+                    g = t[who]
+                    if g["acc"] is not None:
+                        parts.append(f"{who} task accuracy {g['acc']:.1%} (acc_norm {g['acc_norm']:.1%}) on {g['mc_items']} "
+                                     f"multiple-choice items, chance {t['chance']:.1%}")
+                    if g["exact_match"] is not None:
+                        parts.append(f"{who} exact match {g['exact_match']:.1%} on {g['em_items']} items")
+        print(f"{Path(r['file']).name} [{r['backend']}, {r['size_mb']:.1f} MB]: " + "; ".join(parts))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from edgekit.serve import serve
+
+    serve(args.model, args.host, args.port, args.threads, args.ctx, args.max_tokens)
     return 0
 
 
 def cmd_bench(args) -> int:
-    from edgekit.bench.suite import bench_files
+    from edgekit.bench.suite import bench_files, write_outputs
 
     paths = [Path(f) for f in args.files]
     for p in paths:
         if not p.exists():
             raise EdgekitError(f"{p} does not exist", "pass .gguf files or onnxruntime-genai model folders")
-    rows = bench_files(paths, args.target or ["laptop"], args.prompt_tokens, args.gen_tokens, args.repeats)
+    rows = bench_files(paths, args.target or ["laptop"], args.prompt_tokens, args.gen_tokens, args.repeats,
+                       cross_check=args.llama_bench)
+    if args.out:
+        for path in write_outputs(rows, Path(args.out)):
+            print(f"wrote {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -265,7 +306,9 @@ def cmd_bench(args) -> int:
         else:
             print(f"{r['file']} [{r['target']}, {r['threads']} threads]: prefill {r['prefill_tps']:.0f} tok/s, decode "
                   f"{r['decode_tps']:.1f} tok/s ({r['roofline_share']:.0%} of the {r['roofline_tps']:.0f} tok/s roofline), "
-                  f"TTFT {r['ttft_ms']:.0f} ms, peak RSS {r['peak_rss_mb']:.0f} MB, {r['size_mb']:.1f} MB")
+                  f"TTFT {r['ttft_ms']:.0f} ms, peak RSS {r['peak_rss_mb']:.0f} MB, {r['size_mb']:.1f} MB"
+                  + (f"; llama-bench prefill {r['llama_bench_prefill_tps']:.0f}, decode {r['llama_bench_decode_tps']:.1f} tok/s "
+                     f"(ours {r['decode_vs_llama_bench']:+.1%})" if "llama_bench_decode_tps" in r else ""))
     return 0
 
 

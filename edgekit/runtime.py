@@ -44,18 +44,31 @@ class LlamaModel:
 
         self.path = path
         self.llm = load_llama(path, n_ctx=n_ctx, threads=threads)
+        self.last_finish_reason: str | None = None  # "stop" or "length", once a generation has ended
+        self.last_usage: dict | None = None  # {"prompt_tokens", "completion_tokens"} of the last generation
+
+    def _result(self, out, stream: bool, key: str):
+        self.last_finish_reason = self.last_usage = None
+        if not stream:
+            self.last_finish_reason, self.last_usage = out["choices"][0]["finish_reason"], out.get("usage")
+            return out["choices"][0][key] if key == "text" else out["choices"][0]["message"]["content"]
+        return self._pieces(out, key)
+
+    def _pieces(self, chunks, key: str) -> Iterator[str]:
+        for chunk in chunks:
+            c = chunk["choices"][0]
+            self.last_finish_reason = c.get("finish_reason") or self.last_finish_reason
+            piece = c["text"] if key == "text" else c["delta"].get("content")
+            if piece:
+                yield piece
 
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, stream: bool = False):
         out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, stream=stream)
-        if not stream:
-            return out["choices"][0]["text"]
-        return (chunk["choices"][0]["text"] for chunk in out)
+        return self._result(out, stream, "text")
 
     def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0, stream: bool = False):
         out = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature, stream=stream)
-        if not stream:
-            return out["choices"][0]["message"]["content"]
-        return (c["choices"][0]["delta"].get("content", "") for c in out)
+        return self._result(out, stream, "message")
 
 
 class OrtModel:
@@ -70,9 +83,12 @@ class OrtModel:
         self.model = load_og(folder)
         self.tokenizer = og.Tokenizer(self.model)
         self._og = og
+        self.last_finish_reason: str | None = None
+        self.last_usage: dict | None = None
 
     def _stream(self, prompt: str, max_tokens: int, temperature: float) -> Iterator[str]:
         og = self._og
+        self.last_finish_reason = self.last_usage = None
         ids = self.tokenizer.encode(prompt)
         params = og.GeneratorParams(self.model)
         search = {"max_length": len(ids) + max_tokens}
@@ -81,9 +97,13 @@ class OrtModel:
         gen = og.Generator(self.model, params)
         gen.append_tokens(ids)
         decoder = self.tokenizer.create_stream()
+        count = 0
         while not gen.is_done():
             gen.generate_next_token()
+            count += 1
             yield decoder.decode(gen.get_next_tokens()[0])
+        self.last_finish_reason = "length" if count >= max_tokens else "stop"
+        self.last_usage = {"prompt_tokens": len(ids), "completion_tokens": count}
 
     def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, stream: bool = False):
         pieces = self._stream(prompt, max_tokens, temperature)
@@ -92,7 +112,9 @@ class OrtModel:
     def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0, stream: bool = False):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(self.path)
+        if getattr(self, "_hf_tokenizer", None) is None:
+            self._hf_tokenizer = AutoTokenizer.from_pretrained(self.path)
+        tok = self._hf_tokenizer
         if not getattr(tok, "chat_template", None):
             raise EdgekitError(f"{self.path} has no chat template", "use generate() with a plain prompt")
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

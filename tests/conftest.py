@@ -61,15 +61,14 @@ def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("teacher") / "tiny-teacher", tiny_tokenizer_dir, layers=4)
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path, tiny_teacher_dir) -> Path:
+def write_tiny_recipe(folder: Path, teacher_dir: Path) -> Path:
     """A full recipe on the tiny teacher, with data copied next to it."""
-    data = tmp_path / "docs.jsonl"
+    data = folder / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(30)))
-    recipe = tmp_path / "tiny.yaml"
+    recipe = folder / "tiny.yaml"
     recipe.write_text(f"""
 name: tiny
-teacher: {{model: {tiny_teacher_dir}}}
+teacher: {{model: {teacher_dir}}}
 student: {{init: teacher_layers, keep_every: 2}}
 data: {{train: docs.jsonl, holdout_fraction: 0.2, seq_len: 32}}
 stages:
@@ -80,6 +79,11 @@ stages:
   - {{type: report, sample_tokens: 4}}
 """)
     return recipe
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, tiny_teacher_dir) -> Path:
+    return write_tiny_recipe(tmp_path, tiny_teacher_dir)
 
 
 @pytest.fixture(autouse=True)

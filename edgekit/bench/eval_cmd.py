@@ -1,61 +1,162 @@
-"""`edgekit eval FILE.gguf --data holdout.jsonl [--reference MODEL]`: quality of any GGUF.
+"""`edgekit eval FILE... [--data holdout.jsonl] [--tasks tasks.jsonl] [--reference MODEL] [--out DIR]`.
 
-Text is tokenized by the GGUF's own tokenizer (llama.cpp), so any GGUF works without its
-original tokenizer files. A reference (teacher or FP16 model: a .gguf, a model directory,
-embedded:NAME or a hub id) must share the vocabulary; KL and top-1 are measured against it.
+Quality of any GGUF (llama.cpp) or onnxruntime-genai folder (ONNX Runtime), each through
+its own runtime: perplexity on held-out text, KL and top-1 agreement against a reference
+(teacher or FP16 model: a .gguf, a model directory, embedded:NAME or a hub id; it must share
+the vocabulary), and accuracy on a JSONL task set (edgekit.bench.tasks). Text is tokenized by
+each file's own tokenizer, so a file needs nothing beside it. The reference is graded on the
+same token ids, so every accuracy comes with its baseline.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from edgekit.bench.llama_runner import llama_scorer, load_llama
-from edgekit.bench.quality import evaluate, torch_scorer
+from edgekit.bench.quality import Scorer, evaluate, torch_scorer
+from edgekit.bench.speed import model_size
+from edgekit.bench.suite import backend
 from edgekit.data.documents import load_documents
 from edgekit.data.tokens import pack
 from edgekit.errors import EdgekitError
 
+TASK_CTX = 512  # window for task items (prompt + answer), in tokens
 
-class LlamaTokenizer:
-    """The subset of the HF tokenizer API `pack` uses, backed by llama.cpp's tokenizer."""
 
-    def __init__(self, llm):
-        self.llm = llm
-        self.eos_token_id = llm.token_eos()
+class _PackTokenizer:
+    """The subset of the HF tokenizer API `pack` uses, over a runtime's own tokenizer."""
+
+    def __init__(self, encode: Callable[[str], list[int]], eos: int):
+        self.encode, self.eos_token_id = encode, eos
 
     def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": self.llm.tokenize(text.encode(), add_bos=add_special_tokens, special=False)}
+        return {"input_ids": self.encode(text)}
 
 
-def reference_scorer(spec: str, ctx: int, n_vocab: int):
+@dataclass
+class Opened:
+    """A model file opened in its runtime: its tokenizer and a scorer."""
+
+    path: Path
+    backend: str
+    n_vocab: int
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    stop_ids: set[int]
+    scorer: Callable[[int], Scorer]  # window length -> scorer
+
+
+def open_model(path: Path) -> Opened:
+    if path.is_dir():
+        return _open_onnx(path)
+    if not path.is_file():
+        raise EdgekitError(f"{path} does not exist", "pass a .gguf file or an onnxruntime-genai model folder")
+    from edgekit.bench.llama_runner import llama_scorer, load_llama
+
+    llm = load_llama(path, n_ctx=16)
+    return Opened(path, "llama.cpp", llm.n_vocab(),
+                  encode=lambda text: llm.tokenize(text.encode(), add_bos=False, special=False),
+                  decode=lambda ids: llm.detokenize(ids).decode("utf-8", errors="replace"),
+                  stop_ids={llm.token_eos()}, scorer=lambda ctx: llama_scorer(path, ctx))
+
+
+def _open_onnx(folder: Path) -> Opened:
+    from edgekit.bench.ort_runner import load_og, ort_scorer
+
+    import onnxruntime_genai as og
+
+    tok = og.Tokenizer(load_og(folder))
+    config = json.loads((folder / "genai_config.json").read_text())["model"]
+    eos = config.get("eos_token_id", [])
+    eos = set(eos if isinstance(eos, list) else [eos])
+    return Opened(folder, "onnxruntime", config["vocab_size"],
+                  encode=lambda text: [int(i) for i in tok.encode(text)],
+                  decode=lambda ids: tok.decode(ids) if ids else "",
+                  stop_ids=eos, scorer=lambda ctx: ort_scorer(folder))
+
+
+def reference_scorer(spec: str, ctx: int, n_vocab: int) -> Scorer:
     from edgekit.models.loading import load_causal_lm
     from edgekit.models.sources import resolve_model
 
-    if spec.endswith(".gguf"):
-        ref = llama_scorer(Path(spec), ctx)
-        ref_vocab = load_llama(Path(spec), n_ctx=16).n_vocab()
+    if spec.endswith(".gguf") or Path(spec).is_dir() and (Path(spec) / "genai_config.json").is_file():
+        ref = open_model(Path(spec))
+        scorer, ref_vocab = ref.scorer(ctx), ref.n_vocab
     else:
         model = load_causal_lm(resolve_model(spec, Path.cwd()).path)
-        ref, ref_vocab = torch_scorer(model), model.config.vocab_size
+        scorer, ref_vocab = torch_scorer(model), model.config.vocab_size
     if ref_vocab != n_vocab:
         raise EdgekitError(f"the reference '{spec}' has a vocabulary of {ref_vocab} tokens, the file {n_vocab}; "
-                           "KL and top-1 compare token by token", "use a reference with the same tokenizer (the teacher or FP16 model)")
-    return ref
+                           "KL, top-1 and task grading compare token by token",
+                           "use a reference with the same tokenizer (the teacher or FP16 model)")
+    return scorer
 
 
-def run_eval(file: Path, data: str, reference: str | None, ctx: int, max_tokens: int) -> dict:
-    llm = load_llama(file, n_ctx=16)
-    tok = LlamaTokenizer(llm)
-    rows, _ = pack(load_documents(data, Path.cwd()), tok, ctx, "evaluation")
-    rows = rows[: max(1, max_tokens // ctx)]
-    scorers = {"file": llama_scorer(file, ctx)}
-    pairs = []
+def run_eval(file: Path, data: str | None, reference: str | None, ctx: int, max_tokens: int,
+             tasks: str | None = None) -> dict:
+    """One file's figures: {"file", "backend", "size_mb", "ppl", ..., "tasks": {...}}."""
+    from edgekit.bench.tasks import grade, load_tasks
+
+    if not data and not tasks:
+        raise EdgekitError("nothing to evaluate", "pass --data (held-out text) and/or --tasks (a JSONL task set)")
+    items = load_tasks(Path(tasks)) if tasks else None  # bad task files fail before any model loads
+    m = open_model(Path(file))
+    out = {"file": str(file), "backend": m.backend, "size_mb": model_size(Path(file)) / 2**20}
+    window = max(ctx, TASK_CTX) if items else ctx
+    scorers = {"file": m.scorer(window)}
     if reference:
-        scorers["reference"] = reference_scorer(reference, ctx, llm.n_vocab())
-        pairs = [("file", "reference")]
-    r = evaluate(scorers, rows, pairs, desc=f"eval {file.name}")
-    out = {"file": str(file), "data": data, "ctx": ctx, "tokens": r["file"]["tokens"], "ppl": r["file"]["ppl"]}
-    if reference:
-        out.update({"reference": reference, "reference_ppl": r["reference"]["ppl"],
-                    "kl_vs_reference": r["file|reference"]["kl"], "top1_vs_reference": r["file|reference"]["top1"]})
+        scorers["reference"] = reference_scorer(reference, window, m.n_vocab)
+        out["reference"] = reference
+    if data:
+        rows, _ = pack(load_documents(data, Path.cwd()), _PackTokenizer(m.encode, min(m.stop_ids, default=0)), ctx, "evaluation")
+        rows = rows[: max(1, max_tokens // ctx)]
+        r = evaluate(scorers, rows, [("file", "reference")] if reference else [], desc=f"eval {Path(file).name}")
+        out.update({"data": data, "ctx": ctx, "tokens": r["file"]["tokens"], "ppl": r["file"]["ppl"]})
+        if reference:
+            out.update({"reference_ppl": r["reference"]["ppl"], "kl_vs_reference": r["file|reference"]["kl"],
+                        "top1_vs_reference": r["file|reference"]["top1"]})
+    if items:
+        too_long = [it["prompt"][:40] for it in items if len(m.encode(it["prompt"])) + 64 > window]
+        if too_long:
+            raise EdgekitError(f"{len(too_long)} task prompts do not fit the {window}-token window (e.g. {too_long[0]!r}...)",
+                               "shorten the prompts or raise --ctx")
+        g = grade(items, scorers, m.encode, m.decode, m.stop_ids, desc=f"tasks {Path(file).name}")
+        out["tasks"] = {"file": tasks, "chance": g["chance"], **{k: g[k] for k in scorers}}
     return out
+
+
+def markdown(results: list[dict]) -> str:
+    """A table of `run_eval` results."""
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = ["| file | backend | size MB | ppl | KL vs reference | top-1 | task acc | task acc (reference) | exact match |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        t = r.get("tasks") or {}
+        f, ref = t.get("file") or {}, t.get("reference") or {}
+        lines.append(f"| {Path(r['file']).name} | {r['backend']} | {r['size_mb']:.1f} | {fmt(r.get('ppl'), '.3f')} | "
+                     f"{fmt(r.get('kl_vs_reference'), '.4f')} | {fmt(r.get('top1_vs_reference'), '.1%')} | "
+                     f"{fmt(f.get('acc'), '.1%')} | {fmt(ref.get('acc'), '.1%')} | {fmt(f.get('exact_match'), '.1%')} |")
+    chance = next((r["tasks"]["chance"] for r in results if r.get("tasks") and r["tasks"]["chance"] is not None), None)
+    if chance is not None:
+        lines.append(f"\nMultiple-choice chance level: {chance:.1%}.")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(results: list[dict], out: Path) -> list[Path]:
+    """eval.json, eval.md and a quality-against-size plot in `out`."""
+    from edgekit.fsutil import atomic_path, write_json, write_text
+    from edgekit.report.plots import quality_vs_size
+
+    write_json(out / "eval.json", results)
+    write_text(out / "eval.md", markdown(results))
+    written = [out / "eval.json", out / "eval.md"]
+    key, label = (("kl_vs_reference", "KL(reference || model), nats/token") if all("kl_vs_reference" in r for r in results)
+                  else ("ppl", "perplexity (held-out text)"))
+    points = [(Path(r["file"]).name, r["size_mb"], r[key]) for r in results if r.get(key) is not None]
+    if points:
+        with atomic_path(out / "quality_vs_size.png") as tmp:
+            quality_vs_size(points, tmp, ylabel=label)
+        written.append(out / "quality_vs_size.png")
+    return written

@@ -22,14 +22,15 @@ def quantize_outputs(ctx: RunContext) -> dict[str, Path]:
 
 
 def qat_model(ctx: RunContext):
-    """The QAT student as it trained: latent weights behind the same fake quantizers."""
+    """The QAT student as it trained: what the fake quantizers make of the latent weights,
+    computed once (the same forward as in training)."""
     import json
 
-    from edgekit.quant.qat import prepare
+    from edgekit.quant.qat import prepare, strip
 
     model = ctx.load_model(ctx.output("qat", "model"))
     prepare(model, json.loads(ctx.output("qat", "plan").read_text())["plan"])
-    return model
+    return strip(model, on_grid=True)
 
 
 @stage("evaluate")
@@ -77,7 +78,32 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
             elif "qat" not in ctx.finished:
                 pairs.append((f"gguf_{fmt}", "student"))
     result = evaluate(scorers, rows, pairs, desc="evaluate")
-    return {"outputs": {}, "metrics": {"holdout_rows": int(rows.shape[0]), "exported_from": exported_from, **result}}
+    metrics = {"holdout_rows": int(rows.shape[0]), "exported_from": exported_from, **result}
+    if cfg.tasks:
+        metrics["tasks"] = grade_tasks(ctx, cfg, scorers, window=rows.shape[1])
+    return {"outputs": {}, "metrics": metrics}
+
+
+def grade_tasks(ctx: RunContext, cfg, scorers: dict, window: int) -> dict:
+    """Every scorer on the recipe's task set, on the same token ids (the teacher's tokenizer)."""
+    from edgekit.bench.tasks import grade, load_tasks
+    from edgekit.errors import EdgekitError
+    from edgekit.fsutil import sha256_file
+
+    path = ctx.base / cfg.tasks
+    items = load_tasks(path)
+    tok = ctx.tokenizer()
+
+    def encode(text: str) -> list[int]:
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    longest = max(len(encode(it["prompt"])) + max([len(encode(c)) for c in it.get("choices", [])] + [cfg.task_max_new_tokens])
+                  for it in items)
+    if longest > window:
+        raise EdgekitError(f"a task item needs {longest} tokens but the evaluate window is {window}",
+                           f"raise the evaluate stage's ctx (and data.seq_len) to at least {longest}, or shorten the prompts")
+    g = grade(items, scorers, encode, lambda ids: tok.decode(ids), {tok.eos_token_id}, cfg.task_max_new_tokens, desc="tasks")
+    return {"file": cfg.tasks, "sha256": sha256_file(path), "chance": g.pop("chance"), "models": g}
 
 
 @stage("bench")

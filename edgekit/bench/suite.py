@@ -14,8 +14,13 @@ def backend(path: Path) -> str:
     return "onnxruntime" if path.is_dir() else "llama.cpp"
 
 
-def bench_files(files: list[Path], targets: list[str], prompt_tokens: int, gen_tokens: int, repeats: int) -> list[dict]:
+def bench_files(files: list[Path], targets: list[str], prompt_tokens: int, gen_tokens: int, repeats: int,
+                cross_check: bool = False) -> list[dict]:
+    """Rows per file and target. `cross_check`: each measured GGUF row also gets llama.cpp's own
+    llama-bench figures for the same file, threads and lengths, run right after ours."""
     profiles = [target(t) for t in targets]  # unknown names fail before any measurement
+    if cross_check:
+        require_llama_bench()
     with status("measuring this machine's memory bandwidth"):
         bandwidth = measure_bandwidth_gbs()
     rows = []
@@ -24,6 +29,9 @@ def bench_files(files: list[Path], targets: list[str], prompt_tokens: int, gen_t
         for prof in [p for p in profiles if not p.get("predict_only")]:
             with status(f"benchmarking {path.name} on '{prof['name']}' ({prof['threads']} threads)"):
                 r = measure(path, prof["threads"], prompt_tokens, gen_tokens, repeats)
+            if cross_check and backend(path) == "llama.cpp":
+                with status(f"cross-checking {path.name} with llama-bench, alternately ({r['threads']} threads)"):
+                    r = _cross_checked(r, path, prompt_tokens, gen_tokens, repeats)
             r.update(roofline(r["decode_tps"], path, bandwidth))
             measured_share = measured_share or r["roofline_share"]
             if prof.get("memory_budget_mb"):
@@ -38,3 +46,67 @@ def bench_files(files: list[Path], targets: list[str], prompt_tokens: int, gen_t
                          "bytes_per_token": ceiling["bytes_per_token"], "size_mb": model_size(path) / 2**20,
                          "share_source": "measured here" if measured_share is not None else "assumed 50% (no runnable target given)"})
     return rows
+
+
+def require_llama_bench() -> None:
+    from edgekit.bench.llama_bench import llama_bench_bin
+    from edgekit.errors import EdgekitError
+
+    if llama_bench_bin() is None:
+        raise EdgekitError("llama-bench is not built", "run `bash third_party/build_llama_tools.sh` once (~7 min), then retry")
+
+
+def _cross_checked(first: dict, path: Path, prompt_tokens: int, gen_tokens: int, repeats: int, rounds: int = 3) -> dict:
+    """Ours and llama-bench alternately, `rounds` times each, on the same file and settings; both
+    sides' figures become medians over the rounds (a shared machine drifts by 10-25% between runs
+    a few seconds apart, more than the difference being checked)."""
+    import statistics
+
+    from edgekit.bench.llama_bench import llama_bench
+
+    ours, theirs = [first], []
+    for i in range(rounds):
+        if i:
+            ours.append(measure(path, first["threads"], prompt_tokens, gen_tokens, repeats))
+        theirs.append(llama_bench(path, first["threads"], prompt_tokens, gen_tokens, max(repeats, 3)))
+    med = lambda rows, k: statistics.median(r[k] for r in rows)  # noqa: E731
+    spread = lambda rows, k: (max(r[k] for r in rows) - min(r[k] for r in rows)) / med(rows, k)  # noqa: E731
+    out = {**first, "cross_check_rounds": rounds}
+    for k in ("prefill_tps", "decode_tps"):
+        out[k], out[f"llama_bench_{k}"] = med(ours, k), med(theirs, k)
+        out[f"{k.removesuffix('_tps')}_vs_llama_bench"] = out[k] / out[f"llama_bench_{k}"] - 1
+        # how much each tool disagrees with itself across the rounds: the noise floor of the comparison
+        out[f"{k.removesuffix('_tps')}_spread_ours"], out[f"{k.removesuffix('_tps')}_spread_llama_bench"] = \
+            spread(ours, k), spread(theirs, k)
+    return out
+
+
+def markdown(rows: list[dict]) -> str:
+    """A table of `bench_files` rows (with llama-bench's figures where a row has them)."""
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    lines = ["| file | backend | target | predicted | prefill tok/s | decode tok/s | TTFT ms | peak RSS MB | size MB "
+             "| roofline tok/s | share | llama-bench prefill | llama-bench decode |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['file']} | {r['backend']} | {r['target']} | {'yes' if r['predicted'] else 'no'} | "
+                     f"{fmt(r.get('prefill_tps'), '.0f')} | {fmt(r['decode_tps'], '.1f')} | {fmt(r.get('ttft_ms'), '.0f')} | "
+                     f"{fmt(r.get('peak_rss_mb'), '.0f')} | {fmt(r['size_mb'], '.1f')} | {fmt(r['roofline_tps'], '.0f')} | "
+                     f"{fmt(r['roofline_share'], '.0%')} | {fmt(r.get('llama_bench_prefill_tps'), '.0f')} | "
+                     f"{fmt(r.get('llama_bench_decode_tps'), '.1f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows: list[dict], out: Path) -> list[Path]:
+    """bench.json, bench.md and a decode-speed plot of the measured rows in `out`."""
+    from edgekit.fsutil import atomic_path, write_json, write_text
+    from edgekit.report.plots import decode_speed
+
+    write_json(out / "bench.json", rows)
+    write_text(out / "bench.md", markdown(rows))
+    written = [out / "bench.json", out / "bench.md"]
+    measured = [r for r in rows if not r["predicted"]]
+    if measured:
+        with atomic_path(out / "decode_speed.png") as tmp:
+            decode_speed(measured, tmp)
+        written.append(out / "decode_speed.png")
+    return written

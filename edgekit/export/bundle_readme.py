@@ -43,5 +43,12 @@ def bundle_readme(name: str, files: dict[str, str], ptq: dict[str, str] | None =
     lines += ["## edgekit", "", "```python", "import edgekit.runtime",
               'm = edgekit.runtime.load(".")  # picks the Q4_K_M GGUF; or name a file or the ONNX folder',
               'for piece in m.chat([{"role": "user", "content": "Hi!"}], stream=True):', '    print(piece, end="")',
-              "```", "", "Terminal: `edgekit chat .`", ""]
+              "```", "", "Terminal: `edgekit chat .`", "",
+              "## Any OpenAI client (local HTTP)", "",
+              "`edgekit serve . --port 8080` serves the same model on this machine (127.0.0.1) with the OpenAI",
+              "chat-completions protocol (streaming included); point an app's OpenAI client at it:", "",
+              "```python", "from openai import OpenAI",
+              'client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")',
+              f'reply = client.chat.completions.create(model="{gguf or onnx}", messages=[{{"role": "user", "content": "Hi!"}}])',
+              "print(reply.choices[0].message.content)", "```", ""]
     return "\n".join(lines)

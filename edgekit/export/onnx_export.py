@@ -9,6 +9,7 @@ here in seconds and its graph (GroupQueryAttention, MatMulNBits) is ORT's fast C
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -31,4 +32,45 @@ def export_onnx_int4(model_dir: Path, out: Path, block_size: int = 32) -> Path:
             raise EdgekitError(f"onnxruntime-genai's model builder failed on {model_dir.name}: {tail}",
                                "check the model is an architecture the builder supports (llama, qwen2, gemma, ...)")
         (tmp / "cache_dir").exists() and __import__("shutil").rmtree(tmp / "cache_dir")
+        plain_byte_level(tmp / "tokenizer.json")
+        check_tokenizer(tmp, model_dir)
     return out
+
+
+def plain_byte_level(path: Path) -> None:
+    """Make a byte-level BPE tokenizer.json one that ONNX Runtime's tokenizer reads right.
+
+    transformers' GGUF import writes GPT-2-style (byte-level) vocabularies with SentencePiece
+    leftovers: `byte_fallback`, an unk token and a ByteFallback/Replace('▁') decoder. Hugging
+    Face tokenizers ignores them for byte-level pieces; onnxruntime-extensions does not and
+    maps most words to id -1. For a ByteLevel pre-tokenizer those settings mean nothing, so
+    they are dropped; the ids do not change (check_tokenizer proves it).
+    """
+    if not path.is_file():
+        return
+    tok = json.loads(path.read_text(encoding="utf-8"))
+    model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
+    if model.get("type") != "BPE" or pre.get("type") != "ByteLevel" or not model.get("byte_fallback"):
+        return
+    model.update(byte_fallback=False, fuse_unk=False, unk_token=None)
+    tok["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    path.write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+
+
+SAMPLE = "Question: Which module?\nAnswer: re.compile(r'[a-z]+')  — café, naïve, 日本語 🙂 1234"
+
+
+def check_tokenizer(folder: Path, model_dir: Path) -> None:
+    """The folder's tokenizer, run by onnxruntime-genai, must give the source model's ids."""
+    import onnxruntime_genai as og
+    from transformers import AutoTokenizer
+
+    want = AutoTokenizer.from_pretrained(model_dir)(SAMPLE, add_special_tokens=False)["input_ids"]
+    tok = og.Tokenizer(og.Model(str(folder)))
+    got = [int(i) for i in tok.encode(SAMPLE)]
+    if got[1:] == want:  # a BOS the runtime adds by itself
+        got = got[1:]
+    if got != want or SAMPLE not in tok.decode(got):
+        raise EdgekitError(f"ONNX Runtime tokenizes differently from the model {model_dir.name} "
+                           f"(first difference at token {next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))})",
+                           "the tokenizer.json is not one onnxruntime-extensions reads; report it with the model id")

@@ -172,16 +172,22 @@ def gptq_gguf_blocks(model: nn.Module, plan: dict[str, str], rows: torch.Tensor,
 def on_file_grid(model: nn.Module, plan: dict[str, str], blocks: dict[str, object] | None = None) -> nn.Module:
     """`model` computing with the weights a GGUF of this plan holds: GPTQ blocks decoded
     where given, every other planned weight through the exact quantizer (fake-quant)."""
-    from edgekit.quant.ggml_blocks import dequantize_exact
-    from edgekit.quant.qat import prepare
+    from edgekit.quant.qat import prepare, strip
 
     blocks = blocks or {}
+    load_blocks(model, blocks)
+    prepare(model, {k: v for k, v in plan.items() if k not in blocks})
+    return strip(model, on_grid=True)
+
+
+def load_blocks(model: nn.Module, blocks: dict[str, object]) -> None:
+    """Set each named weight to its quantized blocks, decoded."""
+    from edgekit.quant.ggml_blocks import dequantize_exact
+
     params = dict(model.named_parameters())
     with torch.no_grad():
         for key, blk in blocks.items():
             params[key].copy_(dequantize_exact(blk).to(params[key].dtype))
-    prepare(model, {k: v for k, v in plan.items() if k not in blocks})
-    return model
 
 
 # ---------------------------------------------------------------- every PTQ artifact of a model

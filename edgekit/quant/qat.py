@@ -82,8 +82,11 @@ def prepare(model: nn.Module, plan: dict[str, str]) -> dict:
     return {"fake_quantized": done, "float": skipped}
 
 
-def strip(model: nn.Module) -> None:
-    """Remove the parametrizations, keeping the latent (unquantized) weights for export."""
+def strip(model: nn.Module, on_grid: bool = False) -> nn.Module:
+    """Remove the parametrizations, keeping the latent (unquantized) weights for export, or
+    with `on_grid` the fake-quantized weights themselves: the same forward, computed once
+    instead of on every call (the K-quant search costs seconds per forward), for evaluation."""
     for module in model.modules():
         if parametrize.is_parametrized(module, "weight"):
-            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=on_grid)
+    return model

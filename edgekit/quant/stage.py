@@ -21,8 +21,11 @@ def run_qat(ctx: RunContext, cfg, out: Path) -> dict:
     src = student_source(ctx)
     plan = plan_types(src, cfg.mix)
     student = ctx.load_model(src)
-    coverage = prepare(student, plan)
     rows, mask = ctx.rows_and_mask("train")
+    init = {}
+    if cfg.init == "gptq":
+        init = gptq_init(student, plan, rows[: cfg.calibration_rows], cfg.damp)
+    coverage = prepare(student, plan)
     settings = KDSettings.from_config(cfg)
     last = train(student, ctx.teacher(), rows, settings, out, desc="qat", mask=mask)
     strip(student)
@@ -37,6 +40,21 @@ def run_qat(ctx: RunContext, cfg, out: Path) -> dict:
         outputs["float_model"] = "float_model"
     (out / "qat_plan.json").write_text(__import__("json").dumps({"mix": cfg.mix, "plan": plan, **coverage}, indent=1))
     return {"outputs": outputs,
-            "metrics": {"mix": cfg.mix, "final": last, "float_twin_final": twin_last,
+            "metrics": {"mix": cfg.mix, "init": cfg.init, **init, "final": last, "float_twin_final": twin_last,
                         "fake_quantized": dict(Counter(coverage["fake_quantized"].values())),
                         "left_in_float": dict(Counter(coverage["float"].values()))}}
+
+
+def gptq_init(model, plan: dict[str, str], calib, damp: float) -> dict:
+    """Move the student's planned weights onto GPTQ's solution for the same exact grid
+    (quant/gptq.py); QAT's quantizers then start from it. Returns what it did, for the metrics."""
+    import time
+
+    from edgekit.quant.ptq import gptq_gguf_blocks, load_blocks
+
+    t0 = time.perf_counter()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    blocks = gptq_gguf_blocks(model, plan, calib, tied, damp)
+    load_blocks(model, blocks)
+    return {"gptq_init": {"tensors": len(blocks), "calibration_rows": int(calib.shape[0]), "damp": damp,
+                          "seconds": round(time.perf_counter() - t0, 1)}}

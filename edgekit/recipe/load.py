@@ -83,6 +83,10 @@ def check_files_and_models(raw: dict, base: Path) -> list[str]:
         prompts = _get(st, "sequence_kd", "prompts") if isinstance(st, dict) else None
         if prompts and not (base / prompts).is_file():
             problems.append(f"stages[{i}].sequence_kd.prompts: file '{prompts}' does not exist (resolved to {base / prompts})")
+        tasks = st.get("tasks") if isinstance(st, dict) and st.get("type") == "evaluate" else None
+        if isinstance(tasks, str) and not (base / tasks).is_file():
+            problems.append(f"stages[{i}].tasks: file '{tasks}' does not exist (resolved to {base / tasks}); "
+                            "paths are relative to the recipe file")
     keep = (raw.get("student") or {}).get("keep_layers") if isinstance(raw.get("student"), dict) else None
     if isinstance(keep, list) and keep and all(isinstance(i, int) for i in keep):
         if sorted(set(keep)) != keep or min(keep) < 0:

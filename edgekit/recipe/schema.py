@@ -136,6 +136,12 @@ class QATConfig(Closed):
     # Its llama.cpp quantization is the PTQ baseline QAT is judged against, at equal training.
     baselines: list[Literal["float"]] = ["float"]
     optimizer: Optimizer = "adamw"
+    # where the latent weights start: the student as it is ("float"), or GPTQ's solution on the
+    # same exact grid ("gptq": error-compensated rounding from `calibration_rows` train rows), so
+    # QAT-KD refines a good post-training quantization instead of plain rounding
+    init: Literal["float", "gptq"] = "float"
+    calibration_rows: int = Field(32, ge=1)
+    damp: float = Field(0.01, gt=0.0, le=1.0)
 
 
 class QuantizeConfig(Closed):
@@ -172,6 +178,8 @@ class EvaluateConfig(Closed):
     max_tokens: int = Field(4096, ge=16)  # holdout tokens scored per model
     ctx: int = Field(256, ge=16)  # window for perplexity, in tokens
     baselines: list[Literal["teacher", "student_init"]] = ["teacher", "student_init"]
+    tasks: str | None = None  # JSONL task set (edgekit.bench.tasks), relative to the recipe; every model is graded on it
+    task_max_new_tokens: int = Field(8, ge=1)  # greedy answer length for exact-match items
 
 
 class BenchConfig(Closed):

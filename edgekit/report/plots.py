@@ -25,13 +25,14 @@ def _save(fig, ax, title: str, xlabel: str, out: Path) -> Path:
     return out
 
 
-def quality_vs_size(points: list[tuple[str, float, float]], out: Path) -> Path:
-    """points: (label, size MB, KL to teacher). Lower-left is better."""
+def quality_vs_size(points: list[tuple[str, float, float]], out: Path,
+                    ylabel: str = "KL(teacher || model), nats/token (holdout)") -> Path:
+    """points: (label, size MB, loss: KL to teacher by default). Lower-left is better."""
     fig, ax = _figure(4.2)
     for label, size, kl in points:
         ax.scatter(size, kl, s=36)
         ax.annotate(label, (size, kl), textcoords="offset points", xytext=(5, 4), fontsize=7)
-    ax.set_ylabel("KL(teacher || model), nats/token (holdout)")
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     return _save(fig, ax, "Quality against size (lower-left is better)", "file size (MB)", out)
 

@@ -34,6 +34,11 @@ def qat_recovery(m: dict, fmt: str) -> dict | None:
     return {"ppl_fp16": fp16, "ppl_ptq": ptq, "ppl_qat": qat, "recovery": (ptq - qat) / (ptq - fp16) if ptq != fp16 else None}
 
 
+def _settings(config: dict) -> str:
+    """A stage's configuration as one table cell."""
+    return "<br>".join(f"`{k}: {v}`" for k, v in config.items() if k != "type") or "-"
+
+
 def _table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
@@ -55,7 +60,8 @@ def render(ctx: RunContext, sample: dict) -> str:
                      f"{c['batch_size'] * c['grad_accum']} rows of {r.data.seq_len} tokens = {m['tokens_trained']} tokens; "
                      f"final loss {m['final'].get('loss')}, {m['final'].get('tokens_per_s')} tokens/s")
     lines.append(f"- Data: `{r.data.train}`, split by document into train / holdout")
-    lines += ["", _table(["stage", "wall time (s)"], [[k, v["wall_s"]] for k, v in fin.items() if k != "report"])]
+    lines += ["", _table(["stage", "wall time (s)", "settings"],
+                         [[k, v["wall_s"], _settings(v.get("config") or {})] for k, v in fin.items() if k != "report"])]
     if "export" in fin:
         lines += ["", "## Exported files", "",
                   _table(["file", "size (MB)", "tensor types"],
@@ -97,6 +103,16 @@ def render(ctx: RunContext, sample: dict) -> str:
             if rec and rec["recovery"] is not None:
                 lines.append(f"Perplexity through llama.cpp: F16 {rec['ppl_fp16']:.2f}, PTQ {rec['ppl_ptq']:.2f}, "
                              f"QAT-KD {rec['ppl_qat']:.2f}; recovery (PTQ-QAT)/(PTQ-F16) = {rec['recovery']:.0%}.")
+    if "evaluate" in fin and "tasks" in fin["evaluate"]["metrics"]:
+        t = fin["evaluate"]["metrics"]["tasks"]
+        pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
+        first = next(iter(t["models"].values()))
+        lines += ["", "## Task accuracy", "",
+                  f"`{t['file']}`: {first['mc_items']} multiple-choice items (log-likelihood; acc_norm divides by the "
+                  f"answer's length in bytes) and {first['em_items']} exact-match items (greedy), every model on the same "
+                  f"token ids in its own runtime." + (f" Chance on the multiple choice: {t['chance']:.1%}." if t["chance"] else ""), "",
+                  _table(["model", "accuracy", "acc_norm", "exact match"],
+                         [[_label(n), pct(g["acc"]), pct(g["acc_norm"]), pct(g["exact_match"])] for n, g in t["models"].items()])]
     if "bench" in fin:
         rows = fin["bench"]["metrics"]["rows"]
         measured = [x for x in rows if not x.get("predicted")]

@@ -76,6 +76,12 @@ FILE_CASES = {
                        "not a readable ONNX"),
     "bench-corrupt-gguf": ("x.gguf", lambda p, g: (p / "x.gguf").write_bytes(_gguf_bytes(g, 3000)), "bench", "x.gguf"),
     "eval-corrupt-gguf": ("x.gguf", lambda p, g: (p / "x.gguf").write_bytes(_gguf_bytes(g, 3000)), "eval", "x.gguf"),
+    "eval-broken-onnx-folder": ("m-onnx", lambda p, g: ((p / "m-onnx").mkdir(), (p / "m-onnx" / "genai_config.json").write_text("{}"),
+                                                          (p / "m-onnx" / "model.onnx").write_bytes(b"\x08\x07garbage")),
+                                "eval", "ONNX Runtime could not load"),
+    "eval-folder-not-a-model": ("plain-dir", lambda p, g: (p / "plain-dir").mkdir(), "eval", "not an onnxruntime-genai model folder"),
+    "eval-bad-task-file": ("t.jsonl", lambda p, g: (p / "t.jsonl").write_text('{"prompt": "x", "choices": ["a"], "answer": 0}\n'),
+                           "eval-tasks", "at least two"),
     "validate-missing-recipe": ("none.yaml", lambda p, g: None, "validate", "none.yaml"),
     "validate-directory-as-recipe": ("dir.yaml", lambda p, g: (p / "dir.yaml").mkdir(), "validate", "dir.yaml"),
 }
@@ -92,9 +98,11 @@ def tiny_gguf_file(tmp_path_factory, tiny_teacher_dir) -> Path:
 def test_bad_file(case, tmp_path, tiny_gguf_file, capsys):
     name, make, cmd, expect = FILE_CASES[case]
     make(tmp_path, tiny_gguf_file)
+    tiny_gguf = tiny_gguf_file
     argv = {"inspect": ["inspect", str(tmp_path / name)], "validate": ["validate", str(tmp_path / name)],
             "bench": ["bench", str(tmp_path / name), "--gen-tokens", "2", "--prompt-tokens", "4"],
-            "eval": ["eval", str(tmp_path / name), "--data", str(tmp_path / "d.jsonl")]}[cmd]
+            "eval": ["eval", str(tmp_path / name), "--data", str(tmp_path / "d.jsonl")],
+            "eval-tasks": ["eval", str(tiny_gguf), "--tasks", str(tmp_path / name)]}[cmd]
     (tmp_path / "d.jsonl").write_text('{"text": "some held-out text"}\n')
     check_failure(capsys, argv, expect)
 

@@ -102,7 +102,7 @@ def test_eval_cli_against_a_reference(tiny_gguf, tmp_path, capsys):
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(3)))
     assert main(["eval", str(tiny_gguf), "--data", str(data), "--reference", str(tiny_gguf),
                  "--ctx", "32", "--max-tokens", "64", "--json"]) == 0
-    r = json.loads(capsys.readouterr().out)
+    [r] = json.loads(capsys.readouterr().out)
     assert r["tokens"] == 62 and r["kl_vs_reference"] < 1e-6 and r["top1_vs_reference"] == 1.0
     assert r["ppl"] == pytest.approx(r["reference_ppl"])
 

@@ -135,8 +135,31 @@ def render(ctx: RunContext, sample: dict) -> str:
     if sample:
         lines += ["", "## Sample (greedy, llama.cpp)", "", f"Prompt: `{sample['prompt']}`", ""]
         lines += [f"- {k}: `{v.strip()}`" for k, v in sample["outputs"].items()]
-    lines += ["", "Provenance (teacher hash, data hashes, seeds, versions): `manifest.json`; the exact recipe: `recipe.lock.yaml`.", ""]
+    lines += provenance(ctx)
+    lines += ["", "Every figure above, per stage: `manifest.json`; the exact recipe with every default filled in: "
+              "`recipe.lock.yaml`.", ""]
     return "\n".join(lines)
+
+
+def provenance(ctx: RunContext) -> list[str]:
+    """The run's inputs (from manifest.json, written after every stage) and package versions."""
+    import json
+
+    import yaml
+
+    manifest, lock = ctx.run_dir / "manifest.json", ctx.run_dir / "recipe.lock.yaml"
+    if not manifest.is_file():
+        return []
+    inputs = json.loads(manifest.read_text()).get("inputs", {})
+    t, d = inputs.get("teacher", {}), inputs.get("data", {})
+    versions = yaml.safe_load(lock.read_text()).get("versions", {}) if lock.is_file() else {}
+    rows = [["teacher", f"`{t.get('file') or t.get('path') or t.get('repo_id', '?')}`" + (f" @ {t['revision']}" if t.get("revision") else "") + (f", sha256 `{t['sha256'][:16]}…`" if t.get("sha256") else "")],
+            ["data", f"{d.get('train_documents')} train / {d.get('holdout_documents')} holdout documents; train sha256 "
+                     f"`{str(d.get('train_sha256'))[:16]}…`, holdout `{str(d.get('holdout_sha256'))[:16]}…`; holdout 13-gram "
+                     f"overlap with train {d.get('holdout_13gram_overlap')}"],
+            ["seed", str(inputs.get("seed"))],
+            ["versions", ", ".join(f"{k} {v}" for k, v in versions.items())]]
+    return ["", "## Provenance", "", _table(["input", "value"], rows)]
 
 
 @stage("report")

@@ -61,6 +61,18 @@ def tiny_teacher_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("teacher") / "tiny-teacher", tiny_tokenizer_dir, layers=4)
 
 
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_teacher_dir, tmp_path_factory) -> Path:
+    """The tiny teacher as an app bundle: tiny-F16.gguf (llama.cpp) and tiny-int4-onnx/ (ONNX Runtime)."""
+    from edgekit.export.gguf_write import write_gguf
+    from edgekit.export.onnx_export import export_onnx_int4
+
+    out = tmp_path_factory.mktemp("bundle")
+    write_gguf(tiny_teacher_dir, out / "tiny-F16.gguf", "f16")
+    export_onnx_int4(tiny_teacher_dir, out / "tiny-int4-onnx")
+    return out
+
+
 def write_tiny_recipe(folder: Path, teacher_dir: Path) -> Path:
     """A full recipe on the tiny teacher, with data copied next to it."""
     data = folder / "docs.jsonl"

@@ -18,7 +18,6 @@ folder in ONNX Runtime and a PyTorch reference are graded by the same code on th
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -33,14 +32,10 @@ def load_tasks(path: Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise EdgekitError(f"task file {path} does not exist", "pass a JSONL file of {prompt, choices, answer} items")
+    from edgekit.data.documents import read_jsonl
+
     items = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EdgekitError(f"{path}:{n} is not JSON ({e.msg})", "one JSON object per line") from None
+    for n, item in read_jsonl(path):
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str) or "answer" not in item:
             raise EdgekitError(f"{path}:{n} needs a string 'prompt' and an 'answer'",
                                'e.g. {"prompt": "...", "choices": ["a", "b"], "answer": 0} or {"prompt": "...", "answer": "text"}')

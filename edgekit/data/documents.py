@@ -62,18 +62,20 @@ def load_documents(spec: str, base: Path) -> list[Document]:
     return docs
 
 
-def _load_jsonl(path: Path) -> list[Document]:
-    docs = []
+def read_jsonl(path: Path):
+    """(line number, parsed row) for every non-blank line; a clear error naming a bad line."""
     with path.open(encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 raise EdgekitError(f"{path}:{n} is not valid JSON ({e.msg})", "each line must be one JSON object") from None
-            docs.append(_row_to_doc(row, f"{path}:{n}"))
-    return docs
+
+
+def _load_jsonl(path: Path) -> list[Document]:
+    return [_row_to_doc(row, f"{path}:{n}") for n, row in read_jsonl(path)]
 
 
 def _row_to_doc(row, where: str) -> Document:

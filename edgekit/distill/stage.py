@@ -98,7 +98,18 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
         settings = replace(settings, alpha_ce=1.0)
     student, merge = adapters(student, cfg)
     init_info["trainable_params"] = trainable_parameters(student)
-    last = train(student, teacher, rows, settings, out, desc="distill", mask=mask)
+    cache = None
+    if cfg.teacher_logits == "offline":
+        from edgekit.distill.logit_cache import load_or_build
+
+        cache = load_or_build(teacher, ctx.teacher_provenance(), rows, cfg.top_k, cfg.temperature)
+        vocab = teacher.config.vocab_size
+        teacher = None
+        init_info["teacher_logits"] = {"mode": "offline", "top_k": cfg.top_k, "bytes_per_token": cache.bytes_per_token,
+                                       "full_fp32_bytes_per_token": 4 * vocab,
+                                       "cache_file": str(cache.path), "cache_mb": round(cache.path.stat().st_size / 2**20, 2),
+                                       "reused": not cache.built}
+    last = train(student, teacher, rows, settings, out, desc="distill", mask=mask, teacher_cache=cache)
     student = merge()
     save_model(student, tok_dir, out / "model")
     outputs = {"model": "model", "metrics_log": "metrics.jsonl"}

@@ -19,7 +19,7 @@ import torch
 from torch.nn.utils import parametrize
 
 from edgekit.distill.lean import make_optimizer
-from edgekit.distill.losses import cross_entropy, kd_loss
+from edgekit.distill.losses import cross_entropy, forward_kl_topk, kd_loss
 from edgekit.distill.parallel import (average_gradients, barrier, broadcast_training_state, mean_scalars, shard,
                                       world)
 from edgekit.errors import EdgekitError
@@ -72,7 +72,7 @@ class _FusedHeadKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_h, w, t_h, t_w, labels, st, s_cap, t_cap):
+    def forward(ctx, s_h, w, t_h, t_w, t_lp, t_ix, labels, st, s_cap, t_cap):
         n = max(1, int((labels != -100).sum()))
         grad_h = torch.zeros_like(s_h)
         grad_w = torch.zeros_like(w)
@@ -89,6 +89,10 @@ class _FusedHeadKD(torch.autograd.Function):
                     t_logits = _softcap(t_h[sl] @ t_w.T, t_cap)  # (C, V), no grad
                     kd = (kd_loss(st.loss, s_logits, t_logits, st.temperature, st.skew_alpha, st.jsd_beta)
                           * (lab != -100)).sum()
+                elif t_lp is not None:  # offline: the teacher's cached top-k at the same temperature
+                    kd = (forward_kl_topk(s_logits / st.temperature, t_lp[sl], t_ix[sl]) * st.temperature**2
+                          * (lab != -100)).sum()
+                if t_h is not None or t_lp is not None:
                     loss = st.alpha_ce * ce + (1 - st.alpha_ce) * kd
                 (g,) = torch.autograd.grad(loss, logits)  # (C, V)
             grad_h[sl] = g @ w  # (C, H)
@@ -104,19 +108,21 @@ class _FusedHeadKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_parts):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * g_loss, grad_w * g_loss, None, None, None, None, None, None
+        return grad_h * g_loss, grad_w * g_loss, None, None, None, None, None, None, None, None
 
 
-def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings) -> tuple[torch.Tensor, dict]:
+def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings, t_sparse=None) -> tuple[torch.Tensor, dict]:
     """Mean loss over trained positions. s_h, t_h: (N, H) hidden states; labels: (N,) next
-    tokens, -100 where nothing is trained (chat context, padding): both CE and KD skip those."""
+    tokens, -100 where nothing is trained (chat context, padding): both CE and KD skip those.
+    `t_sparse`: the teacher's cached top-k (log-probs (N, k), ids (N, k)) instead of t_h."""
     _, s_head, s_cap = hidden_and_head(student)
     t_head, t_cap = (hidden_and_head(teacher)[1:] if teacher is not None else (None, None))
     if getattr(s_head, "bias", None) is not None:
         raise EdgekitError("the student's output layer has a bias; the fused KD loss supports bias-free heads (all llama-family models)",
                            "use a model whose lm_head has no bias")
     t_w = t_head.weight.detach() if t_head is not None else None
-    loss, parts = _FusedHeadKD.apply(s_h, s_head.weight, t_h, t_w, labels, st, s_cap, t_cap)
+    t_lp, t_ix = t_sparse if t_sparse is not None else (None, None)
+    loss, parts = _FusedHeadKD.apply(s_h, s_head.weight, t_h, t_w, t_lp, t_ix, labels, st, s_cap, t_cap)
     return loss, {"ce": float(parts[1]), "kd": float(parts[2])}
 
 
@@ -167,8 +173,9 @@ def on_policy_batch(student, x: torch.Tensor, st: KDSettings, seed: int) -> tupl
 
 
 def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, desc: str = "distill",
-          mask: torch.Tensor | None = None) -> dict:
-    """Train `student` in place on packed `rows` (N, T). `teacher=None` trains on labels alone.
+          mask: torch.Tensor | None = None, teacher_cache=None) -> dict:
+    """Train `student` in place on packed `rows` (N, T). `teacher=None` trains on labels alone,
+    or, with `teacher_cache` (logit_cache.TeacherCache of these rows), on the cached top-k.
     `mask` (N, T) bool marks the tokens to train on (default: all)."""
     torch.manual_seed(st.seed)
     rank, size = world()
@@ -213,7 +220,8 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
                 if trunk_t is not None:
                     with torch.no_grad():
                         t_h = trunk_t(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
-                loss, p = chunked_loss(s_h, t_h, labels, student, teacher, st)
+                t_sparse = teacher_cache.batch(idx) if teacher_cache is not None else None
+                loss, p = chunked_loss(s_h, t_h, labels, student, teacher, st, t_sparse)
                 if mean_scalars({"bad": float(not torch.isfinite(loss.detach()))}, size)["bad"] > 0:
                     log.close()
                     raise EdgekitError(

@@ -111,6 +111,24 @@ class DistillConfig(Closed):
     sequence_kd: SequenceKD | None = None  # train on teacher-generated answers instead of data.train
     optimizer: Optimizer = "adamw"
     lora: LoraSpec | None = None  # train adapters instead of every weight; merged before export
+    # online: the teacher runs every step. offline: its top-k next-token log-probs are computed once
+    # per (teacher, rows, k, temperature), stored compressed in the cache and reused across runs and students
+    teacher_logits: Literal["online", "offline"] = "online"
+    top_k: int = Field(64, ge=1)  # offline: teacher tokens kept per position; the rest is one tail event
+
+    @model_validator(mode="after")
+    def _offline(self):
+        if self.teacher_logits == "offline":
+            if self.loss != "forward_kl":
+                raise ValueError(f"teacher_logits: offline keeps the teacher's top-k only, which defines forward KL; "
+                                 f"loss '{self.loss}' needs the full distribution: use loss: forward_kl or teacher_logits: online")
+            if self.on_policy_fraction > 0:
+                raise ValueError("teacher_logits: offline cannot grade sequences the student generates during training; "
+                                 "set on_policy_fraction: 0 or teacher_logits: online")
+            if self.sequence_kd is not None:
+                raise ValueError("teacher_logits: offline caches the teacher on data.train rows; sequence_kd trains on "
+                                 "generated answers instead: use teacher_logits: online with sequence_kd")
+        return self
 
 
 class QATConfig(Closed):

@@ -7,16 +7,11 @@ import pytest
 
 from edgekit import runtime
 from edgekit.errors import EdgekitError
-from edgekit.export.gguf_write import write_gguf
-from edgekit.export.onnx_export import export_onnx_int4
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_teacher_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bundle")
-    write_gguf(tiny_teacher_dir, out / "tiny-F16.gguf", "f16")
-    export_onnx_int4(tiny_teacher_dir, out / "tiny-int4-onnx")
-    return out
+@pytest.fixture
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 def test_gguf_generate_and_stream(bundle):

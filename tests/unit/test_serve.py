@@ -9,18 +9,13 @@ import time
 import httpx
 import pytest
 
-from edgekit.export.gguf_write import write_gguf
-from edgekit.export.onnx_export import export_onnx_int4
 
 openai = pytest.importorskip("openai")
 
 
-@pytest.fixture(scope="module")
-def bundle(tiny_teacher_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("servebundle")
-    write_gguf(tiny_teacher_dir, out / "tiny-F16.gguf", "f16")
-    export_onnx_int4(tiny_teacher_dir, out / "tiny-int4-onnx")
-    return out
+@pytest.fixture
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 @contextlib.contextmanager

@@ -9,13 +9,12 @@ import torch
 from edgekit.bench.tasks import grade, load_tasks
 from edgekit.cli import main
 from edgekit.errors import EdgekitError
-from edgekit.export.gguf_write import write_gguf
 from edgekit.export.onnx_export import export_onnx_int4
 
 from tests.conftest import corpus_texts
 
 BAD = {
-    "not-json": ("{prompt", "is not JSON"),
+    "not-json": ("{prompt", "is not valid JSON"),
     "no-answer": ('{"prompt": "x"}', "needs a string 'prompt' and an 'answer'"),
     "one-choice": ('{"prompt": "x", "choices": ["a"], "answer": 0}', "at least two"),
     "answer-not-a-choice": ('{"prompt": "x", "choices": ["a", "b"], "answer": "c"}', "is not one of the choices"),
@@ -79,12 +78,9 @@ def test_grade_counts_multiple_choice_and_exact_match():
     assert grade(items[3:], {"x": says_x}, encode, decode)["x"]["exact_match"] == 1.0
 
 
-@pytest.fixture(scope="module")
-def files(tiny_teacher_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("evalfiles")
-    write_gguf(tiny_teacher_dir, out / "tiny-F16.gguf", "f16")
-    export_onnx_int4(tiny_teacher_dir, out / "tiny-int4-onnx")
-    return out
+@pytest.fixture
+def files(tiny_bundle):
+    return tiny_bundle
 
 
 def test_eval_cli_on_gguf_and_onnx_with_tasks_and_reference(files, tmp_path, capsys):

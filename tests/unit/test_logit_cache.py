@@ -1,0 +1,75 @@
+"""Offline KD: the teacher's top-k cached once, reused, and equal to online KD when k covers the vocabulary."""
+
+import json
+
+import pytest
+import torch
+
+from edgekit.cli import main
+from edgekit.distill.logit_cache import load_or_build
+from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head
+from edgekit.models.loading import load_causal_lm
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_full_k_offline_loss_and_gradient_equal_online(tiny_teacher_dir, cache_home):
+    teacher = load_causal_lm(tiny_teacher_dir)
+    student = load_causal_lm(tiny_teacher_dir)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    torch.manual_seed(0)
+    rows = torch.randint(0, teacher.config.vocab_size, (3, 17))
+    st = KDSettings(temperature=2.0, alpha_ce=0.25, loss_chunk=8)
+    cache = load_or_build(teacher, {"test": 1}, rows, k=teacher.config.vocab_size, temperature=2.0)
+    idx = torch.tensor([2, 0])
+    x = rows[idx]
+    labels = x[:, 1:].reshape(-1)
+    trunk_s, trunk_t = hidden_and_head(student)[0], hidden_and_head(teacher)[0]
+    results = []
+    for offline in (False, True):
+        student.zero_grad()
+        s_h = trunk_s(input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1)
+        if offline:
+            loss, parts = chunked_loss(s_h, None, labels, student, None, st, cache.batch(idx))
+        else:
+            with torch.no_grad():
+                t_h = trunk_t(input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1)
+            loss, parts = chunked_loss(s_h, t_h, labels, student, teacher, st)
+        loss.backward()
+        results.append((float(loss.detach()), parts, student.model.layers[0].mlp.up_proj.weight.grad.clone()))
+    (on, on_parts, on_grad), (off, off_parts, off_grad) = results
+    assert off == pytest.approx(on, rel=2e-3)  # fp16 storage of the log-probs
+    assert off_parts["ce"] == pytest.approx(on_parts["ce"], rel=1e-6)
+    assert float((off_grad - on_grad).norm() / on_grad.norm()) < 5e-3
+
+
+def test_offline_recipe_builds_once_then_reuses(tiny_recipe, tmp_path, cache_home):
+    text = tiny_recipe.read_text().replace("{type: distill, steps: 4,",
+                                           "{type: distill, steps: 2, teacher_logits: offline, top_k: 8,")
+    text = text.replace("[f16, q8_0, onnx_int4]", "[f16]")
+    tiny_recipe.write_text(text)
+    assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path / "a")]) == 0
+    first = json.loads((tmp_path / "a" / "tiny" / "manifest.json").read_text())["artifacts"]["distill"]["metrics"]
+    info = first["teacher_logits"]
+    assert info["mode"] == "offline" and not info["reused"]
+    assert info["bytes_per_token"] == 8 * (2 + 2) and info["full_fp32_bytes_per_token"] > 100 * info["bytes_per_token"] / 8
+    files = list((cache_home / "teacher-logits").glob("*.safetensors"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    # another student (every layer kept), same teacher and data: the cache is read, not rebuilt
+    tiny_recipe.write_text(text.replace("keep_every: 2", "keep_every: 1"))
+    assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path / "b")]) == 0
+    second = json.loads((tmp_path / "b" / "tiny" / "manifest.json").read_text())["artifacts"]["distill"]["metrics"]
+    assert second["teacher_logits"]["reused"] and files[0].stat().st_mtime_ns == stamp
+    assert second["final"]["kd"] > 0
+    # a damaged cache file is rebuilt, not trusted
+    files[0].write_bytes(b"not a safetensors file")
+    assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path / "c")]) == 0
+    third = json.loads((tmp_path / "c" / "tiny" / "manifest.json").read_text())["artifacts"]["distill"]["metrics"]
+    assert not third["teacher_logits"]["reused"] and third["final"]["loss"] == pytest.approx(second["final"]["loss"], rel=1e-3)

@@ -35,8 +35,14 @@ def qat_recovery(m: dict, fmt: str) -> dict | None:
 
 
 def _settings(config: dict) -> str:
-    """A stage's configuration as one table cell."""
-    return "<br>".join(f"`{k}: {v}`" for k, v in config.items() if k != "type") or "-"
+    """What the recipe set for a stage (values that differ from the defaults), as one table cell;
+    recipe.lock.yaml has every value."""
+    from edgekit.recipe.schema import STAGE_CONFIGS
+
+    fields = STAGE_CONFIGS[config["type"]].model_fields if config.get("type") in STAGE_CONFIGS else {}
+    changed = [f"`{k}: {v}`" for k, v in config.items()
+               if k != "type" and (k not in fields or fields[k].is_required() or fields[k].get_default(call_default_factory=True) != v)]
+    return "<br>".join(changed) or "defaults"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -60,8 +66,8 @@ def render(ctx: RunContext, sample: dict) -> str:
                      f"{c['batch_size'] * c['grad_accum']} rows of {r.data.seq_len} tokens = {m['tokens_trained']} tokens; "
                      f"final loss {m['final'].get('loss')}, {m['final'].get('tokens_per_s')} tokens/s")
     lines.append(f"- Data: `{r.data.train}`, split by document into train / holdout")
-    lines += ["", _table(["stage", "wall time (s)", "settings"],
-                         [[k, v["wall_s"], _settings(v.get("config") or {})] for k, v in fin.items() if k != "report"])]
+    lines += ["", _table(["stage", "wall time (s)", "settings (changed from the defaults; all in recipe.lock.yaml)"],
+                         [[k, v["wall_s"], _settings({"type": k, **(v.get("config") or {})})] for k, v in fin.items() if k != "report"])]
     if "export" in fin:
         lines += ["", "## Exported files", "",
                   _table(["file", "size (MB)", "tensor types"],

@@ -85,6 +85,7 @@ class OrtModel:
         self._og = og
         self.last_finish_reason: str | None = None
         self.last_usage: dict | None = None
+        self._hf_tokenizer = None  # for the chat template, loaded on the first chat()
 
     def _stream(self, prompt: str, max_tokens: int, temperature: float) -> Iterator[str]:
         og = self._og
@@ -112,7 +113,7 @@ class OrtModel:
     def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0, stream: bool = False):
         from transformers import AutoTokenizer
 
-        if getattr(self, "_hf_tokenizer", None) is None:
+        if self._hf_tokenizer is None:
             self._hf_tokenizer = AutoTokenizer.from_pretrained(self.path)
         tok = self._hf_tokenizer
         if not getattr(tok, "chat_template", None):

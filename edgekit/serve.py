@@ -83,12 +83,11 @@ def create_app(model, model_id: str, default_max_tokens: int = 256):
     def run(generate, req: _Sampling, kind: str):
         """Stream, or return whole, one generation (`generate(stream)`), holding the model's lock throughout."""
         rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-
         ended = {}
 
-        def pieces() -> Iterator[str]:
+        def pieces(stream: Iterator[str]) -> Iterator[str]:
             with lock:
-                yield from generate(True)
+                yield from stream
                 ended["finish"] = model.last_finish_reason or "stop"
 
         def choice(text: str | None, finish: str | None, first: bool = False) -> dict:
@@ -99,11 +98,15 @@ def create_app(model, model_id: str, default_max_tokens: int = 256):
 
         obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
         if req.stream:
+            # called here, not inside the response body, so that a refusal (no chat template) is
+            # an HTTP error; the runtimes' streams do no model work until they are iterated
+            stream = generate(True)
+
             def events() -> Iterator[str]:
                 head = {"id": rid, "object": obj, "created": int(time.time()), "model": model_id}
                 if kind == "chat":
                     yield f"data: {json.dumps({**head, 'choices': [choice(None, None, first=True)]})}\n\n"
-                for piece in pieces():
+                for piece in pieces(stream):
                     if piece:
                         yield f"data: {json.dumps({**head, 'choices': [choice(piece, None)]})}\n\n"
                 yield f"data: {json.dumps({**head, 'choices': [choice(None, ended['finish'])]})}\n\n"

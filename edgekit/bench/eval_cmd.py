@@ -17,7 +17,6 @@ from typing import Callable
 
 from edgekit.bench.quality import Scorer, evaluate, torch_scorer
 from edgekit.bench.speed import model_size
-from edgekit.bench.suite import backend
 from edgekit.data.documents import load_documents
 from edgekit.data.tokens import pack
 from edgekit.errors import EdgekitError
@@ -67,14 +66,15 @@ def _open_onnx(folder: Path) -> Opened:
 
     import onnxruntime_genai as og
 
-    tok = og.Tokenizer(load_og(folder))
+    model = load_og(folder)
+    tok = og.Tokenizer(model)
     config = json.loads((folder / "genai_config.json").read_text())["model"]
     eos = config.get("eos_token_id", [])
     eos = set(eos if isinstance(eos, list) else [eos])
     return Opened(folder, "onnxruntime", config["vocab_size"],
                   encode=lambda text: [int(i) for i in tok.encode(text)],
                   decode=lambda ids: tok.decode(ids) if ids else "",
-                  stop_ids=eos, scorer=lambda ctx: ort_scorer(folder))
+                  stop_ids=eos, scorer=lambda ctx: ort_scorer(folder, model))
 
 
 def reference_scorer(spec: str, ctx: int, n_vocab: int) -> Scorer:
@@ -97,7 +97,7 @@ def reference_scorer(spec: str, ctx: int, n_vocab: int) -> Scorer:
 def run_eval(file: Path, data: str | None, reference: str | None, ctx: int, max_tokens: int,
              tasks: str | None = None) -> dict:
     """One file's figures: {"file", "backend", "size_mb", "ppl", ..., "tasks": {...}}."""
-    from edgekit.bench.tasks import grade, load_tasks
+    from edgekit.bench.tasks import MAX_NEW_TOKENS, check_fits, grade, load_tasks
 
     if not data and not tasks:
         raise EdgekitError("nothing to evaluate", "pass --data (held-out text) and/or --tasks (a JSONL task set)")
@@ -118,11 +118,8 @@ def run_eval(file: Path, data: str | None, reference: str | None, ctx: int, max_
             out.update({"reference_ppl": r["reference"]["ppl"], "kl_vs_reference": r["file|reference"]["kl"],
                         "top1_vs_reference": r["file|reference"]["top1"]})
     if items:
-        too_long = [it["prompt"][:40] for it in items if len(m.encode(it["prompt"])) + 64 > window]
-        if too_long:
-            raise EdgekitError(f"{len(too_long)} task prompts do not fit the {window}-token window (e.g. {too_long[0]!r}...)",
-                               "shorten the prompts or raise --ctx")
-        g = grade(items, scorers, m.encode, m.decode, m.stop_ids, desc=f"tasks {Path(file).name}")
+        check_fits(items, m.encode, MAX_NEW_TOKENS, window, "raise --ctx to at least {longest}, or shorten the prompts")
+        g = grade(items, scorers, m.encode, m.decode, m.stop_ids, MAX_NEW_TOKENS, desc=f"tasks {Path(file).name}")
         out["tasks"] = {"file": tasks, "chance": g["chance"], **{k: g[k] for k in scorers}}
     return out
 
@@ -146,7 +143,7 @@ def markdown(results: list[dict]) -> str:
 
 def write_outputs(results: list[dict], out: Path) -> list[Path]:
     """eval.json, eval.md and a quality-against-size plot in `out`."""
-    from edgekit.fsutil import atomic_path, write_json, write_text
+    from edgekit.fsutil import write_json, write_text
     from edgekit.report.plots import quality_vs_size
 
     write_json(out / "eval.json", results)
@@ -156,7 +153,5 @@ def write_outputs(results: list[dict], out: Path) -> list[Path]:
                   else ("ppl", "perplexity (held-out text)"))
     points = [(Path(r["file"]).name, r["size_mb"], r[key]) for r in results if r.get(key) is not None]
     if points:
-        with atomic_path(out / "quality_vs_size.png") as tmp:
-            quality_vs_size(points, tmp, ylabel=label)
-        written.append(out / "quality_vs_size.png")
+        written.append(quality_vs_size(points, out / "quality_vs_size.png", ylabel=label))
     return written

@@ -33,11 +33,12 @@ def _generator(model, max_length: int):
     return og.Generator(model, params)
 
 
-def ort_scorer(folder: Path):
-    """Scorer (T,) -> (T, V) logits from ONNX Runtime, for `quality.evaluate`."""
+def ort_scorer(folder: Path, model=None):
+    """Scorer (T,) -> (T, V) logits from ONNX Runtime, for `quality.evaluate` (`model`: the
+    folder already loaded by `load_og`)."""
     import torch
 
-    model = load_og(folder)
+    model = model or load_og(folder)
 
     def score(row):
         g = _generator(model, len(row) + 1)

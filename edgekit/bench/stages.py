@@ -86,8 +86,7 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
 
 def grade_tasks(ctx: RunContext, cfg, scorers: dict, window: int) -> dict:
     """Every scorer on the recipe's task set, on the same token ids (the teacher's tokenizer)."""
-    from edgekit.bench.tasks import grade, load_tasks
-    from edgekit.errors import EdgekitError
+    from edgekit.bench.tasks import check_fits, grade, load_tasks
     from edgekit.fsutil import sha256_file
 
     path = ctx.base / cfg.tasks
@@ -97,11 +96,8 @@ def grade_tasks(ctx: RunContext, cfg, scorers: dict, window: int) -> dict:
     def encode(text: str) -> list[int]:
         return tok(text, add_special_tokens=False)["input_ids"]
 
-    longest = max(len(encode(it["prompt"])) + max([len(encode(c)) for c in it.get("choices", [])] + [cfg.task_max_new_tokens])
-                  for it in items)
-    if longest > window:
-        raise EdgekitError(f"a task item needs {longest} tokens but the evaluate window is {window}",
-                           f"raise the evaluate stage's ctx (and data.seq_len) to at least {longest}, or shorten the prompts")
+    check_fits(items, encode, cfg.task_max_new_tokens, window,
+               "raise the evaluate stage's ctx (and data.seq_len) to at least {longest}, or shorten the prompts")
     g = grade(items, scorers, encode, lambda ids: tok.decode(ids), {tok.eos_token_id}, cfg.task_max_new_tokens, desc="tasks")
     return {"file": cfg.tasks, "sha256": sha256_file(path), "chance": g.pop("chance"), "models": g}
 

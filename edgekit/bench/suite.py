@@ -98,7 +98,7 @@ def markdown(rows: list[dict]) -> str:
 
 def write_outputs(rows: list[dict], out: Path) -> list[Path]:
     """bench.json, bench.md and a decode-speed plot of the measured rows in `out`."""
-    from edgekit.fsutil import atomic_path, write_json, write_text
+    from edgekit.fsutil import write_json, write_text
     from edgekit.report.plots import decode_speed
 
     write_json(out / "bench.json", rows)
@@ -106,7 +106,5 @@ def write_outputs(rows: list[dict], out: Path) -> list[Path]:
     written = [out / "bench.json", out / "bench.md"]
     measured = [r for r in rows if not r["predicted"]]
     if measured:
-        with atomic_path(out / "decode_speed.png") as tmp:
-            decode_speed(measured, tmp)
-        written.append(out / "decode_speed.png")
+        written.append(decode_speed(measured, out / "decode_speed.png"))
     return written

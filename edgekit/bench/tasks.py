@@ -59,6 +59,18 @@ def load_tasks(path: Path) -> list[dict]:
     return items
 
 
+MAX_NEW_TOKENS = 16  # greedy answer length for exact-match items, unless the caller says otherwise
+
+
+def check_fits(items: list[dict], tokenize, max_new_tokens: int, window: int, fix: str) -> None:
+    """Refuse a task set whose longest item (prompt + longest choice, or prompt + the greedy
+    answer) does not fit the scorers' `window` of tokens; `fix` says how to make room."""
+    longest = max(len(tokenize(it["prompt"])) + max([len(tokenize(c)) for c in it.get("choices", [])] + [max_new_tokens])
+                  for it in items)
+    if longest > window:
+        raise EdgekitError(f"a task item needs {longest} tokens but the window is {window}", fix.format(longest=longest))
+
+
 def _normalize(text: str) -> str:
     return text.strip().rstrip(".!,;:").strip().lower()
 
@@ -93,7 +105,7 @@ def _greedy(scorer: Scorer, ctx: list[int], detokenize, max_new: int, stop_ids: 
 
 
 def grade(items: list[dict], scorers: dict[str, Scorer], tokenize, detokenize, stop_ids: set[int] = frozenset(),
-          max_new_tokens: int = 16, desc: str = "tasks") -> dict:
+          max_new_tokens: int = MAX_NEW_TOKENS, desc: str = "tasks") -> dict:
     """Accuracy of every scorer on the items, on identical token ids.
 
     Returns {name: {"mc_items", "acc", "acc_norm", "em_items", "exact_match"}} (None where a

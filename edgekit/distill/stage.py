@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -102,7 +103,7 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
     if cfg.teacher_logits == "offline":
         from edgekit.distill.logit_cache import load_or_build
 
-        t0 = __import__("time").perf_counter()
+        t0 = time.perf_counter()
         cache = load_or_build(teacher, ctx.teacher_provenance(), rows, cfg.top_k, cfg.temperature)
         vocab = teacher.config.vocab_size
         teacher = None
@@ -110,7 +111,7 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
                                        "full_fp32_bytes_per_token": 4 * vocab,
                                        "cache_file": str(cache.path), "cache_mb": round(cache.path.stat().st_size / 2**20, 2),
                                        "reused": not cache.built,
-                                       "seconds": round(__import__("time").perf_counter() - t0, 1)}
+                                       "seconds": round(time.perf_counter() - t0, 1)}
     last = train(student, teacher, rows, settings, out, desc="distill", mask=mask, teacher_cache=cache)
     student = merge()
     save_model(student, tok_dir, out / "model")

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from edgekit.quant import ggml_blocks, kquants
 from edgekit.quant.ggml_blocks import K_FORMATS, quantize_exact
 
+
 def affine(blk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
     """Per-weight (s, o, m) and the code range of a quantized block: w = s*(q - o) + m."""
     rows, cols = blk.q.shape

@@ -15,12 +15,16 @@ def _figure(height: float):
 
 
 def _save(fig, ax, title: str, xlabel: str, out: Path) -> Path:
+    """Finish and write the figure; `out` appears whole or not at all."""
     import matplotlib.pyplot as plt
+
+    from edgekit.fsutil import atomic_path
 
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     fig.tight_layout()
-    fig.savefig(out)
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
     return out
 

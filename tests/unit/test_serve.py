@@ -79,6 +79,8 @@ def test_onnx_folder_serves_completions_and_refuses_chat_without_template(bundle
         assert streamed == out.choices[0].text
         with pytest.raises(openai.BadRequestError, match="no chat template"):
             client.chat.completions.create(model="tiny-int4-onnx", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.BadRequestError, match="no chat template"):  # streamed too: refused before the stream
+            client.chat.completions.create(model="tiny-int4-onnx", messages=[{"role": "user", "content": "hi"}], stream=True)
 
 
 def test_serve_refuses_a_missing_model(tmp_path):

@@ -18,17 +18,23 @@ def build_student(ctx: RunContext, same_vocab: bool = True):
     from transformers import AutoTokenizer
 
     from edgekit.models.sources import resolve_model
-    from edgekit.models.student import check_same_vocab, init_from_teacher_layers, layers_to_keep
+    from edgekit.models.student import (block_importance, check_same_vocab, init_from_teacher_layers, layers_to_keep,
+                                        most_important)
 
     s = ctx.recipe.student
     if s.init == "teacher_layers":
         teacher = ctx.reference_teacher()
         keep = layers_to_keep(teacher.config.num_hidden_layers, s.keep_every, s.keep_layers)
+        info = {"init": "teacher_layers", "kept_layers": keep, "keep_by": s.keep_by}
+        if s.keep_by == "importance":
+            scores = block_importance(teacher, ctx.rows_and_mask("train")[0][: s.importance_rows])
+            keep = info["kept_layers"] = most_important(scores, len(keep))
+            info["block_importance"] = [round(x, 5) for x in scores]
         student = init_from_teacher_layers(teacher, keep)
         if not ctx.teacher_is_reference():  # a full-precision copy beside an NF4/int8 teacher: free it now
             del teacher
             release_memory()
-        return student, ctx.teacher_path(), {"init": "teacher_layers", "kept_layers": keep}
+        return student, ctx.teacher_path(), info
     src = resolve_model(s.model, ctx.base)
     tok = AutoTokenizer.from_pretrained(src.path, trust_remote_code=s.trust_remote_code)
     if same_vocab:
@@ -112,7 +118,17 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
                                        "cache_file": str(cache.path), "cache_mb": round(cache.path.stat().st_size / 2**20, 2),
                                        "reused": not cache.built,
                                        "seconds": round(time.perf_counter() - t0, 1)}
-    last = train(student, teacher, rows, settings, out, desc="distill", mask=mask, teacher_cache=cache)
+    hidden = None
+    if cfg.hidden_states is not None:
+        from edgekit.distill.hidden import HiddenAlign
+
+        if teacher is None:
+            raise EdgekitError("hidden_states: the teacher's layer outputs can only be matched position by position when "
+                               "teacher and student share one tokenizer, and this student's differs",
+                               "remove hidden_states, or use a student with the teacher's tokenizer")
+        hidden = HiddenAlign.build(cfg.hidden_states, student, teacher, init_info.get("kept_layers"), cfg.seed)
+        init_info["hidden_states"] = hidden.describe()
+    last = train(student, teacher, rows, settings, out, desc="distill", mask=mask, teacher_cache=cache, hidden=hidden)
     student = merge()
     save_model(student, tok_dir, out / "model")
     outputs = {"model": "model", "metrics_log": "metrics.jsonl"}

@@ -8,6 +8,7 @@ is a few chunk x V floats, whatever B and T are, with no recomputation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.nn.utils import parametrize
 
+from edgekit.distill.hidden import capture
 from edgekit.distill.lean import make_optimizer
 from edgekit.distill.losses import cross_entropy, forward_kl_topk, kd_loss
 from edgekit.distill.parallel import (average_gradients, barrier, broadcast_training_state, mean_scalars, shard,
@@ -173,10 +175,11 @@ def on_policy_batch(student, x: torch.Tensor, st: KDSettings, seed: int) -> tupl
 
 
 def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, desc: str = "distill",
-          mask: torch.Tensor | None = None, teacher_cache=None) -> dict:
+          mask: torch.Tensor | None = None, teacher_cache=None, hidden=None) -> dict:
     """Train `student` in place on packed `rows` (N, T). `teacher=None` trains on labels alone,
     or, with `teacher_cache` (logit_cache.TeacherCache of these rows), on the cached top-k.
-    `mask` (N, T) bool marks the tokens to train on (default: all)."""
+    `mask` (N, T) bool marks the tokens to train on (default: all). `hidden`
+    (hidden.HiddenAlign) adds hidden-state distillation; its projections train alongside."""
     torch.manual_seed(st.seed)
     rank, size = world()
     if st.batch_size % size:
@@ -185,12 +188,15 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     if teacher is not None:
         teacher.eval().requires_grad_(False)
     student.train()
-    params = [p for p in student.parameters() if p.requires_grad]
+    if hidden is not None and teacher is None:
+        raise EdgekitError("hidden-state distillation needs the teacher online",
+                           "remove hidden_states, or use teacher_logits: online with a same-vocabulary student")
+    params = [p for p in student.parameters() if p.requires_grad] + (list(hidden.parameters()) if hidden is not None else [])
     opt = make_optimizer(params, st.optimizer, st.lr, st.weight_decay)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / "checkpoint"
-    start = load_checkpoint(ckpt, student, opt) if rank == 0 and (ckpt / "state.pt").is_file() else 0
-    start = broadcast_training_state(student, opt, start, size)
+    start = load_checkpoint(ckpt, student, opt, hidden) if rank == 0 and (ckpt / "state.pt").is_file() else 0
+    start = broadcast_training_state(torch.nn.ModuleList([student, hidden]) if hidden is not None else student, opt, start, size)
     log = (workdir / "metrics.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
     trunk_s = hidden_and_head(student)[0]
     trunk_t = hidden_and_head(teacher)[0] if teacher is not None else None
@@ -203,7 +209,7 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
         for g in opt.param_groups:
             g["lr"] = lr_at(step, st)
         opt.zero_grad(set_to_none=True)
-        parts = {"loss": 0.0, "ce": 0.0, "kd": 0.0}
+        parts = {"loss": 0.0, "ce": 0.0, "kd": 0.0} | ({"hidden": 0.0} if hidden is not None else {})
         for micro in range(st.grad_accum):
             # parametrized (fake-quantized) weights are computed once per micro-step, not once per
             # use: the chunked loss reads the output head in every chunk and again in backward
@@ -215,13 +221,18 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
                     x, m = on_policy_batch(student, x, st, seed=st.seed * 7919 + step * 31 + micro)
                 inputs = x[:, :-1]
                 labels = torch.where(m[:, 1:], x[:, 1:], -100).reshape(-1)
-                s_h = trunk_s(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)  # (B*(T-1), H)
+                with layer_outputs(student, hidden, "student") as s_states:
+                    s_h = trunk_s(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)  # (B*(T-1), H)
                 t_h = None
                 if trunk_t is not None:
-                    with torch.no_grad():
+                    with torch.no_grad(), layer_outputs(teacher, hidden, "teacher") as t_states:
                         t_h = trunk_t(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
                 t_sparse = teacher_cache.batch(idx) if teacher_cache is not None else None
                 loss, p = chunked_loss(s_h, t_h, labels, student, teacher, st, t_sparse)
+                if hidden is not None:
+                    h_loss = hidden.loss(s_states, t_states, labels != -100)
+                    loss = loss + h_loss
+                    p["hidden"] = float(h_loss.detach())
                 if mean_scalars({"bad": float(not torch.isfinite(loss.detach()))}, size)["bad"] > 0:
                     log.close()
                     raise EdgekitError(
@@ -231,6 +242,8 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
                 parts["loss"] += float(loss.detach()) / st.grad_accum
                 parts["ce"] += p["ce"] / st.grad_accum
                 parts["kd"] += p["kd"] / st.grad_accum
+                if hidden is not None:
+                    parts["hidden"] += p["hidden"] / st.grad_accum
         average_gradients(params, size)
         parts = mean_scalars(parts, size)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, st.grad_clip))
@@ -248,7 +261,7 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
         progress.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
         if (step + 1) % st.checkpoint_every == 0 and step + 1 < st.steps:
             if rank == 0:  # replicated state: rank 0's copy is everyone's
-                save_checkpoint(ckpt, student, opt, step + 1)
+                save_checkpoint(ckpt, student, opt, step + 1, hidden)
             barrier(size)
     progress.close()
     log.close()
@@ -256,8 +269,17 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     return last
 
 
-def save_checkpoint(path: Path, model, opt, step: int) -> None:
-    """Weights as safetensors; optimizer state as a tensors-only torch file (loaded weights_only)."""
+def layer_outputs(model, hidden, side: str):
+    """The decoder-layer outputs `hidden` compares, recorded during the block ({} without it)."""
+    if hidden is None:
+        return contextlib.nullcontext({})
+    indices = sorted(set(hidden.layer_map.keys() if side == "student" else hidden.layer_map.values()))
+    return capture(model, indices, detach=side == "teacher")
+
+
+def save_checkpoint(path: Path, model, opt, step: int, hidden=None) -> None:
+    """Weights as safetensors; optimizer state (and hidden-state projections) as a tensors-only
+    torch file (loaded weights_only)."""
     from safetensors.torch import save_model
 
     from edgekit.fsutil import atomic_path
@@ -265,15 +287,18 @@ def save_checkpoint(path: Path, model, opt, step: int) -> None:
     with atomic_path(path) as tmp:
         tmp.mkdir()
         save_model(model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state()}, tmp / "state.pt")
+        torch.save({"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(),
+                    "hidden": hidden.state_dict() if hidden is not None else {}}, tmp / "state.pt")
 
 
-def load_checkpoint(path: Path, model, opt) -> int:
+def load_checkpoint(path: Path, model, opt, hidden=None) -> int:
     from safetensors.torch import load_model
 
     load_model(model, str(path / "model.safetensors"))
     state = torch.load(path / "state.pt", weights_only=True)  # never unpickle arbitrary objects
     opt.load_state_dict(state["optimizer"])
+    if hidden is not None:
+        hidden.load_state_dict(state.get("hidden", {}))
     torch.set_rng_state(state["rng"])
     print(f"resuming from checkpoint at step {state['step']}", flush=True)
     return int(state["step"])

@@ -14,7 +14,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def layers_to_keep(n_layers: int, keep_every: int | None, keep_layers: list[int] | None) -> list[int]:
     """Every k-th layer, always including the first and the last (they matter most:
-    embeddings in, logits out; see Minitron and ShortGPT's block-importance results)."""
+    embeddings in, logits out; see Minitron and ShortGPT's block-importance results).
+    `block_importance` + `most_important` choose the same number of layers by measurement."""
     if keep_layers:
         bad = [i for i in keep_layers if i >= n_layers]
         if bad:
@@ -24,6 +25,42 @@ def layers_to_keep(n_layers: int, keep_every: int | None, keep_layers: list[int]
     k = keep_every or 1
     keep = sorted(set(range(0, n_layers, k)) | {n_layers - 1})
     return keep
+
+
+def block_importance(model, rows, batch: int = 4) -> list[float]:
+    """Block Influence of each decoder layer (ShortGPT, Men et al., 2024; the depth-pruning
+    importance of Minitron, Muralidharan et al., 2024): 1 - mean over tokens of cos(layer
+    input, layer output) on calibration rows (N, T). A layer that barely turns the residual
+    stream scores near 0 and is the cheapest to drop."""
+    import torch
+
+    layers = model.get_decoder().layers
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+
+    def hook(i):
+        def measure(_module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            sums[i] += torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum().double()
+        return measure
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for i in range(0, rows.shape[0], batch):
+                chunk = rows[i: i + batch]
+                model.get_decoder()(input_ids=chunk)
+                count += chunk.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return (1 - sums / max(count, 1)).tolist()
+
+
+def most_important(scores: list[float], n: int) -> list[int]:
+    """The `n` layers of highest importance, in model order."""
+    return sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:n])
 
 
 def init_from_teacher_layers(teacher, keep: list[int]):

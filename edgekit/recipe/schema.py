@@ -37,6 +37,10 @@ class StudentSpec(Closed):
     # teacher_layers: keep every k-th teacher layer (first and last always kept), or an explicit list
     keep_every: int | None = Field(3, ge=1)
     keep_layers: list[int] | None = None
+    # which layers: "spacing" keeps every k-th; "importance" keeps as many (len of the every-k-th set),
+    # chosen by Block Influence measured on `importance_rows` train rows (Minitron/ShortGPT depth pruning)
+    keep_by: Literal["spacing", "importance"] = "spacing"
+    importance_rows: int = Field(8, ge=1)
     model: str | None = None  # for init: model, a smaller model with the teacher's tokenizer
     trust_remote_code: bool = False
 
@@ -44,6 +48,8 @@ class StudentSpec(Closed):
     def _check(self):
         if self.init == "model" and not self.model:
             raise ValueError("student.init is 'model' but student.model is not set; name a model or use init: teacher_layers")
+        if self.keep_by == "importance" and self.keep_layers:
+            raise ValueError("student.keep_layers names the layers itself; keep_by: importance chooses them: use one or the other")
         if self.keep_layers is not None and len(self.keep_layers) == 0:
             raise ValueError("student.keep_layers is empty; list at least one teacher layer index")
         return self
@@ -83,6 +89,15 @@ class LoraSpec(Closed):
                                                         "gate_proj", "up_proj", "down_proj"], min_length=1)
 
 
+class HiddenStateKD(Closed):
+    """Hidden-state distillation (edgekit.distill.hidden): student layer outputs pulled toward
+    the teacher's, through a learned projection where widths differ; added to the logit loss."""
+    weight: float = Field(1.0, gt=0.0)
+    loss: Literal["cosine", "mse"] = "cosine"  # mse is relative to the teacher state's norm
+    # student layer -> teacher layer; unset: each kept layer's source (init: teacher_layers), else uniform depth
+    layer_map: dict[int, int] | None = None
+
+
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]  # 8-bit states: bitsandbytes
 
 
@@ -115,6 +130,7 @@ class DistillConfig(Closed):
     # per (teacher, rows, k, temperature), stored compressed in the cache and reused across runs and students
     teacher_logits: Literal["online", "offline"] = "online"
     top_k: int = Field(64, ge=1)  # offline: teacher tokens kept per position; the rest is one tail event
+    hidden_states: HiddenStateKD | None = None
 
     @model_validator(mode="after")
     def _offline(self):
@@ -125,6 +141,9 @@ class DistillConfig(Closed):
             if self.on_policy_fraction > 0:
                 raise ValueError("teacher_logits: offline cannot grade sequences the student generates during training; "
                                  "set on_policy_fraction: 0 or teacher_logits: online")
+            if self.hidden_states is not None:
+                raise ValueError("hidden_states needs the teacher's layer outputs every step, which the offline cache "
+                                 "does not keep: use teacher_logits: online with hidden_states")
             if self.sequence_kd is not None:
                 raise ValueError("teacher_logits: offline caches the teacher on data.train rows; sequence_kd trains on "
                                  "generated answers instead: use teacher_logits: online with sequence_kd")

@@ -28,6 +28,22 @@ def test_layers_to_keep():
         layers_to_keep(4, None, [1, 7])
 
 
+def test_block_importance_finds_the_layer_that_does_nothing(teacher):
+    """A layer whose attention and MLP outputs are zeroed passes the residual stream through:
+    Block Influence ~0, and it is the one dropped."""
+    from edgekit.models.student import block_importance, most_important
+
+    rows = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        teacher.model.layers[2].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[2].mlp.down_proj.weight.zero_()
+    scores = block_importance(teacher, rows, batch=4)
+    assert len(scores) == 4
+    assert abs(scores[2]) < 1e-5 and min(scores[i] for i in (0, 1, 3)) > 1e-3, scores
+    assert most_important(scores, 3) == [0, 1, 3]
+    assert most_important([0.1, 0.5, 0.3, 0.2], 2) == [1, 2]
+
+
 def test_student_copies_the_kept_teacher_layers(teacher):
     student = init_from_teacher_layers(teacher, [0, 3])
     assert student.config.num_hidden_layers == 2

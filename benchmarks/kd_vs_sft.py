@@ -29,7 +29,9 @@ def run() -> dict:
         "steps": cfg["steps"],
         "tokens": distill["metrics"]["tokens_trained"],
         "holdout_tokens": ev["teacher"]["tokens"],
-        "kd_loss": f"{cfg['loss']} T={cfg['temperature']} alpha_ce={cfg['alpha_ce']}",
+        "kd_loss": f"{cfg['loss']} T={cfg['temperature']} alpha_ce={cfg['alpha_ce']}"
+                   + (f" + hidden states ({cfg['hidden_states']['loss']}, weight {cfg['hidden_states']['weight']})"
+                      if cfg.get("hidden_states") else ""),
         "kl_reduction_vs_sft": 1 - ev["student|teacher"]["kl"] / ev["student_sft|teacher"]["kl"],
         "machine": machine_description(),
     }

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check a recipe without running it")
     v.add_argument("recipe")
     v.add_argument("overrides", nargs="*")
+    v.add_argument("--nproc-per-node", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                   help="estimate memory per process for a torchrun launch with this many processes")
     v.set_defaults(fn=cmd_validate)
 
     m = sub.add_parser("models", help="list the embedded models")
@@ -128,21 +131,22 @@ def cmd_validate(args) -> int:
 
     recipe, base = load_recipe(args.recipe, args.overrides)
     print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {' -> '.join(s.type for s in recipe.stages)})")
-    print_memory_estimates(recipe, base)
+    print_memory_estimates(recipe, base, args.nproc_per_node)
     return 0
 
 
-def print_memory_estimates(recipe, base) -> None:
+def print_memory_estimates(recipe, base, processes: int = 1) -> None:
     from edgekit.distill.memory import machine_memory_mb, recipe_estimates
 
-    estimates = recipe_estimates(recipe, base)
+    estimates = recipe_estimates(recipe, base, processes)
     if isinstance(estimates, str):
         print(estimates)
         return
     have = machine_memory_mb()
     for stage_type, est in estimates:
         parts = ", ".join(f"{k.removesuffix('_mb').replace('_', ' ')} {v:,.0f}" for k, v in est.items() if k != "total_mb")
-        print(f"{stage_type}: expected peak memory {est['total_mb']:,.0f} MB ({parts})")
+        each = f" per process ({processes} processes)" if processes > 1 else ""
+        print(f"{stage_type}: expected peak memory{each} {est['total_mb']:,.0f} MB ({parts})")
         if est["total_mb"] > have:
             print(f"  warning: more than this machine's {have:,.0f} MB; lower batch_size or seq_len, use "
                   "teacher.load: nf4, optimizer: adamw8bit or lora:", file=sys.stderr)

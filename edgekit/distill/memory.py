@@ -16,6 +16,12 @@ buffers (student and teacher logits, softmaxes, gradient) and a (V, H) head-grad
 buffer; the optimizer step adds temporaries (see `estimate`). The Python + torch +
 transformers runtime itself is ~350 MB on Linux. Measured peaks are process RSS: a
 teacher memory-mapped from safetensors counts once its pages are touched (every step).
+
+Under torchrun with N processes, each process trains on batch/N rows; a sharded (FSDP2)
+student holds 1/N of its block weights, gradients and optimizer states, plus, gathered,
+its embeddings/head/norms (the root unit, whole for the step) and two decoder layers
+(the one computing and the next); a sharded teacher likewise holds 1/N of its block
+weights plus two gathered layers, its embeddings and head whole.
 """
 
 from __future__ import annotations
@@ -54,11 +60,18 @@ def counts(config) -> ModelCounts:
                        config.vocab_size, max(p.numel() for p in model.parameters()))
 
 
-def teacher_bytes(t: ModelCounts, load: str | None) -> float:
+def held_blocks(m: ModelCounts, processes: int, sharded: bool) -> float:
+    """Block-Linear parameters one process holds: all, or its 1/N shard + two gathered layers."""
+    if not sharded or processes <= 1:
+        return float(m.block_linear)
+    return m.block_linear / processes + 2 * m.block_linear / m.layers
+
+
+def teacher_bytes(t: ModelCounts, load: str | None, processes: int = 1, sharded: bool = False) -> float:
     other = t.params - t.block_linear
     per_linear = {None: 4.0, "fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4.0 / t.hidden, "nf4": 0.5 + 0.02}[load]
     per_other = 2.0 if load == "fp16" else 4.0
-    return t.block_linear * per_linear + other * per_other
+    return held_blocks(t, processes, sharded) * per_linear + other * per_other
 
 
 def lora_params(r: int, targets: list[str], config) -> int:
@@ -74,29 +87,35 @@ def lora_params(r: int, targets: list[str], config) -> int:
 
 def estimate(teacher: ModelCounts | None, student: ModelCounts, *, teacher_load: str | None, optimizer: str,
              batch: int, seq_len: int, loss_chunk: int, trainable: int | None = None,
-             on_gpu: bool = False) -> dict[str, float]:
+             on_gpu: bool = False, processes: int = 1, shard_student: bool = False,
+             shard_teacher: bool = False) -> dict[str, float]:
     """Expected peak of one training stage, in MB, by component, and `total_mb`: process
-    memory on a CPU machine, device memory with `on_gpu`."""
+    memory on a CPU machine, device memory with `on_gpu`; per process under torchrun."""
     trainable = student.params if trainable is None else trainable
-    tokens = batch * (seq_len - 1)
+    n = max(1, processes)
+    tokens = max(1, batch // n) * (seq_len - 1)
+    sharded = shard_student and n > 1
+    held = held_blocks(student, n, sharded) + student.params - student.block_linear  # weights this process holds
+    trained = trainable / n if sharded else trainable  # its share of gradients and optimizer states
     opt_bytes = 8.0 if optimizer == "adamw" else 2.0 + 8.0 / 256
     parts = {
         "runtime": RUNTIME_MB * MB,
-        "teacher_weights": teacher_bytes(teacher, teacher_load) if teacher else 0.0,
+        "teacher_weights": teacher_bytes(teacher, teacher_load, n, shard_teacher) if teacher else 0.0,
         # measured on CPU: loading through bitsandbytes leaves the fp32 block weights it read to
         # quantize resident (RSS), so an NF4/int8 teacher saves far less than its footprint says
         "teacher_load_residue": (4.0 * teacher.block_linear if teacher and teacher_load in ("nf4", "int8") and not on_gpu
                                  else 0.0),
-        "student_weights": 4.0 * student.params,
-        "gradients": 4.0 * trainable,
-        "optimizer_states": opt_bytes * trainable,
+        "student_weights": 4.0 * held,
+        # sharded: the shard's gradients + the gathered root unit's, until they are reduce-scattered
+        "gradients": 4.0 * (trained + (student.params - student.block_linear if sharded else 0)),
+        "optimizer_states": opt_bytes * trained,
         "activations": 4.0 * tokens * student.layers * (ACT_FLOATS_H * student.hidden + ACT_FLOATS_I * student.intermediate),
         "logits_chunk": 4.0 * LOGIT_BUFFERS * min(loss_chunk, tokens) * student.vocab,
         # the fused loss accumulates the output head's gradient in its own (V, H) buffer
         "head_grad_buffer": 4.0 * student.vocab * student.hidden if trainable == student.params else 0.0,
         # the step's temporaries: torch's foreach AdamW ~one parameter-sized list; bitsandbytes'
         # CPU path dequantizes each tensor's states to fp32 (~4 copies of the largest tensor)
-        "optimizer_step": 4.0 * trainable if optimizer == "adamw" else 16.0 * min(trainable, student.largest or trainable),
+        "optimizer_step": 4.0 * trained if optimizer == "adamw" else 16.0 * min(trainable, student.largest or trainable),
     }
     out = {f"{k}_mb": round(v / MB, 1) for k, v in parts.items()}
     out["total_mb"] = round(sum(parts.values()) / MB, 1)
@@ -141,8 +160,9 @@ def _not_cached(spec: str) -> str:
             f"(`huggingface-cli download {spec} config.json` fetches it)")
 
 
-def recipe_estimates(recipe, base) -> list[tuple[str, dict]] | str:
-    """[(stage type, estimate)] for each training stage of a recipe, or why there is none."""
+def recipe_estimates(recipe, base, processes: int = 1) -> list[tuple[str, dict]] | str:
+    """[(stage type, estimate)] for each training stage of a recipe, per process when
+    `processes` run it under torchrun, or why there is none."""
     import copy
 
     from edgekit.models.student import layers_to_keep
@@ -170,7 +190,10 @@ def recipe_estimates(recipe, base) -> list[tuple[str, dict]] | str:
             continue
         lora = getattr(st, "lora", None)
         trainable = lora_params(lora.r, lora.targets, scfg) if lora else None
+        par = getattr(st, "parallel", None)
         out.append((st.type, estimate(teacher, student, teacher_load=t.load, optimizer=st.optimizer,
                                       batch=st.batch_size, seq_len=recipe.data.seq_len, loss_chunk=st.loss_chunk,
-                                      trainable=trainable, on_gpu=on_gpu)))
+                                      trainable=trainable, on_gpu=on_gpu, processes=processes,
+                                      shard_student=par is not None and par.student == "sharded",
+                                      shard_teacher=par is not None and par.teacher == "sharded")))
     return out

@@ -1,14 +1,24 @@
 """Data-parallel training under torchrun: each process takes its share of every global
-batch, gradients are averaged across processes before clipping and the optimizer step,
-so every process holds the same student and optimizer state.
+batch; gradients are averaged across processes before clipping and the optimizer step.
 
     torchrun --standalone --nproc-per-node 2 -m edgekit.cli run RECIPE
 
-Backend: NCCL on GPUs, gloo on CPUs. The teacher is replicated and frozen. Gradients are
-averaged explicitly (one flat all-reduce per step) rather than through DDP's hooks: the
-fused KD loss calls the model's trunk and head directly, which DDP's forward wrapper would
-not see, and averaging once per step also covers gradient accumulation. Because state is
-replicated, rank 0's checkpoint is the whole state and resumes on any number of processes.
+Backend: NCCL on GPUs, gloo on CPUs. Two ways to hold the models (recipe `parallel:`):
+
+- replicated (default): every process holds the whole student and optimizer state;
+  gradients are averaged explicitly (one flat all-reduce per step) rather than through
+  DDP's hooks: the fused KD loss calls the model's trunk and head directly, which DDP's
+  forward wrapper would not see, and averaging once per step also covers accumulation.
+- sharded: PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`) shards each decoder
+  layer and the rest of the student (embeddings, final norm, output head, hidden-state
+  projections) over the processes; parameters, gradients and optimizer state each take
+  1/N of the memory, and a layer is gathered only while it computes. The whole micro-step
+  runs inside the root's forward (`StepRoot`), so the fused loss finds the output head
+  gathered. The frozen teacher can be sharded the same way, layer by layer.
+
+Checkpoints are one full state (torch.distributed.checkpoint.state_dict gathers it onto
+rank 0 and scatters it back), keyed by parameter name, so a run resumes on any number of
+processes and with either layout.
 """
 
 from __future__ import annotations
@@ -17,6 +27,7 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 
 def world() -> tuple[int, int]:
@@ -73,14 +84,81 @@ def broadcast_object(obj, size: int):
     return box[0]
 
 
-def broadcast_training_state(model, opt, start: int, size: int) -> int:
-    """Make every process start from rank 0's weights, optimizer state and step (rank 0 alone
-    reads checkpoints): a run resumes on any number of processes."""
-    if size <= 1:
-        return start
-    for t in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(t.data, src=0)
-    state = broadcast_object(opt.state_dict() if dist.get_rank() == 0 else None, size)
-    if dist.get_rank() != 0:
-        opt.load_state_dict(state)
-    return int(broadcast_object(start, size))
+class StepRoot(nn.Module):
+    """Everything the optimizer trains (the student and the hidden-state projections) under
+    one root, whose forward runs a closure: under FSDP the root's own parameters (embeddings,
+    output head, projections) are gathered for the whole micro-step and its gradients are
+    reduce-scattered after backward. Unsharded, it is a plain container. Parameter names
+    are the same either way ("student.…", "hidden.…"), so checkpoints move between layouts."""
+
+    def __init__(self, student: nn.Module, hidden: nn.Module | None = None):
+        super().__init__()
+        self.student = student
+        self.hidden = hidden
+
+    def forward(self, fn):
+        return fn()
+
+
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    return model.get_decoder().layers
+
+
+def shard_student(root: StepRoot) -> None:
+    """FSDP2: each student decoder layer its own unit, the rest in the root unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _decoder_layers(root.student):
+        fully_shard(layer)
+    fully_shard(root)
+
+
+def shard_teacher(teacher: nn.Module) -> None:
+    """FSDP2 on the frozen teacher's decoder layers (gathered one at a time for its forward,
+    released after); its embeddings and output head stay whole on every process, where the
+    fused loss reads them."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in _decoder_layers(teacher):
+        fully_shard(layer, reshard_after_forward=True)
+
+
+def is_sharded(root: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(root, FSDPModule)
+
+
+def scalar(t) -> float:
+    """A float from a tensor that may be a DTensor (FSDP's gradient norm)."""
+    return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
+
+
+def full_state(root: StepRoot, opt) -> tuple[dict, dict]:
+    """(weights, optimizer state), whole and keyed by parameter name, on rank 0 (empty on
+    other ranks). Every process must call it: sharded parameters are gathered."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(root, options=options), get_optimizer_state_dict(root, opt, options=options)
+
+
+def load_full_state(root: StepRoot, opt, weights: dict, optim: dict, size: int) -> None:
+    """Load rank 0's full state (read from the checkpoint) into every process's model and
+    optimizer, sharded or not. Tied weights saved once are filled by their twin."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=size > 1, strict=False)
+    if size <= 1 or dist.get_rank() == 0:
+        named = dict(root.named_parameters(remove_duplicate=False))
+        missing = [k for k in named if k not in weights and not any(named[k] is named[w] for w in weights if w in named)]
+        if missing:
+            from edgekit.errors import EdgekitError
+
+            raise EdgekitError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}",
+                               "it was written for another model or by an older edgekit: delete the stage's "
+                               "checkpoint folder to restart the stage")
+    set_model_state_dict(root, weights, options=options)
+    set_optimizer_state_dict(root, opt, optim, options=options)

@@ -100,7 +100,8 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
         init_info["sequence_kd"] = seq_stats | {"token_level_kd_too": teacher is not None}
     else:
         rows, mask = ctx.rows_and_mask("train")
-    settings = KDSettings.from_config(cfg)
+    settings = replace(KDSettings.from_config(cfg), shard_student=cfg.parallel.student == "sharded",
+                       shard_teacher=cfg.parallel.teacher == "sharded")
     if teacher is None:
         settings = replace(settings, alpha_ce=1.0)
     student, merge = adapters(student, cfg)

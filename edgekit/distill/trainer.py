@@ -22,8 +22,9 @@ from torch.nn.utils import parametrize
 from edgekit.distill.hidden import capture
 from edgekit.distill.lean import make_optimizer
 from edgekit.distill.losses import cross_entropy, forward_kl_topk, kd_loss
-from edgekit.distill.parallel import (average_gradients, barrier, broadcast_training_state, mean_scalars, shard,
-                                      world)
+from edgekit.distill.parallel import (StepRoot, average_gradients, barrier, broadcast_object, full_state,
+                                      is_sharded, load_full_state, mean_scalars, scalar, shard, shard_student,
+                                      shard_teacher, world)
 from edgekit.errors import EdgekitError
 from edgekit.progress import bar
 
@@ -48,6 +49,8 @@ class KDSettings:
     on_policy_fraction: float = 0.0  # GKD's lambda: share of steps trained on the student's own samples
     on_policy_temperature: float = 1.0
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes)
+    shard_student: bool = False  # under torchrun: FSDP2 (parallel.shard_student); else replicated
+    shard_teacher: bool = False
 
     @classmethod
     def from_config(cls, cfg) -> "KDSettings":
@@ -191,12 +194,16 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     if hidden is not None and teacher is None:
         raise EdgekitError("hidden-state distillation needs the teacher online",
                            "remove hidden_states, or use teacher_logits: online with a same-vocabulary student")
-    params = [p for p in student.parameters() if p.requires_grad] + (list(hidden.parameters()) if hidden is not None else [])
+    root = StepRoot(student, hidden)  # what the optimizer trains, under one name space
+    if size > 1 and st.shard_student:
+        shard_student(root)
+    if size > 1 and st.shard_teacher and teacher is not None:
+        shard_teacher(teacher)
+    params = [p for p in root.parameters() if p.requires_grad]
     opt = make_optimizer(params, st.optimizer, st.lr, st.weight_decay)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / "checkpoint"
-    start = load_checkpoint(ckpt, student, opt, hidden) if rank == 0 and (ckpt / "state.pt").is_file() else 0
-    start = broadcast_training_state(torch.nn.ModuleList([student, hidden]) if hidden is not None else student, opt, start, size)
+    start = resume(ckpt, root, opt, rank, size)
     log = (workdir / "metrics.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
     trunk_s = hidden_and_head(student)[0]
     trunk_t = hidden_and_head(teacher)[0] if teacher is not None else None
@@ -218,21 +225,27 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
                 x = rows[idx]  # (B, T)
                 m = mask[idx] if mask is not None else torch.ones_like(x, dtype=torch.bool)
                 if teacher is not None and is_on_policy(st, step, micro):
-                    x, m = on_policy_batch(student, x, st, seed=st.seed * 7919 + step * 31 + micro)
+                    seed = st.seed * 7919 + step * 31 + micro
+                    x, m = root(lambda: on_policy_batch(student, x, st, seed))  # sharded: the root gathers its part
                 inputs = x[:, :-1]
                 labels = torch.where(m[:, 1:], x[:, 1:], -100).reshape(-1)
-                with layer_outputs(student, hidden, "student") as s_states:
-                    s_h = trunk_s(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)  # (B*(T-1), H)
-                t_h = None
-                if trunk_t is not None:
-                    with torch.no_grad(), layer_outputs(teacher, hidden, "teacher") as t_states:
-                        t_h = trunk_t(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
-                t_sparse = teacher_cache.batch(idx) if teacher_cache is not None else None
-                loss, p = chunked_loss(s_h, t_h, labels, student, teacher, st, t_sparse)
-                if hidden is not None:
-                    h_loss = hidden.loss(s_states, t_states, labels != -100)
-                    loss = loss + h_loss
-                    p["hidden"] = float(h_loss.detach())
+
+                def micro_step():  # runs inside the root's forward: under FSDP its parameters are gathered
+                    with layer_outputs(student, hidden, "student") as s_states:
+                        s_h = trunk_s(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)  # (B*(T-1), H)
+                    t_h = None
+                    if trunk_t is not None:
+                        with torch.no_grad(), layer_outputs(teacher, hidden, "teacher") as t_states:
+                            t_h = trunk_t(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
+                    t_sparse = teacher_cache.batch(idx) if teacher_cache is not None else None
+                    loss, p = chunked_loss(s_h, t_h, labels, student, teacher, st, t_sparse)
+                    if hidden is not None:
+                        h_loss = hidden.loss(s_states, t_states, labels != -100)
+                        loss = loss + h_loss
+                        p["hidden"] = float(h_loss.detach())
+                    return loss, p
+
+                loss, p = root(micro_step)
                 if mean_scalars({"bad": float(not torch.isfinite(loss.detach()))}, size)["bad"] > 0:
                     log.close()
                     raise EdgekitError(
@@ -244,9 +257,10 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
                 parts["kd"] += p["kd"] / st.grad_accum
                 if hidden is not None:
                     parts["hidden"] += p["hidden"] / st.grad_accum
-        average_gradients(params, size)
+        if not is_sharded(root):  # FSDP has averaged (reduce-scattered) them already
+            average_gradients(params, size)
         parts = mean_scalars(parts, size)
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, st.grad_clip))
+        grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, st.grad_clip))
         if not math.isfinite(grad_norm):
             log.close()
             raise EdgekitError(f"{desc}: gradients became {grad_norm} at step {step}; the last good checkpoint is kept in {ckpt}",
@@ -260,8 +274,7 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
         progress.update(1)
         progress.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
         if (step + 1) % st.checkpoint_every == 0 and step + 1 < st.steps:
-            if rank == 0:  # replicated state: rank 0's copy is everyone's
-                save_checkpoint(ckpt, student, opt, step + 1, hidden)
+            save_checkpoint(ckpt, root, opt, step + 1, rank)
             barrier(size)
     progress.close()
     log.close()
@@ -277,28 +290,45 @@ def layer_outputs(model, hidden, side: str):
     return capture(model, indices, detach=side == "teacher")
 
 
-def save_checkpoint(path: Path, model, opt, step: int, hidden=None) -> None:
-    """Weights as safetensors; optimizer state (and hidden-state projections) as a tensors-only
-    torch file (loaded weights_only)."""
-    from safetensors.torch import save_model
+def save_checkpoint(path: Path, root, opt, step: int, rank: int = 0) -> None:
+    """One full state, whatever the layout: weights as safetensors (tied weights once),
+    optimizer state as a tensors-only torch file (loaded weights_only), both keyed by
+    parameter name. Every process calls it (sharded state is gathered); rank 0 writes."""
+    from safetensors.torch import save_file
 
     from edgekit.fsutil import atomic_path
 
+    weights, optim = full_state(root, opt)
+    if rank != 0:
+        return
+    seen, unique = set(), {}
+    for k, v in weights.items():
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            unique[k] = v.contiguous()
     with atomic_path(path) as tmp:
         tmp.mkdir()
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": opt.state_dict(), "step": step, "rng": torch.get_rng_state(),
-                    "hidden": hidden.state_dict() if hidden is not None else {}}, tmp / "state.pt")
+        save_file(unique, str(tmp / "model.safetensors"))
+        torch.save({"optimizer": optim, "step": step, "rng": torch.get_rng_state(), "layout": "by-name"},
+                   tmp / "state.pt")
 
 
-def load_checkpoint(path: Path, model, opt, hidden=None) -> int:
-    from safetensors.torch import load_model
+def resume(path: Path, root, opt, rank: int, size: int) -> int:
+    """The step to start from: 0, or a checkpoint's, whose state rank 0 reads and every
+    process receives (any number of processes, sharded or not)."""
+    from safetensors.torch import load_file
 
-    load_model(model, str(path / "model.safetensors"))
-    state = torch.load(path / "state.pt", weights_only=True)  # never unpickle arbitrary objects
-    opt.load_state_dict(state["optimizer"])
-    if hidden is not None:
-        hidden.load_state_dict(state.get("hidden", {}))
-    torch.set_rng_state(state["rng"])
-    print(f"resuming from checkpoint at step {state['step']}", flush=True)
-    return int(state["step"])
+    found = broadcast_object((path / "state.pt").is_file() if rank == 0 else None, size)
+    if not found:
+        return 0
+    weights, optim, step = {}, {}, 0
+    if rank == 0:
+        state = torch.load(path / "state.pt", weights_only=True)  # never unpickle arbitrary objects
+        if state.get("layout") != "by-name":
+            raise EdgekitError(f"{path} was written by an older edgekit, whose checkpoints this one cannot resume",
+                               f"delete {path} to restart the stage from its beginning")
+        weights, optim, step = load_file(str(path / "model.safetensors")), state["optimizer"], int(state["step"])
+        torch.set_rng_state(state["rng"])
+        print(f"resuming from checkpoint at step {step}", flush=True)
+    load_full_state(root, opt, weights, optim, size)
+    return int(broadcast_object(step, size))

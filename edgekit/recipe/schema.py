@@ -101,6 +101,14 @@ class HiddenStateKD(Closed):
 Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]  # 8-bit states: bitsandbytes
 
 
+class ParallelSpec(Closed):
+    """How the models are spread over processes under torchrun (edgekit.distill.parallel);
+    one process ignores it. sharded: FSDP2, each process holds 1/N of the parameters (and,
+    for the student, of gradients and optimizer state); replicated: each holds them whole."""
+    student: Literal["replicated", "sharded"] = "replicated"
+    teacher: Literal["replicated", "sharded"] = "replicated"  # sharded: decoder layers; embeddings/head stay whole
+
+
 class DistillConfig(Closed):
     type: Literal["distill"]
     loss: Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd"] = "forward_kl"
@@ -131,9 +139,16 @@ class DistillConfig(Closed):
     teacher_logits: Literal["online", "offline"] = "online"
     top_k: int = Field(64, ge=1)  # offline: teacher tokens kept per position; the rest is one tail event
     hidden_states: HiddenStateKD | None = None
+    parallel: ParallelSpec = ParallelSpec()
 
     @model_validator(mode="after")
     def _offline(self):
+        if self.parallel.student == "sharded" and self.optimizer != "adamw":
+            raise ValueError(f"parallel.student: sharded trains with PyTorch's AdamW on sharded tensors; optimizer "
+                             f"'{self.optimizer}' (bitsandbytes) does not take them: use optimizer: adamw")
+        if self.parallel.student == "sharded" and self.lora is not None:
+            raise ValueError("parallel.student: sharded is for full-weight training; LoRA adapters are small enough "
+                             "to replicate: use parallel.student: replicated with lora")
         if self.teacher_logits == "offline":
             if self.loss != "forward_kl":
                 raise ValueError(f"teacher_logits: offline keeps the teacher's top-k only, which defines forward KL; "
@@ -284,6 +299,11 @@ class Recipe(Closed):
             qat, exp = self.stages[types.index("qat")], self.stages[types.index("export")]
             if qat.mix not in exp.formats:
                 problems.append(f"qat.mix is '{qat.mix}' but export.formats is {exp.formats}; export the format QAT trained for")
+        if "distill" in types and self.stages[types.index("distill")].parallel.teacher == "sharded" \
+                and self.teacher.load in ("nf4", "int8"):
+            problems.append(f"distill.parallel.teacher is 'sharded' but teacher.load is '{self.teacher.load}': "
+                            "FSDP shards plain tensors, not bitsandbytes' packed weights; shard an fp32/fp16 teacher "
+                            "or replicate the quantized one")
         if problems:
             raise ValueError("; ".join(problems))
         return self

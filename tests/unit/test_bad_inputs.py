@@ -45,7 +45,10 @@ def check_failure(capsys, argv, expect, runs=None):
 def test_bad_recipe(case, tiny_teacher_dir, tmp_path, capsys):
     (tmp_path / "empty_model").mkdir()
     (tmp_path / "d.jsonl").write_text(case.get("data", DOCS))
-    text = case["text"] if "text" in case else BASE.replace(*case.get("replace", ("", "")))
+    text = case.get("text", BASE)
+    pairs = case.get("replace", [])
+    for old, new in zip(pairs[::2], pairs[1::2]):  # [old, new, old, new, ...]
+        text = text.replace(old, new)
     text = (text.replace("{teacher}", str(tiny_teacher_dir)).replace("{empty_dir}", str(tmp_path / "empty_model"))
             .replace("{data_file}", str(tmp_path / "d.jsonl")))
     recipe = tmp_path / "r.yaml"

@@ -1,5 +1,6 @@
 """Data-parallel KD on 2 CPU processes (torchrun, gloo) reaches the loss of 1 process on
-the same global batch."""
+the same global batch, with replicated or FSDP-sharded models, and checkpoints move
+between process counts and layouts."""
 
 import json
 import subprocess
@@ -18,28 +19,32 @@ from edgekit.models.loading import load_causal_lm
 from edgekit.models.student import init_from_teacher_layers
 
 teacher_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+extra = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
 rank, size = world()
 torch.manual_seed(0)
 teacher = load_causal_lm(teacher_dir)
 student = init_from_teacher_layers(teacher, [0, 2])
 rows = torch.randint(0, teacher.config.vocab_size, (16, 33), generator=torch.Generator().manual_seed(0))
-st = KDSettings(steps=4, batch_size=4, grad_accum=2, loss_chunk=16, lr=1e-3, warmup_steps=1, checkpoint_every=2)
+st = KDSettings(steps=4, batch_size=4, grad_accum=2, loss_chunk=16, lr=1e-3, warmup_steps=1, checkpoint_every=2,
+                **extra)
 last = train(student, teacher, rows, st, out / "work", desc="kd")
+w = sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum()) for p in student.parameters())
+local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in student.parameters())
 if rank == 0:
-    w = sum(float(p.detach().double().sum()) for p in student.parameters())
-    (out / "result.json").write_text(json.dumps({"loss": last["loss"], "weights": w, "size": size}))
+    (out / "result.json").write_text(json.dumps({"loss": last["loss"], "weights": w, "size": size, "local_params": local}))
 '''
 
 
-def run(tmp_path, teacher_dir, nproc: int) -> dict:
-    out = tmp_path / f"n{nproc}"
+def run(tmp_path, teacher_dir, nproc: int, extra: dict | None = None, name: str | None = None) -> dict:
+    out = tmp_path / (name or f"n{nproc}")
     out.mkdir()
     script = tmp_path / "kd.py"
     script.write_text(SCRIPT)
     cmd = ([sys.executable, str(script)] if nproc == 1 else
            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
             str(script)])
-    proc = subprocess.run([*cmd, str(teacher_dir), str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*cmd, str(teacher_dir), str(out), json.dumps(extra or {})], cwd=REPO, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "result.json").read_text())
 
@@ -50,6 +55,25 @@ def test_two_processes_match_one(tiny_teacher_dir, tmp_path):
     assert two["size"] == 2
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
     assert two["weights"] == pytest.approx(one["weights"], rel=1e-5)
+
+
+SHARDED = {"shard_student": True, "shard_teacher": True}
+
+
+def test_fsdp_sharded_student_and_teacher_match_one_process(tiny_teacher_dir, tmp_path):
+    """FSDP2 over 2 processes: each holds about half the student, and training reaches the
+    single-process loss and weights. On-policy steps (each process samples its rows from the
+    student) give the same result sharded as replicated."""
+    one = run(tmp_path, tiny_teacher_dir, 1)
+    two = run(tmp_path, tiny_teacher_dir, 2, SHARDED, name="sharded")
+    assert two["local_params"] < 0.6 * one["local_params"]
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
+    assert two["weights"] == pytest.approx(one["weights"], rel=1e-5)
+    on_policy = {"on_policy_fraction": 0.5}
+    replicated = run(tmp_path, tiny_teacher_dir, 2, on_policy, name="op-replicated")
+    sharded = run(tmp_path, tiny_teacher_dir, 2, {**SHARDED, **on_policy}, name="op-sharded")
+    assert sharded["loss"] == pytest.approx(replicated["loss"], rel=1e-4)
+    assert sharded["weights"] == pytest.approx(replicated["weights"], rel=1e-5)
 
 
 def test_batch_must_split_over_processes(tiny_teacher_dir, tmp_path, monkeypatch):
@@ -115,5 +139,34 @@ def test_resume_on_another_number_of_processes(tiny_teacher_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     resumed = json.loads((half / "result.json").read_text())
     assert resumed["size"] == 2
+    assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-4)
+    assert resumed["weights"] == pytest.approx(straight["weights"], rel=1e-5)
+
+
+def test_sharded_checkpoint_resumes_on_one_process(tiny_teacher_dir, tmp_path):
+    """2 FSDP-sharded processes run 2 steps and checkpoint; 1 unsharded process finishes:
+    the same as 4 steps on 1 process (one full state, keyed by name, whatever the layout)."""
+    straight = run(tmp_path, tiny_teacher_dir, 1)
+    half = tmp_path / "half"
+    half.mkdir()
+    stop = ("import edgekit.distill.trainer as tr\n"
+            "real = tr.save_checkpoint\n"
+            "def save_then_stop(*a):\n"
+            "    real(*a)\n"
+            "    tr.barrier(size)\n"
+            "    raise SystemExit(0)\n"
+            "tr.save_checkpoint = save_then_stop\n")
+    (tmp_path / "kd_half.py").write_text(SCRIPT.replace("last = train(", stop + "last = train("))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(tmp_path / "kd_half.py"), str(tiny_teacher_dir), str(half), json.dumps(SHARDED)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (half / "work" / "checkpoint" / "state.pt").is_file()
+    (tmp_path / "kd.py").write_text(SCRIPT)
+    proc = subprocess.run([sys.executable, str(tmp_path / "kd.py"), str(tiny_teacher_dir), str(half)], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = json.loads((half / "result.json").read_text())
+    assert resumed["size"] == 1
     assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-4)
     assert resumed["weights"] == pytest.approx(straight["weights"], rel=1e-5)

@@ -10,7 +10,8 @@ logits: 256 B vs 196 KB per token for SmolLM2 at k = 64.
 The cache lives in `~/.cache/edgekit/teacher-logits/<key>.safetensors` ($EDGEKIT_CACHE),
 keyed by the teacher's provenance, the exact training rows, k and the temperature, so a
 second run or another student on the same data and teacher reads it instead of running
-the teacher. It is written atomically; a corrupt or foreign file is rebuilt.
+the teacher. It is written atomically; a corrupt or foreign file is rebuilt. Under
+torchrun the processes build it in parallel, each its share of the rows, and rank 0 merges.
 """
 
 from __future__ import annotations
@@ -74,13 +75,27 @@ def load_or_build(teacher, teacher_provenance: dict, rows: torch.Tensor, k: int,
                 return TeacherCache(t["index"], t["logprobs"], int(t["id_offset"]), path, built=False)
         except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
             pass
+    from edgekit.distill.parallel import world
+
+    rank, size = world()
+    if size > 1:  # under torchrun: each process caches its share of the rows, rank 0 merges
+        return _build_in_shards(teacher, rows, k, temperature, batch_size, path, rank, size)
+    index, logprobs, id_offset = _top_k(teacher, rows, k, temperature, batch_size)
+    with atomic_path(path) as tmp:
+        save_file({"index": index, "logprobs": logprobs, "id_offset": torch.tensor(id_offset)}, str(tmp))
+    return TeacherCache(index, logprobs, id_offset, path, built=True)
+
+
+def _top_k(teacher, rows: torch.Tensor, k: int, temperature: float, batch_size: int,
+           desc: str = "caching teacher top-k") -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The teacher's top-k ids and log-probs for `rows`, and the id offset of their storage."""
     vocab = teacher.config.vocab_size
     id_dtype, id_offset = (torch.int16, 0) if vocab <= 2**15 else (torch.int16, 2**15) if vocab <= 2**16 else (torch.int32, 0)
     n, t_len = rows.shape
     index = torch.empty((n, t_len - 1, min(k, vocab)), dtype=id_dtype)
     logprobs = torch.empty((n, t_len - 1, min(k, vocab)), dtype=torch.float16)
     teacher.eval()
-    progress = bar(n, "caching teacher top-k", unit="row")
+    progress = bar(n, desc, unit="row")
     with torch.no_grad():
         for i in range(0, n, batch_size):
             x = rows[i: i + batch_size, :-1]
@@ -90,6 +105,33 @@ def load_or_build(teacher, teacher_provenance: dict, rows: torch.Tensor, k: int,
             logprobs[i: i + batch_size] = top.half()
             progress.update(x.shape[0])
     progress.close()
-    with atomic_path(path) as tmp:
-        save_file({"index": index, "logprobs": logprobs, "id_offset": torch.tensor(id_offset)}, str(tmp))
-    return TeacherCache(index, logprobs, id_offset, path, built=True)
+    return index, logprobs, id_offset
+
+
+def _build_in_shards(teacher, rows, k, temperature, batch_size, path: Path, rank: int, size: int) -> TeacherCache:
+    """Process r caches rows [r*N/size, (r+1)*N/size) into `<key>.part-r-of-size`; rank 0
+    concatenates the parts into the cache file and removes them. A part left by an
+    interrupted build is reused."""
+    from safetensors.torch import load_file, save_file
+
+    from edgekit.distill.parallel import barrier
+
+    bounds = [rows.shape[0] * r // size for r in range(size + 1)]
+    part = lambda r: path.with_name(f"{path.stem}.part-{r}-of-{size}.safetensors")  # noqa: E731
+    if not part(rank).is_file():
+        index, logprobs, id_offset = _top_k(teacher, rows[bounds[rank]: bounds[rank + 1]], k, temperature, batch_size,
+                                            desc=f"caching teacher top-k (rank {rank}/{size})")
+        with atomic_path(part(rank)) as tmp:
+            save_file({"index": index, "logprobs": logprobs, "id_offset": torch.tensor(id_offset)}, str(tmp))
+    barrier(size)
+    if rank == 0:
+        parts = [load_file(part(r)) for r in range(size)]
+        merged = {"index": torch.cat([p["index"] for p in parts]), "logprobs": torch.cat([p["logprobs"] for p in parts]),
+                  "id_offset": parts[0]["id_offset"]}
+        with atomic_path(path) as tmp:
+            save_file(merged, str(tmp))
+        for r in range(size):
+            part(r).unlink()
+    barrier(size)
+    t = load_file(path)
+    return TeacherCache(t["index"], t["logprobs"], int(t["id_offset"]), path, built=True)

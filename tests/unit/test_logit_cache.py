@@ -73,3 +73,46 @@ def test_offline_recipe_builds_once_then_reuses(tiny_recipe, tmp_path, cache_hom
     assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path / "c")]) == 0
     third = json.loads((tmp_path / "c" / "tiny" / "manifest.json").read_text())["artifacts"]["distill"]["metrics"]
     assert not third["teacher_logits"]["reused"] and third["final"]["loss"] == pytest.approx(second["final"]["loss"], rel=1e-3)
+
+
+BUILD = '''
+import sys, torch
+from pathlib import Path
+from edgekit.distill.logit_cache import load_or_build
+from edgekit.distill.parallel import world
+from edgekit.models.loading import load_causal_lm
+
+rank, size = world()
+teacher = load_causal_lm(Path(sys.argv[1]))
+rows = torch.randint(0, teacher.config.vocab_size, (7, 17), generator=torch.Generator().manual_seed(0))
+cache = load_or_build(teacher, {"test": "parallel"}, rows, k=8, temperature=1.0, batch_size=2)
+print("built" if cache.built else "reused", cache.path)
+'''
+
+
+def test_cache_builds_in_parallel_shards_and_merges(tiny_teacher_dir, tmp_path, monkeypatch):
+    """Under torchrun each process caches its share of the rows and rank 0 merges: the file
+    holds what one process computes, and no part files are left behind."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from tests.conftest import REPO
+
+    script = tmp_path / "build.py"
+    script.write_text(BUILD)
+    files = {}
+    for nproc in (1, 2):
+        monkeypatch.setenv("EDGEKIT_CACHE", str(tmp_path / f"cache{nproc}"))
+        launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                      "--nproc-per-node", "2"]
+        proc = subprocess.run([*launch, str(script), str(tiny_teacher_dir)], cwd=REPO, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("built") == nproc
+        (folder,) = {p.parent for p in (tmp_path / f"cache{nproc}").rglob("*.safetensors")}
+        assert [p.name for p in folder.iterdir() if "part" in p.name] == []
+        files[nproc] = load_file(next(folder.glob("*.safetensors")))
+    assert torch.equal(files[2]["index"], files[1]["index"])
+    assert torch.allclose(files[2]["logprobs"].float(), files[1]["logprobs"].float(), atol=1e-3)

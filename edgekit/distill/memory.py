@@ -165,7 +165,7 @@ def recipe_estimates(recipe, base, processes: int = 1) -> list[tuple[str, dict]]
     `processes` run it under torchrun, or why there is none."""
     import copy
 
-    from edgekit.models.student import layers_to_keep
+    from edgekit.models.student import layers_to_keep, narrow_width
     from edgekit.pipeline import TRAINING_STAGES
 
     t = recipe.teacher
@@ -176,6 +176,8 @@ def recipe_estimates(recipe, base, processes: int = 1) -> list[tuple[str, dict]]
     if s.init == "teacher_layers":
         scfg = copy.deepcopy(tcfg)
         scfg.num_hidden_layers = len(layers_to_keep(tcfg.num_hidden_layers, s.keep_every, s.keep_layers))
+        if s.mlp_keep is not None:
+            scfg.intermediate_size = narrow_width(scfg.intermediate_size, s.mlp_keep)
     else:
         scfg = model_config(s.model, base, s.trust_remote_code)
         if scfg is None:

@@ -19,7 +19,7 @@ def build_student(ctx: RunContext, same_vocab: bool = True):
 
     from edgekit.models.sources import resolve_model
     from edgekit.models.student import (block_importance, check_same_vocab, init_from_teacher_layers, layers_to_keep,
-                                        most_important)
+                                        mlp_channel_importance, most_important, narrow_mlps)
 
     s = ctx.recipe.student
     if s.init == "teacher_layers":
@@ -31,6 +31,9 @@ def build_student(ctx: RunContext, same_vocab: bool = True):
             keep = info["kept_layers"] = most_important(scores, len(keep))
             info["block_importance"] = [round(x, 5) for x in scores]
         student = init_from_teacher_layers(teacher, keep)
+        if s.mlp_keep is not None:
+            calib = ctx.rows_and_mask("train")[0][: s.importance_rows]
+            info["mlp"] = narrow_mlps(student, s.mlp_keep, mlp_channel_importance(student, calib))
         if not ctx.teacher_is_reference():  # a full-precision copy beside an NF4/int8 teacher: free it now
             del teacher
             release_memory()

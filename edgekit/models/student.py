@@ -63,6 +63,75 @@ def most_important(scores: list[float], n: int) -> list[int]:
     return sorted(sorted(range(len(scores)), key=lambda i: -scores[i])[:n])
 
 
+def narrow_width(width: int, fraction: float) -> int:
+    """MLP channels kept of `width`: the fraction, rounded to a multiple of 32 (GGUF's block
+    size; multiples of 256 also keep Q4_K for the down projection), at least 32."""
+    return min(width, max(32, round(width * fraction / 32) * 32))
+
+
+def _mlp(layer):
+    mlp = getattr(layer, "mlp", None)
+    if mlp is None or not all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")):
+        raise EdgekitError(f"MLP width pruning needs gate_proj/up_proj/down_proj MLPs; {type(layer).__name__} has another layout",
+                           "remove student.mlp_keep for this architecture")
+    return mlp
+
+
+def mlp_channel_importance(model, rows, batch: int = 4) -> list:
+    """Per layer, each MLP channel's mean |activation| (the input of down_proj: act(gate) * up)
+    over the tokens of calibration rows (N, T): Minitron's activation-based width importance
+    (Muralidharan et al., 2024). Returns one (intermediate,) tensor per decoder layer."""
+    import torch
+
+    layers = model.get_decoder().layers
+    sums = [torch.zeros(_mlp(layer).down_proj.in_features, dtype=torch.float64) for layer in layers]
+    count = 0
+
+    def hook(i):
+        def measure(_module, args):
+            sums[i] += args[0].detach().abs().double().sum(dim=(0, 1))
+        return measure
+
+    handles = [_mlp(layer).down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
+    try:
+        with torch.no_grad():
+            for i in range(0, rows.shape[0], batch):
+                chunk = rows[i: i + batch]
+                model.get_decoder()(input_ids=chunk)
+                count += chunk.numel()
+    finally:
+        for h in handles:
+            h.remove()
+    return [x / max(count, 1) for x in sums]
+
+
+def narrow_mlps(model, fraction: float, scores: list) -> dict:
+    """Keep the most important `narrow_width(...)` channels of every MLP (the same number in
+    each layer, chosen per layer): rows of gate/up, columns of down. The model's config
+    records the new intermediate size, so it saves, exports and reloads as a plain model."""
+    import torch
+
+    width = model.config.intermediate_size
+    new = narrow_width(width, fraction)
+    kept = []
+    with torch.no_grad():
+        for layer, score in zip(model.get_decoder().layers, scores):
+            mlp = _mlp(layer)
+            idx = torch.sort(torch.topk(score, new).indices).values
+            for proj in (mlp.gate_proj, mlp.up_proj):
+                proj.weight = torch.nn.Parameter(proj.weight[idx].clone())
+                if proj.bias is not None:
+                    proj.bias = torch.nn.Parameter(proj.bias[idx].clone())
+                proj.out_features = new
+            mlp.down_proj.weight = torch.nn.Parameter(mlp.down_proj.weight[:, idx].clone())
+            mlp.down_proj.in_features = new
+            if hasattr(mlp, "intermediate_size"):
+                mlp.intermediate_size = new
+            kept.append(float(score[idx].sum() / score.sum()) if float(score.sum()) > 0 else 1.0)
+    model.config.intermediate_size = new
+    return {"intermediate_size": [width, new], "importance_kept_per_layer": [round(k, 4) for k in kept]}
+
+
 def init_from_teacher_layers(teacher, keep: list[int]):
     """A new model with the teacher's embeddings, head and the kept decoder layers (copied)."""
     import copy

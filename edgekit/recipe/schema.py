@@ -41,6 +41,9 @@ class StudentSpec(Closed):
     # chosen by Block Influence measured on `importance_rows` train rows (Minitron/ShortGPT depth pruning)
     keep_by: Literal["spacing", "importance"] = "spacing"
     importance_rows: int = Field(8, ge=1)
+    # narrower MLPs: keep this fraction of each layer's MLP channels (rounded to a multiple of 32),
+    # those with the largest mean activation on `importance_rows` train rows (Minitron width pruning)
+    mlp_keep: float | None = Field(None, gt=0.0, lt=1.0)
     model: str | None = None  # for init: model, a smaller model with the teacher's tokenizer
     trust_remote_code: bool = False
 
@@ -50,6 +53,9 @@ class StudentSpec(Closed):
             raise ValueError("student.init is 'model' but student.model is not set; name a model or use init: teacher_layers")
         if self.keep_by == "importance" and self.keep_layers:
             raise ValueError("student.keep_layers names the layers itself; keep_by: importance chooses them: use one or the other")
+        if self.mlp_keep is not None and self.init != "teacher_layers":
+            raise ValueError("student.mlp_keep narrows the MLPs of layers copied from the teacher; with init: model "
+                             "the student's widths are its own: remove mlp_keep or use init: teacher_layers")
         if self.keep_layers is not None and len(self.keep_layers) == 0:
             raise ValueError("student.keep_layers is empty; list at least one teacher layer index")
         return self

@@ -44,6 +44,42 @@ def test_block_importance_finds_the_layer_that_does_nothing(teacher):
     assert most_important([0.1, 0.5, 0.3, 0.2], 2) == [1, 2]
 
 
+def test_narrower_mlps_drop_the_dead_channels_and_export(teacher, tiny_teacher_dir, tmp_path):
+    """Minitron width pruning: channels whose activation is always 0 score 0 and are the ones
+    dropped, so the half-width model computes exactly what the full one did; it saves with
+    its new intermediate size and llama.cpp runs its GGUF with the same logits."""
+    from edgekit.bench.llama_runner import llama_scorer
+    from edgekit.distill.stage import save_model
+    from edgekit.export.gguf_write import write_gguf
+    from edgekit.models.student import mlp_channel_importance, narrow_mlps, narrow_width
+
+    assert narrow_width(1536, 0.5) == 768 and narrow_width(576, 0.3) == 160 and narrow_width(64, 0.1) == 32
+    student = init_from_teacher_layers(teacher, [0, 1, 2, 3])
+    width = student.config.intermediate_size
+    dead = torch.arange(width) % 2 == 1
+    with torch.no_grad():
+        for layer in student.model.layers:
+            layer.mlp.up_proj.weight[dead] = 0
+    rows = torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(1))
+    scores = mlp_channel_importance(student, rows)
+    assert len(scores) == 4 and all(float(s[dead].abs().max()) == 0 and float(s[~dead].min()) > 0 for s in scores)
+    with torch.no_grad():
+        before = student(input_ids=rows).logits
+    info = narrow_mlps(student, 0.5, scores)
+    assert info["intermediate_size"] == [width, width // 2] and info["importance_kept_per_layer"] == [1.0] * 4
+    assert student.model.layers[0].mlp.down_proj.weight.shape == (student.config.hidden_size, width // 2)
+    with torch.no_grad():
+        assert torch.allclose(student(input_ids=rows).logits, before, atol=1e-5)
+    save_model(student, tiny_teacher_dir, tmp_path / "narrow")
+    reloaded = load_causal_lm(tmp_path / "narrow")
+    assert reloaded.config.intermediate_size == width // 2
+    gguf = write_gguf(tmp_path / "narrow", tmp_path / "narrow-F16.gguf", "f16")
+    from_file = llama_scorer(gguf, ctx=16)(rows[0])
+    kl = torch.nn.functional.kl_div(from_file.log_softmax(-1), before[0].log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1)
+    assert float(kl.max()) < 1e-3  # F16 weights in the file
+
+
 def test_student_copies_the_kept_teacher_layers(teacher):
     student = init_from_teacher_layers(teacher, [0, 3])
     assert student.config.num_hidden_layers == 2

@@ -132,7 +132,9 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
                                "remove hidden_states, or use a student with the teacher's tokenizer")
         hidden = HiddenAlign.build(cfg.hidden_states, student, teacher, init_info.get("kept_layers"), cfg.seed)
         init_info["hidden_states"] = hidden.describe()
-    last = train(student, teacher, rows, settings, out, desc="distill", mask=mask, teacher_cache=cache, hidden=hidden)
+    holdout = ctx.rows("holdout")[: cfg.eval_rows] if cfg.eval_every else None
+    last = train(student, teacher, rows, settings, out, desc="distill", mask=mask, teacher_cache=cache, hidden=hidden,
+                 holdout=holdout)
     student = merge()
     save_model(student, tok_dir, out / "model")
     outputs = {"model": "model", "metrics_log": "metrics.jsonl"}
@@ -141,7 +143,7 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
         del student
         baseline, merge = adapters(build_student(ctx)[0], cfg)
         sft = replace(settings, alpha_ce=1.0)
-        extra["sft_final"] = train(baseline, None, rows, sft, out / "sft", desc="sft baseline", mask=mask)
+        extra["sft_final"] = train(baseline, None, rows, sft, out / "sft", desc="sft baseline", mask=mask, holdout=holdout)
         baseline = merge()
         save_model(baseline, tok_dir, out / "sft_model")
         outputs["sft_model"] = "sft_model"

@@ -50,6 +50,7 @@ class KDSettings:
     on_policy_temperature: float = 1.0
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes)
     shard_student: bool = False  # under torchrun: FSDP2 (parallel.shard_student); else replicated
+    eval_every: int = 0  # holdout evaluation every N steps and at the end (with `holdout` rows); 0: off
     shard_teacher: bool = False
 
     @classmethod
@@ -178,11 +179,15 @@ def on_policy_batch(student, x: torch.Tensor, st: KDSettings, seed: int) -> tupl
 
 
 def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, desc: str = "distill",
-          mask: torch.Tensor | None = None, teacher_cache=None, hidden=None) -> dict:
+          mask: torch.Tensor | None = None, teacher_cache=None, hidden=None, holdout: torch.Tensor | None = None) -> dict:
     """Train `student` in place on packed `rows` (N, T). `teacher=None` trains on labels alone,
     or, with `teacher_cache` (logit_cache.TeacherCache of these rows), on the cached top-k.
     `mask` (N, T) bool marks the tokens to train on (default: all). `hidden`
-    (hidden.HiddenAlign) adds hidden-state distillation; its projections train alongside."""
+    (hidden.HiddenAlign) adds hidden-state distillation; its projections train alongside.
+    With `st.eval_every` and `holdout` rows (N, T), the student is scored on them every
+    that many steps and at the end (perplexity; KL to the teacher and top-1 agreement when
+    the teacher is online): `{"step", "holdout": {...}}` lines in metrics.jsonl. Scalars
+    also go to TensorBoard (workdir/tensorboard) when it is installed."""
     torch.manual_seed(st.seed)
     rank, size = world()
     if st.batch_size % size:
@@ -205,6 +210,7 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     ckpt = workdir / "checkpoint"
     start = resume(ckpt, root, opt, rank, size)
     log = (workdir / "metrics.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
+    tb = tensorboard(workdir) if rank == 0 else None
     trunk_s = hidden_and_head(student)[0]
     trunk_t = hidden_and_head(teacher)[0] if teacher is not None else None
     tokens_per_step = st.batch_size * st.grad_accum * (rows.shape[1] - 1)
@@ -270,7 +276,16 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
         last = {"step": step + 1, **{k: round(v, 5) for k, v in parts.items()}, "lr": lr_at(step, st),
                 "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens_per_step / dt, 1)}
         log.write(json.dumps(last) + "\n")
+        if st.eval_every and holdout is not None and ((step + 1) % st.eval_every == 0 or step + 1 == st.steps):
+            scores = holdout_scores(root, teacher, holdout)
+            log.write(json.dumps({"step": step + 1, "holdout": scores}) + "\n")
+            last = {**last, "holdout": scores}
         log.flush()
+        if tb is not None:
+            for k, v in last.items():
+                for name, value in (v.items() if isinstance(v, dict) else [(None, v)]):
+                    if k != "step":
+                        tb.add_scalar(f"{desc}/{k}" + (f"/{name}" if name else ""), value, step + 1)
         progress.update(1)
         progress.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
         if (step + 1) % st.checkpoint_every == 0 and step + 1 < st.steps:
@@ -278,8 +293,47 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
             barrier(size)
     progress.close()
     log.close()
+    if tb is not None:
+        tb.close()
     student.eval()
     return last
+
+
+def tensorboard(workdir: Path):
+    """A TensorBoard writer into workdir/tensorboard, or None when tensorboard is not installed."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(workdir / "tensorboard"))
+
+
+def holdout_scores(root, teacher, holdout: torch.Tensor) -> dict:
+    """Perplexity of the student (root.student) on holdout rows (N, T), and with a teacher
+    KL(teacher || student) and top-1 agreement; the student is back in training mode after.
+    Under FSDP every process scores the same rows (the forward gathers layers)."""
+    from edgekit.bench.quality import evaluate
+
+    student = root.student
+    student.eval()
+
+    @torch.no_grad()
+    def score_student(row):
+        return root(lambda: student(input_ids=row[None]).logits[0].float())
+
+    @torch.no_grad()
+    def score_teacher(row):
+        return teacher(input_ids=row[None]).logits[0].float()
+
+    scorers = {"student": score_student} | ({"teacher": score_teacher} if teacher is not None else {})
+    pairs = [("student", "teacher")] if teacher is not None else []
+    with parametrize.cached():  # a fake-quantized student's grid is computed once for all rows
+        result = evaluate(scorers, holdout, pairs, desc="holdout")
+    student.train()
+    scores = {"ppl": round(result["student"]["ppl"], 4)}
+    if teacher is not None:
+        scores |= {"kl": round(result["student|teacher"]["kl"], 5), "top1": round(result["student|teacher"]["top1"], 4)}
+    return scores
 
 
 def layer_outputs(model, hidden, side: str):

@@ -27,7 +27,8 @@ def run_qat(ctx: RunContext, cfg, out: Path) -> dict:
         init = gptq_init(student, plan, rows[: cfg.calibration_rows], cfg.damp)
     coverage = prepare(student, plan)
     settings = KDSettings.from_config(cfg)
-    last = train(student, ctx.teacher(), rows, settings, out, desc="qat", mask=mask)
+    holdout = ctx.rows("holdout")[: cfg.eval_rows] if cfg.eval_every else None
+    last = train(student, ctx.teacher(), rows, settings, out, desc="qat", mask=mask, holdout=holdout)
     strip(student)
     save_model(student, src, out / "model")
     outputs = {"model": "model", "plan": "qat_plan.json"}
@@ -35,7 +36,8 @@ def run_qat(ctx: RunContext, cfg, out: Path) -> dict:
     if "float" in cfg.baselines:
         del student
         twin = ctx.load_model(src)
-        twin_last = train(twin, ctx.teacher(), rows, settings, out / "float_twin", desc="float twin (no QAT)", mask=mask)
+        twin_last = train(twin, ctx.teacher(), rows, settings, out / "float_twin", desc="float twin (no QAT)", mask=mask,
+                          holdout=holdout)
         save_model(twin, src, out / "float_model")
         outputs["float_model"] = "float_model"
     (out / "qat_plan.json").write_text(__import__("json").dumps({"mix": cfg.mix, "plan": plan, **coverage}, indent=1))

@@ -131,6 +131,8 @@ class DistillConfig(Closed):
     grad_clip: float = Field(1.0, gt=0.0)
     loss_chunk: int = Field(128, ge=1)  # positions per loss chunk: peak memory grows with this, not B*T*V
     checkpoint_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)  # every N steps (and at the end): holdout perplexity, KL to teacher, top-1; 0: off
+    eval_rows: int = Field(8, ge=1)  # holdout rows that evaluation scores
     seed: int = 0
     # also train the same student on the same rows and steps with labels alone (no teacher):
     # the plain fine-tuning baseline KD has to beat
@@ -189,6 +191,8 @@ class QATConfig(Closed):
     grad_clip: float = Field(1.0, gt=0.0)
     loss_chunk: int = Field(128, ge=1)
     checkpoint_every: int = Field(10, ge=1)
+    eval_every: int = Field(0, ge=0)  # every N steps (and at the end): holdout perplexity, KL to teacher, top-1; 0: off
+    eval_rows: int = Field(8, ge=1)
     seed: int = 1
     # also train a float twin: the same start, data, steps and seed without fake quantization.
     # Its llama.cpp quantization is the PTQ baseline QAT is judged against, at equal training.

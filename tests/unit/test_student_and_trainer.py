@@ -151,6 +151,30 @@ def test_kd_lowers_kl_to_teacher(teacher, rows, tmp_path):
     assert after < 0.7 * before
 
 
+def test_periodic_holdout_evaluation_and_tensorboard(teacher, rows, tmp_path):
+    """eval_every: the student is scored on held-out rows during training (the same numbers
+    `evaluate` gives for the model at that point), logged to metrics.jsonl and TensorBoard."""
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train_rows, holdout = rows[:12], rows[12:]
+    student = init_from_teacher_layers(teacher, [0, 3])
+    st = KDSettings(steps=6, batch_size=4, lr=3e-3, warmup_steps=1, loss_chunk=16, eval_every=3)
+    last = train(student, teacher, train_rows, st, tmp_path, holdout=holdout)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [x for x in lines if "holdout" in x and "loss" not in x]
+    assert [x["step"] for x in evals] == [3, 6]
+    assert evals[1]["holdout"]["kl"] < evals[0]["holdout"]["kl"]
+    assert last["holdout"] == evals[1]["holdout"]
+    assert evals[1]["holdout"]["kl"] == pytest.approx(kl_to_teacher(student, teacher, holdout), rel=1e-4)
+    assert student.training is False  # train() hands back an eval-mode model, as before
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert {"distill/loss", "distill/holdout/kl", "distill/holdout/ppl"} <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("distill/holdout/kl")] == [3, 6]
+
+
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd", "skew_forward_kl", "tvd"])
 def test_every_loss_trains(teacher, rows, tmp_path, loss):
     student = init_from_teacher_layers(teacher, [0, 3])

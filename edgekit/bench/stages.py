@@ -29,7 +29,12 @@ def qat_model(ctx: RunContext):
     from edgekit.quant.qat import prepare, strip
 
     model = ctx.load_model(ctx.output("qat", "model"))
-    prepare(model, json.loads(ctx.output("qat", "plan").read_text())["plan"])
+    learned = None
+    if "scales" in ctx.finished["qat"]["outputs"]:
+        from safetensors.torch import load_file
+
+        learned = load_file(ctx.output("qat", "scales"))
+    prepare(model, json.loads(ctx.output("qat", "plan").read_text())["plan"], "learn" if learned else "recompute", learned)
     return strip(model, on_grid=True)
 
 

@@ -187,13 +187,15 @@ def recipe_estimates(recipe, base, processes: int = 1) -> list[tuple[str, dict]]
     teacher, student = counts(tcfg), counts(scfg)
     on_gpu = torch.cuda.is_available()
     out = []
+    distilled = any(st.type == "distill" for st in recipe.stages)
     for st in recipe.stages:
         if st.type not in TRAINING_STAGES:
             continue
+        trained = student if distilled or st.type == "distill" else teacher  # QAT alone trains the teacher's weights
         lora = getattr(st, "lora", None)
         trainable = lora_params(lora.r, lora.targets, scfg) if lora else None
         par = getattr(st, "parallel", None)
-        out.append((st.type, estimate(teacher, student, teacher_load=t.load, optimizer=st.optimizer,
+        out.append((st.type, estimate(teacher, trained, teacher_load=t.load, optimizer=st.optimizer,
                                       batch=st.batch_size, seq_len=recipe.data.seq_len, loss_chunk=st.loss_chunk,
                                       trainable=trainable, on_gpu=on_gpu, processes=processes,
                                       shard_student=par is not None and par.student == "sharded",

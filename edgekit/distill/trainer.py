@@ -205,7 +205,7 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     if size > 1 and st.shard_teacher and teacher is not None:
         shard_teacher(teacher)
     params = [p for p in root.parameters() if p.requires_grad]
-    opt = make_optimizer(params, st.optimizer, st.lr, st.weight_decay)
+    opt = make_optimizer(param_groups(params), st.optimizer, st.lr, st.weight_decay)
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = workdir / "checkpoint"
     start = resume(ckpt, root, opt, rank, size)
@@ -220,7 +220,7 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     for step in range(start, st.steps):
         t0 = time.perf_counter()
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, st)
+            g["lr"] = lr_at(step, st) * g.get("lr_scale", 1.0)
         opt.zero_grad(set_to_none=True)
         parts = {"loss": 0.0, "ce": 0.0, "kd": 0.0} | ({"hidden": 0.0} if hidden is not None else {})
         for micro in range(st.grad_accum):
@@ -297,6 +297,15 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
         tb.close()
     student.eval()
     return last
+
+
+def param_groups(params: list) -> list[dict]:
+    """One optimizer group, plus one per `lr_scale` that parameters carry (QAT's learned
+    quantization scales train at their own rate), in a fixed order."""
+    groups: dict[float, list] = {}
+    for p in params:
+        groups.setdefault(getattr(p, "lr_scale", 1.0), []).append(p)
+    return [{"params": ps, "lr_scale": scale} for scale, ps in sorted(groups.items(), key=lambda kv: kv[0] != 1.0)]
 
 
 def tensorboard(workdir: Path):

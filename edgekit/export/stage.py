@@ -24,10 +24,12 @@ def model_to_export(ctx: RunContext, which: str) -> Path:
     return ctx.output("qat" if "qat" in ctx.finished else "distill", "model")
 
 
-def export_gguf(src: Path, out: Path, name: str, formats: list[str], plan: dict | None = None) -> dict[str, str]:
+def export_gguf(src: Path, out: Path, name: str, formats: list[str], plan: dict | None = None,
+                blocks: dict | None = None) -> dict[str, str]:
     """Write `formats` of the model in `src` as <name>-<TYPE>.gguf; {format: file name}.
     `plan` ({"mix": fmt, "plan": {weight: GGML type}}, from a qat stage) makes the `mix`
-    file be written from the trained grid by edgekit's exact quantizers, not by llama.cpp."""
+    file be written from the trained grid by edgekit's exact quantizers, not by llama.cpp;
+    `blocks` (QAT with learned scales) are packed as they are in that file."""
     gguf_formats = [f for f in formats if f != "onnx_int4"]
     files = {}
     if "onnx_int4" in formats:
@@ -49,7 +51,7 @@ def export_gguf(src: Path, out: Path, name: str, formats: list[str], plan: dict 
             target = out / f"{name}-{FILE_TYPE_NAMES[fmt]}.gguf"
             if plan and plan["mix"] == fmt:
                 with status(f"writing {target.name} from the QAT grid (no second quantization)"):
-                    write_gguf(src, target, fmt, name=name, types=plan["plan"])
+                    write_gguf(src, target, fmt, name=name, types=plan["plan"], blocks=blocks)
             else:
                 with status(f"quantizing to {target.name} with llama.cpp"):
                     quantize_gguf(base, target, fmt)
@@ -70,16 +72,25 @@ def _writer(output_key: str, plan: dict | None) -> str:
 @stage("export")
 def run_export(ctx: RunContext, cfg, out: Path) -> dict:
     name = f"{ctx.recipe.name}-{cfg.model}"
-    plan = None
+    plan, blocks = None, None
     if cfg.model == "student" and "qat" in ctx.finished:
         plan = json.loads(ctx.output("qat", "plan").read_text())
-    files = export_gguf(model_to_export(ctx, cfg.model), out, name, cfg.formats, plan)
+        if "scales" in ctx.finished["qat"]["outputs"]:  # learned scales: pack them and their codes
+            from safetensors.torch import load_file
+
+            from edgekit.quant.qat import learned_blocks
+
+            blocks = learned_blocks(ctx.output("qat", "model"), plan["plan"], load_file(ctx.output("qat", "scales")))
+    files = export_gguf(model_to_export(ctx, cfg.model), out, name, cfg.formats, plan, blocks)
     outputs = {(fmt if fmt == "onnx_int4" else f"gguf_{fmt}"): f for fmt, f in files.items()}
     if "qat" in ctx.finished and cfg.model == "student":
         # the PTQ baseline: the student trained as long without QAT (the qat stage's float twin,
-        # else the distilled student), through llama.cpp's own quantizer
+        # else what QAT started from: the distilled student, or the teacher itself), through
+        # llama.cpp's own quantizer
+        from edgekit.quant.stage import student_source
+
         outs = ctx.finished["qat"]["outputs"]
-        twin = ctx.output("qat", "float_model") if "float_model" in outs else ctx.output("distill", "model")
+        twin = ctx.output("qat", "float_model") if "float_model" in outs else student_source(ctx)
         base = export_gguf(twin, out, f"{name}-ptq", [f for f in cfg.formats if f != "onnx_int4"])
         outputs.update({f"ptq_gguf_{fmt}": f for fmt, f in base.items()})
     metrics = {}

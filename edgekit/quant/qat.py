@@ -11,6 +11,13 @@ reproduces the trained grid bit for bit for those tensors.
 Every type llama.cpp's Q4_K_M, Q4_0 and Q8_0 mixes choose (Q4_K, Q6_K, Q5_0, Q8_0, Q4_0,
 Q4_1) has an exact quantizer; F32 tensors (norms) stay float. The export writes the
 trained grid itself (`gguf_write.write_gguf(types=plan)`), and parity is measured.
+
+Scales: by default each step recomputes them with the format's own search (`FakeQuant`).
+With `scales: learn` the per-block scales of the symmetric block formats (Q8_0, Q5_0,
+Q4_0) are parameters instead (LSQ, Esser et al., 2020: initialised by llama.cpp's own
+quantizer, learned through the straight-through estimator, stored as the fp16 the file
+holds); the export packs those scales and the codes they give (`LearnedScale.blocks`), so
+the file is still exactly the trained grid. K-quant tensors keep recomputing their scales.
 """
 
 from __future__ import annotations
@@ -23,8 +30,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from edgekit.quant.ggml_blocks import BLOCK, Blocks, grid, quantize
 from edgekit.quant.ggml_blocks import GGML_TYPES as EXACT
-from edgekit.quant.ggml_blocks import grid
+
+# block formats whose scales can be learned: signed code range and the offset the file stores
+LEARNABLE = {"q8_0": (-128, 127, 0), "q5_0": (-16, 15, 16), "q4_0": (-8, 7, 8)}
 
 
 class FakeQuant(nn.Module):
@@ -38,6 +48,73 @@ class FakeQuant(nn.Module):
         on_grid = grid(w.detach().half().float(), self.fmt).to(w.dtype)
         # exactly the grid forward (w + (grid - w) can be an ulp off), identity gradient
         return on_grid + (w - w.detach())
+
+
+class LearnedScale(nn.Module):
+    """w -> d * clamp(round(w / d)) per block of 32, with the block scales d learned (LSQ).
+    d is kept as sign * exp(log|d|) (Adam steps change it relatively) and used at fp16, as
+    the file stores it; rounding, fp16 casts and the clamp pass gradients straight through
+    (the clamp: zero outside the range, LSQ's rule). Blocks whose initial scale is 0 (all
+    weights 0) stay 0."""
+
+    def __init__(self, w: torch.Tensor, fmt: str, d: torch.Tensor | None = None, lr_scale: float = 1.0):
+        super().__init__()
+        self.fmt = fmt
+        init = (quantize(w.detach().half().float(), fmt).d if d is None else d).float()
+        self.log_d = nn.Parameter(torch.log(init.abs().clamp_min(1e-30)))
+        self.log_d.lr_scale = lr_scale  # the trainer gives these their own learning rate
+        self.register_buffer("sign", torch.where(init < 0, -1.0, 1.0))
+        self.register_buffer("dead", init == 0)
+
+    def scale(self) -> torch.Tensor:
+        """(R, C/32) block scales as the file stores them (fp16 values, float32 tensor)."""
+        d = torch.where(self.dead, torch.zeros_like(self.log_d), self.sign * torch.exp(self.log_d))
+        return d + (d.half().float() - d).detach()
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        lo, hi, _ = LEARNABLE[self.fmt]
+        rows, cols = w.shape
+        d = self.scale()[..., None]  # (R, nb, 1)
+        x = w.reshape(rows, cols // BLOCK, BLOCK) / torch.where(d == 0, torch.ones_like(d), d)
+        q = (x + (torch.round(x) - x).detach()).clamp(lo, hi)
+        return torch.where(d == 0, torch.zeros_like(q), q), d
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        w16 = w + (w.half().float() - w).detach()
+        q, d = self.codes(w16)
+        return (q * d).reshape(w.shape)
+
+    @torch.no_grad()
+    def blocks(self, w: torch.Tensor) -> Blocks:
+        """The GGUF blocks of latent weights `w` on the learned scales: what forward computed."""
+        q, d = self.codes(w.half().float())
+        return Blocks(self.fmt, (q + LEARNABLE[self.fmt][2]).to(torch.int16).reshape(w.shape), d[..., 0].half())
+
+
+def learned_scales(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{weight name: fp16 block scales} of every LearnedScale parametrization (tied weights once)."""
+    out, seen = {}, set()
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            p = module.parametrizations.weight[0]
+            if isinstance(p, LearnedScale) and id(p) not in seen:
+                seen.add(id(p))
+                out[f"{name}.weight"] = p.scale().detach().half()
+    return out
+
+
+def learned_blocks(model_dir: Path, plan: dict[str, str], scales: dict[str, torch.Tensor]) -> dict[str, Blocks]:
+    """The GGUF blocks of a QAT student's saved latent weights on its learned scales."""
+    from safetensors import safe_open
+
+    blocks = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(f, framework="pt") as st:
+            for key in st.keys():
+                if key in scales:
+                    fmt = EXACT[plan[key]]
+                    blocks[key] = LearnedScale(st.get_tensor(key), fmt, scales[key]).blocks(st.get_tensor(key).float())
+    return blocks
 
 
 def plan_types(model_dir: Path, mix: str = "q4_k_m") -> dict[str, str]:
@@ -65,10 +142,14 @@ def plan_types(model_dir: Path, mix: str = "q4_k_m") -> dict[str, str]:
     return plan
 
 
-def prepare(model: nn.Module, plan: dict[str, str]) -> dict:
-    """Register fake-quant parametrizations on every weight with an exact format.
-    Returns {"fake_quantized": {name: fmt}, "float": {name: type}} for the report."""
-    done, skipped = {}, {}
+def prepare(model: nn.Module, plan: dict[str, str], scales: str = "recompute",
+            learned: dict[str, torch.Tensor] | None = None, scale_lr_ratio: float = 1.0) -> dict:
+    """Register fake-quant parametrizations on every weight with an exact format: scales
+    recomputed each step (FakeQuant), or with `scales="learn"` learned for the LEARNABLE
+    formats (LearnedScale; starting from `learned` scales when given, e.g. to rebuild a
+    trained QAT model). Tied weights share one quantizer. Returns {"fake_quantized": {name:
+    fmt}, "float": {name: type}, "learned_scales": [names]} for the report."""
+    done, skipped, learn, shared = {}, {}, [], {}
     for name, module in model.named_modules():
         key = f"{name}.weight"
         if key not in plan or not isinstance(module, (nn.Linear, nn.Embedding)):
@@ -77,9 +158,17 @@ def prepare(model: nn.Module, plan: dict[str, str]) -> dict:
         if fmt is None:
             skipped[key] = plan[key]
             continue
-        parametrize.register_parametrization(module, "weight", FakeQuant(fmt), unsafe=True)
+        if scales == "learn" and fmt in LEARNABLE:
+            weight = module.weight
+            if id(weight) not in shared:
+                shared[id(weight)] = LearnedScale(weight, fmt, (learned or {}).get(key), scale_lr_ratio)
+                learn.append(key)
+            quantizer = shared[id(weight)]
+        else:
+            quantizer = FakeQuant(fmt)
+        parametrize.register_parametrization(module, "weight", quantizer, unsafe=True)
         done[key] = fmt
-    return {"fake_quantized": done, "float": skipped}
+    return {"fake_quantized": done, "float": skipped, "learned_scales": learn}
 
 
 def strip(model: nn.Module, on_grid: bool = False) -> nn.Module:

@@ -9,7 +9,7 @@ from pathlib import Path
 from edgekit.distill.stage import save_model
 from edgekit.distill.trainer import KDSettings, train
 from edgekit.pipeline import RunContext, stage
-from edgekit.quant.qat import plan_types, prepare, strip
+from edgekit.quant.qat import learned_scales, plan_types, prepare, strip
 
 
 def student_source(ctx: RunContext) -> Path:
@@ -25,13 +25,19 @@ def run_qat(ctx: RunContext, cfg, out: Path) -> dict:
     init = {}
     if cfg.init == "gptq":
         init = gptq_init(student, plan, rows[: cfg.calibration_rows], cfg.damp)
-    coverage = prepare(student, plan)
+    coverage = prepare(student, plan, cfg.scales, scale_lr_ratio=cfg.scale_lr / cfg.lr)
     settings = KDSettings.from_config(cfg)
     holdout = ctx.rows("holdout")[: cfg.eval_rows] if cfg.eval_every else None
     last = train(student, ctx.teacher(), rows, settings, out, desc="qat", mask=mask, holdout=holdout)
+    scales = learned_scales(student)
     strip(student)
     save_model(student, src, out / "model")
     outputs = {"model": "model", "plan": "qat_plan.json"}
+    if scales:  # the learned block scales: the export packs them, evaluation rebuilds the grid from them
+        from safetensors.torch import save_file
+
+        save_file(scales, str(out / "qat_scales.safetensors"))
+        outputs["scales"] = "qat_scales.safetensors"
     twin_last = None
     if "float" in cfg.baselines:
         del student
@@ -43,6 +49,7 @@ def run_qat(ctx: RunContext, cfg, out: Path) -> dict:
     (out / "qat_plan.json").write_text(__import__("json").dumps({"mix": cfg.mix, "plan": plan, **coverage}, indent=1))
     return {"outputs": outputs,
             "metrics": {"mix": cfg.mix, "init": cfg.init, **init, "final": last, "float_twin_final": twin_last,
+                        "scales": cfg.scales, "learned_scale_tensors": len(coverage["learned_scales"]),
                         "fake_quantized": dict(Counter(coverage["fake_quantized"].values())),
                         "left_in_float": dict(Counter(coverage["float"].values()))}}
 

@@ -193,6 +193,10 @@ class QATConfig(Closed):
     checkpoint_every: int = Field(10, ge=1)
     eval_every: int = Field(0, ge=0)  # every N steps (and at the end): holdout perplexity, KL to teacher, top-1; 0: off
     eval_rows: int = Field(8, ge=1)
+    # recompute: each step, the format's own scale search; learn: Q8_0/Q5_0/Q4_0 block scales are
+    # parameters (LSQ), trained at scale_lr (on log|scale|: ~that relative change per step); K-quants recompute
+    scales: Literal["recompute", "learn"] = "recompute"
+    scale_lr: float = Field(1e-3, gt=0.0)
     seed: int = 1
     # also train a float twin: the same start, data, steps and seed without fake quantization.
     # Its llama.cpp quantization is the PTQ baseline QAT is judged against, at equal training.

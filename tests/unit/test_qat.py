@@ -16,11 +16,12 @@ def test_plan_reads_llama_cpp_choices(tiny_teacher_dir):
     assert plan["lm_head.weight"] == plan["model.embed_tokens.weight"]
 
 
-@pytest.mark.parametrize("init", ["float", "gptq"])
-def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path, init):
+@pytest.mark.parametrize("init,scales", [("float", "recompute"), ("gptq", "recompute"), ("float", "learn")])
+def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path, init, scales):
     text = tiny_recipe.read_text().replace(
         "  - {type: export, formats: [f16, q8_0, onnx_int4]}",
-        f"  - {{type: qat, steps: 3, batch_size: 2, loss_chunk: 16, lr: 1.0e-3, init: {init}, calibration_rows: 4}}\n"
+        f"  - {{type: qat, steps: 3, batch_size: 2, loss_chunk: 16, lr: 1.0e-3, init: {init}, calibration_rows: 4, "
+        f"scales: {scales}, scale_lr: 0.05}}\n"
         "  - {type: export, formats: [f16, q4_k_m]}")
     tiny_recipe.write_text(text)
     assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path)]) == 0
@@ -29,13 +30,15 @@ def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path, init):
     assert q["init"] == init and (q["gptq_init"]["tensors"] > 0 if init == "gptq" else "gptq_init" not in q)
     assert sum(q["fake_quantized"].values()) > 0
     assert not q["left_in_float"]  # widths of 64: every tensor falls back to an exact block format
+    assert q["scales"] == scales and (q["learned_scale_tensors"] > 10) == (scales == "learn")
     run_dir = tmp_path / "tiny"
     qat_dir = next((run_dir / "stages").glob("*-qat"))
     assert_file_holds_the_trained_grid(run_dir / "export" / "tiny-student-Q4_K_M.gguf", qat_dir)
     ev = m["evaluate"]["metrics"]
-    # logits differ only by llama.cpp's arithmetic (it quantizes activations to 8 bits for these dot products)
+    # the weights are bit-identical (asserted above); logits differ only by llama.cpp's arithmetic (it
+    # quantizes activations to 8 bits for these dot products): 0.003-0.01 on this tiny random model
     parity = ev["gguf_q4_k_m|student_qat"]
-    assert parity["kl"] < 0.01 and parity["top1"] > 0.8
+    assert parity["kl"] < 0.02 and parity["top1"] > 0.8
     assert "ptq_gguf_q4_k_m" in ev and "QAT-KD" in (run_dir / "report.md").read_text()
 
 
@@ -48,9 +51,11 @@ def assert_file_holds_the_trained_grid(gguf_path, qat_dir, min_checked=20):
     from safetensors.torch import load_file
 
     from edgekit.export.gguf_write import _permute_rotary, gguf_name, tensor_name_map
-    from edgekit.quant.qat import FakeQuant
+    from edgekit.quant.qat import FakeQuant, LearnedScale
 
     cfg = json.loads((qat_dir / "model" / "config.json").read_text())
+    scales = load_file(qat_dir / "qat_scales.safetensors") if (qat_dir / "qat_scales.safetensors").is_file() else {}
+    moved = 0
     plan = json.loads((qat_dir / "qat_plan.json").read_text())["fake_quantized"]
     latent = load_file(qat_dir / "model" / "model.safetensors")
     tensors = {t.name: t for t in GGUFReader(gguf_path).tensors}
@@ -61,7 +66,12 @@ def assert_file_holds_the_trained_grid(gguf_path, qat_dir, min_checked=20):
             continue  # lm_head: tied to the embeddings, one tensor in the file
         t = tensors[gguf_name(names, key, "llama")]
         got = quants.dequantize(t.data, t.tensor_type).reshape(latent[key].shape)
-        want = FakeQuant(fmt)(latent[key]).detach().numpy()
+        if key in scales:  # learned scales: the file holds them and the codes they give
+            learned = LearnedScale(latent[key], fmt, scales[key])
+            want = learned(latent[key]).detach().numpy()
+            moved += int(not torch.equal(scales[key], LearnedScale(latent[key], fmt).scale().half()))
+        else:
+            want = FakeQuant(fmt)(latent[key]).detach().numpy()
         if key.endswith("q_proj.weight"):
             want = _permute_rotary(want, cfg["num_attention_heads"])
         elif key.endswith("k_proj.weight"):
@@ -69,6 +79,7 @@ def assert_file_holds_the_trained_grid(gguf_path, qat_dir, min_checked=20):
         assert np.array_equal(got, want), key
         checked += 1
     assert checked >= min_checked
+    assert not scales or moved > 0.5 * len(scales)  # the scales did train away from llama.cpp's own choice
 
 
 def test_qat_mix_must_be_exported(tiny_recipe, capsys):

@@ -27,25 +27,12 @@ def layers_to_keep(n_layers: int, keep_every: int | None, keep_layers: list[int]
     return keep
 
 
-def block_importance(model, rows, batch: int = 4) -> list[float]:
-    """Block Influence of each decoder layer (ShortGPT, Men et al., 2024; the depth-pruning
-    importance of Minitron, Muralidharan et al., 2024): 1 - mean over tokens of cos(layer
-    input, layer output) on calibration rows (N, T). A layer that barely turns the residual
-    stream scores near 0 and is the cheapest to drop."""
+def calibrate(model, rows, handles: list, batch: int) -> int:
+    """Run the decoder trunk over calibration rows (N, T) in batches, no grad, so that the
+    measuring hooks in `handles` see every token; removes the hooks. Returns the token count."""
     import torch
 
-    layers = model.get_decoder().layers
-    sums = torch.zeros(len(layers), dtype=torch.float64)
     count = 0
-
-    def hook(i):
-        def measure(_module, args, kwargs, output):
-            x = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
-            y = output[0] if isinstance(output, (tuple, list)) else output
-            sums[i] += torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum().double()
-        return measure
-
-    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
     try:
         with torch.no_grad():
             for i in range(0, rows.shape[0], batch):
@@ -55,6 +42,28 @@ def block_importance(model, rows, batch: int = 4) -> list[float]:
     finally:
         for h in handles:
             h.remove()
+    return count
+
+
+def block_importance(model, rows, batch: int = 4) -> list[float]:
+    """Block Influence of each decoder layer (ShortGPT, Men et al., 2024; the depth-pruning
+    importance of Minitron, Muralidharan et al., 2024): 1 - mean over tokens of cos(layer
+    input, layer output) on calibration rows (N, T). A layer that barely turns the residual
+    stream scores near 0 and is the cheapest to drop."""
+    import torch
+
+    layers = model.get_decoder().layers
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+
+    def hook(i):
+        def measure(_module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]  # (B, T, H)
+            y = output[0] if isinstance(output, (tuple, list)) else output
+            sums[i] += torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1).sum().double()
+        return measure
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    count = calibrate(model, rows, handles, batch)
     return (1 - sums / max(count, 1)).tolist()
 
 
@@ -85,7 +94,6 @@ def mlp_channel_importance(model, rows, batch: int = 4) -> list:
 
     layers = model.get_decoder().layers
     sums = [torch.zeros(_mlp(layer).down_proj.in_features, dtype=torch.float64) for layer in layers]
-    count = 0
 
     def hook(i):
         def measure(_module, args):
@@ -93,15 +101,7 @@ def mlp_channel_importance(model, rows, batch: int = 4) -> list:
         return measure
 
     handles = [_mlp(layer).down_proj.register_forward_pre_hook(hook(i)) for i, layer in enumerate(layers)]
-    try:
-        with torch.no_grad():
-            for i in range(0, rows.shape[0], batch):
-                chunk = rows[i: i + batch]
-                model.get_decoder()(input_ids=chunk)
-                count += chunk.numel()
-    finally:
-        for h in handles:
-            h.remove()
+    count = calibrate(model, rows, handles, batch)
     return [x / max(count, 1) for x in sums]
 
 

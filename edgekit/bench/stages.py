@@ -28,12 +28,10 @@ def qat_model(ctx: RunContext):
 
     from edgekit.quant.qat import prepare, strip
 
-    model = ctx.load_model(ctx.output("qat", "model"))
-    learned = None
-    if "scales" in ctx.finished["qat"]["outputs"]:
-        from safetensors.torch import load_file
+    from edgekit.quant.stage import saved_scales
 
-        learned = load_file(ctx.output("qat", "scales"))
+    model = ctx.load_model(ctx.output("qat", "model"))
+    learned = saved_scales(ctx)
     prepare(model, json.loads(ctx.output("qat", "plan").read_text())["plan"], "learn" if learned else "recompute", learned)
     return strip(model, on_grid=True)
 

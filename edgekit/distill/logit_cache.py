@@ -65,7 +65,7 @@ def cache_path(key: str) -> Path:
 
 def load_or_build(teacher, teacher_provenance: dict, rows: torch.Tensor, k: int, temperature: float,
                   batch_size: int = 4) -> TeacherCache:
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     path = cache_path(cache_key(teacher_provenance, rows, k, temperature))
     if path.is_file():
@@ -81,9 +81,15 @@ def load_or_build(teacher, teacher_provenance: dict, rows: torch.Tensor, k: int,
     if size > 1:  # under torchrun: each process caches its share of the rows, rank 0 merges
         return _build_in_shards(teacher, rows, k, temperature, batch_size, path, rank, size)
     index, logprobs, id_offset = _top_k(teacher, rows, k, temperature, batch_size)
-    with atomic_path(path) as tmp:
-        save_file({"index": index, "logprobs": logprobs, "id_offset": torch.tensor(id_offset)}, str(tmp))
+    _save(path, index, logprobs, id_offset)
     return TeacherCache(index, logprobs, id_offset, path, built=True)
+
+
+def _save(path: Path, index: torch.Tensor, logprobs: torch.Tensor, id_offset: int | torch.Tensor) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({"index": index, "logprobs": logprobs, "id_offset": torch.as_tensor(id_offset)}, str(tmp))
 
 
 def _top_k(teacher, rows: torch.Tensor, k: int, temperature: float, batch_size: int,
@@ -112,7 +118,7 @@ def _build_in_shards(teacher, rows, k, temperature, batch_size, path: Path, rank
     """Process r caches rows [r*N/size, (r+1)*N/size) into `<key>.part-r-of-size`; rank 0
     concatenates the parts into the cache file and removes them. A part left by an
     interrupted build is reused."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from edgekit.distill.parallel import barrier
 
@@ -121,15 +127,12 @@ def _build_in_shards(teacher, rows, k, temperature, batch_size, path: Path, rank
     if not part(rank).is_file():
         index, logprobs, id_offset = _top_k(teacher, rows[bounds[rank]: bounds[rank + 1]], k, temperature, batch_size,
                                             desc=f"caching teacher top-k (rank {rank}/{size})")
-        with atomic_path(part(rank)) as tmp:
-            save_file({"index": index, "logprobs": logprobs, "id_offset": torch.tensor(id_offset)}, str(tmp))
+        _save(part(rank), index, logprobs, id_offset)
     barrier(size)
     if rank == 0:
         parts = [load_file(part(r)) for r in range(size)]
-        merged = {"index": torch.cat([p["index"] for p in parts]), "logprobs": torch.cat([p["logprobs"] for p in parts]),
-                  "id_offset": parts[0]["id_offset"]}
-        with atomic_path(path) as tmp:
-            save_file(merged, str(tmp))
+        _save(path, torch.cat([p["index"] for p in parts]), torch.cat([p["logprobs"] for p in parts]),
+              parts[0]["id_offset"])
         for r in range(size):
             part(r).unlink()
     barrier(size)

@@ -26,13 +26,13 @@ def build_student(ctx: RunContext, same_vocab: bool = True):
         teacher = ctx.reference_teacher()
         keep = layers_to_keep(teacher.config.num_hidden_layers, s.keep_every, s.keep_layers)
         info = {"init": "teacher_layers", "kept_layers": keep, "keep_by": s.keep_by}
+        calib = ctx.rows_and_mask("train")[0][: s.importance_rows]  # for the importance measurements
         if s.keep_by == "importance":
-            scores = block_importance(teacher, ctx.rows_and_mask("train")[0][: s.importance_rows])
+            scores = block_importance(teacher, calib)
             keep = info["kept_layers"] = most_important(scores, len(keep))
             info["block_importance"] = [round(x, 5) for x in scores]
         student = init_from_teacher_layers(teacher, keep)
         if s.mlp_keep is not None:
-            calib = ctx.rows_and_mask("train")[0][: s.importance_rows]
             info["mlp"] = narrow_mlps(student, s.mlp_keep, mlp_channel_importance(student, calib))
         if not ctx.teacher_is_reference():  # a full-precision copy beside an NF4/int8 teacher: free it now
             del teacher

@@ -49,8 +49,8 @@ class KDSettings:
     on_policy_fraction: float = 0.0  # GKD's lambda: share of steps trained on the student's own samples
     on_policy_temperature: float = 1.0
     optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes)
-    shard_student: bool = False  # under torchrun: FSDP2 (parallel.shard_student); else replicated
     eval_every: int = 0  # holdout evaluation every N steps and at the end (with `holdout` rows); 0: off
+    shard_student: bool = False  # under torchrun: FSDP2 (parallel.shard_student); else replicated
     shard_teacher: bool = False
 
     @classmethod

@@ -75,12 +75,13 @@ def run_export(ctx: RunContext, cfg, out: Path) -> dict:
     plan, blocks = None, None
     if cfg.model == "student" and "qat" in ctx.finished:
         plan = json.loads(ctx.output("qat", "plan").read_text())
-        if "scales" in ctx.finished["qat"]["outputs"]:  # learned scales: pack them and their codes
-            from safetensors.torch import load_file
+        from edgekit.quant.stage import saved_scales
 
+        scales = saved_scales(ctx)
+        if scales:  # learned scales: pack them and their codes
             from edgekit.quant.qat import learned_blocks
 
-            blocks = learned_blocks(ctx.output("qat", "model"), plan["plan"], load_file(ctx.output("qat", "scales")))
+            blocks = learned_blocks(ctx.output("qat", "model"), plan["plan"], scales)
     files = export_gguf(model_to_export(ctx, cfg.model), out, name, cfg.formats, plan, blocks)
     outputs = {(fmt if fmt == "onnx_int4" else f"gguf_{fmt}"): f for fmt, f in files.items()}
     if "qat" in ctx.finished and cfg.model == "student":

@@ -112,8 +112,8 @@ def learned_blocks(model_dir: Path, plan: dict[str, str], scales: dict[str, torc
         with safe_open(f, framework="pt") as st:
             for key in st.keys():
                 if key in scales:
-                    fmt = EXACT[plan[key]]
-                    blocks[key] = LearnedScale(st.get_tensor(key), fmt, scales[key]).blocks(st.get_tensor(key).float())
+                    w = st.get_tensor(key).float()
+                    blocks[key] = LearnedScale(w, EXACT[plan[key]], scales[key]).blocks(w)
     return blocks
 
 

@@ -16,6 +16,16 @@ def student_source(ctx: RunContext) -> Path:
     return ctx.output("distill", "model") if "distill" in ctx.finished else ctx.teacher_path()
 
 
+def saved_scales(ctx: RunContext) -> dict | None:
+    """The qat stage's learned block scales ({weight name: fp16 scales}), or None when it
+    recomputed them."""
+    if "scales" not in ctx.finished["qat"]["outputs"]:
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(ctx.output("qat", "scales"))
+
+
 @stage("qat")
 def run_qat(ctx: RunContext, cfg, out: Path) -> dict:
     src = student_source(ctx)

@@ -309,7 +309,8 @@ def cmd_bench(args) -> int:
                   f"({r['roofline_share']:.0%} of its {r['roofline_tps']:.0f} tok/s roofline at {r['bandwidth_gbs']} GB/s)")
         else:
             print(f"{r['file']} [{r['target']}, {r['threads']} threads]: prefill {r['prefill_tps']:.0f} tok/s, decode "
-                  f"{r['decode_tps']:.1f} tok/s ({r['roofline_share']:.0%} of the {r['roofline_tps']:.0f} tok/s roofline), "
+                  f"{r['decode_tps']:.1f} tok/s ({r['roofline_share']:.0%} of the {r['roofline_tps']:.0f} tok/s roofline"
+                  f"{', fits in cache' if r.get('cache_resident') else ''}), "
                   f"TTFT {r['ttft_ms']:.0f} ms, peak RSS {r['peak_rss_mb']:.0f} MB, {r['size_mb']:.1f} MB"
                   + (f"; llama-bench prefill {r['llama_bench_prefill_tps']:.0f}, decode {r['llama_bench_decode_tps']:.1f} tok/s "
                      f"(ours {r['decode_vs_llama_bench']:+.1%})" if "llama_bench_decode_tps" in r else ""))

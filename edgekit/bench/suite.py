@@ -21,8 +21,7 @@ def bench_files(files: list[Path], targets: list[str], prompt_tokens: int, gen_t
     profiles = [target(t) for t in targets]  # unknown names fail before any measurement
     if cross_check:
         require_llama_bench()
-    with status("measuring this machine's memory bandwidth"):
-        bandwidth = measure_bandwidth_gbs()
+    bandwidth: dict[int, float] = {}  # by thread count, measured once each
     rows = []
     for path in files:
         measured_share = None
@@ -32,7 +31,10 @@ def bench_files(files: list[Path], targets: list[str], prompt_tokens: int, gen_t
             if cross_check and backend(path) == "llama.cpp":
                 with status(f"cross-checking {path.name} with llama-bench, alternately ({r['threads']} threads)"):
                     r = _cross_checked(r, path, prompt_tokens, gen_tokens, repeats)
-            r.update(roofline(r["decode_tps"], path, bandwidth))
+            if r["threads"] not in bandwidth:
+                with status(f"measuring this machine's memory read bandwidth ({r['threads']} threads)"):
+                    bandwidth[r["threads"]] = measure_bandwidth_gbs(r["threads"])
+            r.update(roofline(r["decode_tps"], path, bandwidth[r["threads"]]))
             measured_share = measured_share or r["roofline_share"]
             if prof.get("memory_budget_mb"):
                 r["fits_memory_budget"] = r["peak_rss_mb"] <= prof["memory_budget_mb"]

@@ -128,11 +128,12 @@ def render(ctx: RunContext, sample: dict) -> str:
                           "share of roofline", "TTFT ms", "load s", "peak RSS MB", "size MB"],
                          [[x["file"], x["backend"], x["target"], x["threads"], f"{x['prefill_tps']:.0f}",
                            f"{x['decode_tps']:.1f} ({x['decode_tps_min']:.1f}-{x['decode_tps_max']:.1f})",
-                           f"{x['roofline_tps']:.0f}", f"{x['roofline_share']:.0%}",
+                           f"{x['roofline_tps']:.0f}", f"{x['roofline_share']:.0%}" + (" (in cache)" if x.get("cache_resident") else ""),
                            f"{x['ttft_ms']:.0f}", f"{x['load_s']:.2f}", f"{x['peak_rss_mb']:.0f}", f"{x['size_mb']:.1f}"]
                           for x in measured]),
-                  "", f"Roofline: memory bandwidth measured here ({measured[0]['bandwidth_gbs'] if measured else '?'} GB/s) "
-                  "divided by the weight bytes one decoded token reads."]
+                  "", f"Roofline: memory read bandwidth measured here with the same threads ({measured[0]['bandwidth_gbs'] if measured else '?'} GB/s) "
+                  "divided by the weight bytes one decoded token reads. A model that fits in the CPU's last-level cache "
+                  "(\"in cache\") is not bound by memory bandwidth and can pass 100%."]
         if predicted:
             lines += ["", "### Predicted for devices not run here (PREDICTIONS, not measurements)", "",
                       _table(["file", "device", "published bandwidth GB/s", "roofline tok/s", "predicted decode tok/s"],

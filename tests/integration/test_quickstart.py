@@ -53,7 +53,10 @@ def test_report_and_manifest_hold_measured_numbers(quickstart_run):
     bench = m["bench"]["metrics"]["rows"]
     measured = [r for r in bench if not r["predicted"]]
     assert {r["backend"] for r in measured} == {"llama.cpp", "onnxruntime"}
-    assert all(r["decode_tps"] > 0 and r["peak_rss_mb"] > 0 and 0 < r["roofline_share"] < 1.5 for r in measured)
+    assert all(r["decode_tps"] > 0 and r["peak_rss_mb"] > 0 and r["roofline_share"] > 0 for r in measured)
+    # decoding reads every weight per token: beyond the cache, it cannot run much faster than the read
+    # bandwidth measured with the same threads allows (a single-threaded measurement once gave 165%)
+    assert all(r["roofline_share"] < 1.5 for r in measured if not r["cache_resident"])
     assert any(r["predicted"] and r["target"] == "snapdragon-8-gen-3" for r in bench)
     report = (quickstart_run / "report.md").read_text()
     for heading in ("Quality on held-out text", "Task accuracy", "Parity", "QAT-KD", "Post-training quantization", "Speed and memory",

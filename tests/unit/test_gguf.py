@@ -108,11 +108,14 @@ def test_eval_cli_against_a_reference(tiny_gguf, tmp_path, capsys):
 
 
 def test_bench_cli_measures_and_labels_predictions(tiny_gguf, capsys):
+    from edgekit.bench.roofline import last_level_cache_bytes
+
     assert main(["bench", str(tiny_gguf), "--target", "laptop", "--target", "raspberry-pi-5", "--repeats", "1",
                  "--prompt-tokens", "8", "--gen-tokens", "4", "--json"]) == 0
     laptop, pi = json.loads(capsys.readouterr().out)
     assert not laptop["predicted"] and laptop["decode_tps"] > 0 and 0 < laptop["roofline_share"]
     assert laptop["bytes_per_token"] <= tiny_gguf.stat().st_size
+    assert laptop["cache_resident"] == (last_level_cache_bytes() is not None)  # a tiny model fits any cache
     assert pi["predicted"] and pi["roofline_share"] == laptop["roofline_share"]
     assert main(["bench", str(tiny_gguf), "--target", "laptp"]) == 2
     assert "did you mean 'laptop'" in capsys.readouterr().err

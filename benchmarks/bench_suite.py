@@ -21,7 +21,7 @@ from edgekit.pipeline import machine_description
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["laptop", "phone", "raspberry-pi-5", "snapdragon-8-gen-3"]
 KEYS = ["file", "backend", "target", "prefill_tps", "decode_tps", "ttft_ms", "peak_rss_mb", "size_mb",
-        "roofline_tps", "roofline_share", "llama_bench_decode_tps"]
+        "roofline_tps", "roofline_share", "bandwidth_gbs", "cache_resident", "llama_bench_decode_tps"]
 
 
 def main() -> None:

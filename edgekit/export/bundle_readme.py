@@ -31,7 +31,9 @@ def bundle_readme(name: str, files: dict[str, str], ptq: dict[str, str] | None =
                   "gen = og.Generator(model, params)", 'gen.append_tokens(tokenizer.encode("The capital of France is"))',
                   "while not gen.is_done():", "    gen.generate_next_token()",
                   "    print(tokenizer.decode(gen.get_next_tokens()), end='', flush=True)", "```", "",
-                  "onnxruntime-genai also has C, C#, Java (Android) and Objective-C (iOS) APIs over the same folder.", ""]
+                  "onnxruntime-genai also has C, C#, Java (Android) and Objective-C (iOS) APIs over the same folder.",
+                  "Where the folder has `edgekit_weights.json`, its MatMulNBits weights are the grid QAT trained on",
+                  "(int4 where that grid is Q4_0, int8 where it is Q5_0/Q6_K/Q8_0 or Q4_K): the file lists each node.", ""]
     if ptq:
         checkpoints = [f for k, f in ptq.items() if "_gguf_" not in k]
         lines += ["## GPTQ / AWQ (post-training quantization)", "",

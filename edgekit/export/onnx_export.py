@@ -16,9 +16,13 @@ from pathlib import Path
 
 from edgekit.errors import EdgekitError
 from edgekit.fsutil import atomic_path
+from edgekit.progress import status
 
 
-def export_onnx_int4(model_dir: Path, out: Path, block_size: int = 32) -> Path:
+def export_onnx_int4(model_dir: Path, out: Path, block_size: int = 32, qat_grid: tuple[dict, dict | None] | None = None) -> Path:
+    """Build the folder; `qat_grid` ((plan, learned blocks) of a QAT student) then replaces the
+    builder's int4 weights with the trained grid (edgekit.export.onnx_grid) and records which
+    nodes hold it in the folder's `edgekit_weights.json`."""
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
@@ -34,7 +38,16 @@ def export_onnx_int4(model_dir: Path, out: Path, block_size: int = 32) -> Path:
         (tmp / "cache_dir").exists() and __import__("shutil").rmtree(tmp / "cache_dir")
         plain_byte_level(tmp / "tokenizer.json")
         check_tokenizer(tmp, model_dir)
+        if qat_grid is not None:
+            from edgekit.export.onnx_grid import carry_qat_grid
+
+            with status(f"writing the QAT grid into {out.name}'s MatMulNBits weights"):
+                info = carry_qat_grid(tmp, model_dir, *qat_grid)
+            (tmp / WEIGHTS_NOTE).write_text(json.dumps(info, indent=1) + "\n")
     return out
+
+
+WEIGHTS_NOTE = "edgekit_weights.json"  # which MatMulNBits nodes hold a QAT grid, at what width
 
 
 def plain_byte_level(path: Path) -> None:

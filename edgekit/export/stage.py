@@ -10,7 +10,7 @@ from pathlib import Path
 from edgekit.bench.speed import model_size
 from edgekit.export.bundle_readme import bundle_readme
 from edgekit.export.gguf_read import tensor_table
-from edgekit.export.onnx_export import export_onnx_int4
+from edgekit.export.onnx_export import WEIGHTS_NOTE, export_onnx_int4
 from edgekit.export.gguf_write import write_gguf
 from edgekit.export.llama_quantize import FILE_TYPE_NAMES, quantize_gguf
 from edgekit.pipeline import RunContext, stage
@@ -25,17 +25,18 @@ def model_to_export(ctx: RunContext, which: str) -> Path:
 
 
 def export_gguf(src: Path, out: Path, name: str, formats: list[str], plan: dict | None = None,
-                blocks: dict | None = None) -> dict[str, str]:
+                blocks: dict | None = None, onnx_grid: bool = False) -> dict[str, str]:
     """Write `formats` of the model in `src` as <name>-<TYPE>.gguf; {format: file name}.
     `plan` ({"mix": fmt, "plan": {weight: GGML type}}, from a qat stage) makes the `mix`
     file be written from the trained grid by edgekit's exact quantizers, not by llama.cpp;
-    `blocks` (QAT with learned scales) are packed as they are in that file."""
+    `blocks` (QAT with learned scales) are packed as they are in that file; `onnx_grid` puts the
+    same trained grid into the ONNX folder's MatMulNBits weights."""
     gguf_formats = [f for f in formats if f != "onnx_int4"]
     files = {}
     if "onnx_int4" in formats:
         target = out / f"{name}-int4-onnx"
         with status(f"building {target.name} with onnxruntime-genai's model builder"):
-            export_onnx_int4(src, target)
+            export_onnx_int4(src, target, qat_grid=(plan["plan"], blocks) if plan and onnx_grid else None)
         files["onnx_int4"] = target.name
     if not gguf_formats:
         return files
@@ -61,6 +62,19 @@ def export_gguf(src: Path, out: Path, name: str, formats: list[str], plan: dict 
     return files
 
 
+def onnx_weights(folder: Path) -> dict:
+    """MatMulNBits nodes by bit width, and who made their weights (the builder or the QAT grid)."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    bits = Counter(f"MatMulNBits int{next((a.i for a in n.attribute if a.name == 'bits'), 4)}"
+                   for n in model.graph.node if n.op_type == "MatMulNBits")
+    note = folder / WEIGHTS_NOTE
+    grid = json.loads(note.read_text())["grid"] if note.is_file() else {}
+    return {"tensor_types": dict(bits), "writer": "edgekit (QAT grid)" if grid else "onnxruntime-genai builder",
+            "qat_grid_nodes": len(grid)}
+
+
 def _writer(output_key: str, plan: dict | None) -> str:
     """Who wrote an exported GGUF: edgekit (floats, or a QAT grid) or llama.cpp's quantizer."""
     if plan and output_key == f"gguf_{plan['mix']}":
@@ -82,7 +96,8 @@ def run_export(ctx: RunContext, cfg, out: Path) -> dict:
             from edgekit.quant.qat import learned_blocks
 
             blocks = learned_blocks(ctx.output("qat", "model"), plan["plan"], scales)
-    files = export_gguf(model_to_export(ctx, cfg.model), out, name, cfg.formats, plan, blocks)
+    files = export_gguf(model_to_export(ctx, cfg.model), out, name, cfg.formats, plan, blocks,
+                        onnx_grid=cfg.onnx_weights == "qat_grid")
     outputs = {(fmt if fmt == "onnx_int4" else f"gguf_{fmt}"): f for fmt, f in files.items()}
     if "qat" in ctx.finished and cfg.model == "student":
         # the PTQ baseline: the student trained as long without QAT (the qat stage's float twin,
@@ -97,7 +112,7 @@ def run_export(ctx: RunContext, cfg, out: Path) -> dict:
     metrics = {}
     for key, fname in outputs.items():
         if key == "onnx_int4":
-            metrics[key] = {"file": fname, "size_mb": round(model_size(out / fname) / 2**20, 2), "tensor_types": {"MatMulNBits int4": 1}}
+            metrics[key] = {"file": fname, "size_mb": round(model_size(out / fname) / 2**20, 2), **onnx_weights(out / fname)}
             continue
         types = dict(Counter(t["type"] for t in tensor_table(out / fname)))
         metrics[key] = {"file": fname, "size_mb": round((out / fname).stat().st_size / 2**20, 2), "tensor_types": types,

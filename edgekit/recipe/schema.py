@@ -230,6 +230,11 @@ class ExportConfig(Closed):
     type: Literal["export"]
     formats: list[Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m", "onnx_int4"]] = ["f16", "q4_k_m"]
     model: Literal["student", "teacher"] = "student"
+    # after a qat stage, the onnx_int4 folder holds: qat_grid = the trained grid itself (Q4_0 tensors
+    # at 4 bits, 5-8-bit tensors at 8 bits: QAT's quality, larger and slower); int4 = the builder's own
+    # int4 round-to-nearest (smallest and fastest, QAT's grid lost). For a QAT grid that is int4 all
+    # through, train with `qat.mix: q4_0`.
+    onnx_weights: Literal["qat_grid", "int4"] = "qat_grid"
 
     @field_validator("formats")
     @classmethod

@@ -14,7 +14,7 @@ LABELS = {"teacher": "teacher (PyTorch fp32)", "student_init": "student before K
 
 def _label(name: str) -> str:
     if name == "onnx_int4":
-        return "exported int4 ONNX (ONNX Runtime)"
+        return "exported ONNX, MatMulNBits (ONNX Runtime)"
     method, _, gguf = name.partition("_gguf_")
     if method in ("gptq", "awq"):
         how = {"gptq": "GPTQ on the GGUF grid", "awq": "AWQ-smoothed, exact quantizers"}[method]

@@ -43,7 +43,9 @@ def test_report_and_manifest_hold_measured_numbers(quickstart_run):
     assert ev["student_init|teacher"]["kl"] > ev["student|teacher"]["kl"]  # even 3 KD steps help
     # the Q4_K_M file holds QAT's exact grid for its Q5_0/Q8_0 tensors; Q4_K/Q6_K ones are llama.cpp's own
     assert ev["gguf_q4_k_m|student_qat"]["kl"] < 0.05 and ev["gguf_q4_k_m|student_qat"]["top1"] > 0.8
-    assert ev["onnx_int4|student_qat"]["kl"] < 0.5 and ev["onnx_int4|student_qat"]["top1"] > 0.6
+    # the ONNX holds the same grid (measured 0.003 / 95%; the builder's own int4 gave 0.26 / 66%)
+    assert m["export"]["metrics"]["onnx_int4"]["writer"] == "edgekit (QAT grid)"
+    assert ev["onnx_int4|student_qat"]["kl"] < 0.02 and ev["onnx_int4|student_qat"]["top1"] > 0.85
     assert ev["ptq_gguf_f16|teacher"]["kl"] > 0 and "ptq_gguf_q4_k_m" in ev
     assert "gptq|teacher" in ev and "gptq_gguf_q4_k_m|teacher" in ev  # the GPTQ baselines, scored alike
     tasks = ev["tasks"]

@@ -5,7 +5,8 @@
 The model (default: the embedded SmolLM2-135M-Instruct, a real pretrained model) is written
 as F16 GGUF (the reference), then
 - RTN: llama.cpp's Q4_0 (round-to-nearest, block 32, no search);
-- llama.cpp Q4_K_M (its own mix, fallbacks included);
+- llama.cpp Q4_K_M (its own mix, fallbacks included), without and with an importance matrix
+  (measured by edgekit on the calibration rows, quantization by llama.cpp);
 - edgekit Q4_K_M (our exact quantizers; must equal llama.cpp's, byte for byte);
 - ONNX int4 (onnxruntime-genai builder, MatMulNBits block 32) run by ONNX Runtime;
 - GPTQ and AWQ int4 checkpoints (llm-compressor, compressed-tensors) run by transformers;
@@ -54,6 +55,7 @@ def main() -> None:
     from edgekit.models.loading import load_causal_lm
     from edgekit.models.sources import resolve_model
     from edgekit.pipeline import machine_description
+    from edgekit.quant.imatrix import collect
     from edgekit.quant.ptq import artifacts as ptq_artifacts
     from edgekit.quant.qat import plan_types
 
@@ -66,12 +68,15 @@ def main() -> None:
             "fp16": ("GGUF F16", "llama.cpp", f16),
             "rtn_q4_0": ("GGUF Q4_0 (RTN)", "llama.cpp", quantize_gguf(f16, t / "Q4_0.gguf", "q4_0")),
             "llama.cpp_q4_k_m": ("GGUF Q4_K_M", "llama.cpp", quantize_gguf(f16, t / "Q4_K_M.gguf", "q4_k_m")),
+            "llama.cpp_q4_k_m_imatrix": (f"GGUF Q4_K_M, importance matrix on {a.calib} train rows", "llama.cpp",
+                                         quantize_gguf(f16, t / "Q4_K_M-imatrix.gguf", "q4_k_m",
+                                                       imatrix=collect(load_causal_lm(src), src, calib, "stdlib_docs").means())),
             "edgekit_q4_k_m": ("GGUF Q4_K_M", "llama.cpp",
                                write_gguf(src, t / "ek-Q4_K_M.gguf", "q4_k_m", types=plan_types(src, "q4_k_m"))),
             "onnx_int4": ("ONNX MatMulNBits int4 (block 32)", "onnxruntime-genai",
                           export_onnx_int4(src, t / "int4-onnx")),
         }
-        calib_rows = {}
+        calib_rows = {"llama.cpp_q4_k_m_imatrix": int(calib.shape[0])}
         for key, path, info, _ in ptq_artifacts(src, t, "ptq", ["gptq", "awq"], ["q4_k_m"], calib, awq_grid=a.awq_grid,
                                                 awq_rows=a.awq_rows):
             label = {"gptq": "GPTQ int4 checkpoint", "awq": "AWQ int4 checkpoint"}.get(key, f"GGUF Q4_K_M ({key})")

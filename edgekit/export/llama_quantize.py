@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from edgekit.errors import EdgekitError
 from edgekit.fsutil import quiet_stderr
 from edgekit.fsutil import atomic_path
@@ -17,7 +19,12 @@ FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_
 FILE_TYPE_NAMES = {"f32": "F32", "f16": "F16", "q4_k_m": "Q4_K_M", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 
 
-def quantize_gguf(src: Path, out: Path, fmt: str, threads: int | None = None) -> Path:
+def quantize_gguf(src: Path, out: Path, fmt: str, threads: int | None = None,
+                  imatrix: dict[str, np.ndarray] | None = None) -> Path:
+    """`imatrix`: {GGUF tensor name: mean squared input activation per column} (edgekit.quant.imatrix),
+    handed to llama.cpp, which then weights each column's rounding error by it."""
+    import ctypes
+
     import llama_cpp
 
     if fmt not in FTYPES:
@@ -25,6 +32,14 @@ def quantize_gguf(src: Path, out: Path, fmt: str, threads: int | None = None) ->
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, FTYPES[fmt])
     params.nthread = threads or os.cpu_count() or 1
+    if imatrix:
+        keep = [(k.encode(), np.ascontiguousarray(v, dtype=np.float32)) for k, v in imatrix.items()]
+        entries = (llama_cpp.llama_model_imatrix_data * (len(keep) + 1))()
+        for e, (name, values) in zip(entries, keep):
+            e.name, e.size = name, values.size
+            e.data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[len(keep)].name = None  # the terminator llama.cpp stops at
+        params.imatrix = ctypes.cast(entries, ctypes.POINTER(llama_cpp.llama_model_imatrix_data))
     with atomic_path(out) as tmp:
         with quiet_stderr():  # llama.cpp logs every tensor to fd 2
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)

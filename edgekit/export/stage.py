@@ -25,12 +25,13 @@ def model_to_export(ctx: RunContext, which: str) -> Path:
 
 
 def export_gguf(src: Path, out: Path, name: str, formats: list[str], plan: dict | None = None,
-                blocks: dict | None = None, onnx_grid: bool = False) -> dict[str, str]:
+                blocks: dict | None = None, onnx_grid: bool = False, imatrix: dict | None = None) -> dict[str, str]:
     """Write `formats` of the model in `src` as <name>-<TYPE>.gguf; {format: file name}.
     `plan` ({"mix": fmt, "plan": {weight: GGML type}}, from a qat stage) makes the `mix`
     file be written from the trained grid by edgekit's exact quantizers, not by llama.cpp;
     `blocks` (QAT with learned scales) are packed as they are in that file; `onnx_grid` puts the
-    same trained grid into the ONNX folder's MatMulNBits weights."""
+    same trained grid into the ONNX folder's MatMulNBits weights; `imatrix` ({GGUF tensor name:
+    mean squared activation per column}) weights llama.cpp's quantizations."""
     gguf_formats = [f for f in formats if f != "onnx_int4"]
     files = {}
     if "onnx_int4" in formats:
@@ -54,8 +55,8 @@ def export_gguf(src: Path, out: Path, name: str, formats: list[str], plan: dict 
                 with status(f"writing {target.name} from the QAT grid (no second quantization)"):
                     write_gguf(src, target, fmt, name=name, types=plan["plan"], blocks=blocks)
             else:
-                with status(f"quantizing to {target.name} with llama.cpp"):
-                    quantize_gguf(base, target, fmt)
+                with status(f"quantizing to {target.name} with llama.cpp" + (" and an importance matrix" if imatrix else "")):
+                    quantize_gguf(base, target, fmt, imatrix=imatrix)
             files[fmt] = target.name
     if float_fmt not in formats:
         base.unlink()
@@ -96,8 +97,10 @@ def run_export(ctx: RunContext, cfg, out: Path) -> dict:
             from edgekit.quant.qat import learned_blocks
 
             blocks = learned_blocks(ctx.output("qat", "model"), plan["plan"], scales)
-    files = export_gguf(model_to_export(ctx, cfg.model), out, name, cfg.formats, plan, blocks,
-                        onnx_grid=cfg.onnx_weights == "qat_grid")
+    src = model_to_export(ctx, cfg.model)
+    imatrix = importance(ctx, cfg, src, out / f"{name}.imatrix.gguf") if cfg.imatrix else None
+    files = export_gguf(src, out, name, cfg.formats, plan, blocks, onnx_grid=cfg.onnx_weights == "qat_grid",
+                        imatrix=imatrix.means() if imatrix else None)
     outputs = {(fmt if fmt == "onnx_int4" else f"gguf_{fmt}"): f for fmt, f in files.items()}
     if "qat" in ctx.finished and cfg.model == "student":
         # the PTQ baseline: the student trained as long without QAT (the qat stage's float twin,
@@ -120,5 +123,22 @@ def run_export(ctx: RunContext, cfg, out: Path) -> dict:
     ptq = {k: v["path"] for k, v in ctx.finished["quantize"]["outputs"].items()} if "quantize" in ctx.finished else None
     (out / "README.md").write_text(bundle_readme(name, files, ptq))
     publish = {f: f"export/{f}" for f in files.values()} | {"README.md": "export/README.md"}
+    if imatrix:
+        outputs["imatrix"] = f"{name}.imatrix.gguf"
+        publish[outputs["imatrix"]] = f"export/{outputs['imatrix']}"
+        metrics["imatrix"] = {"file": outputs["imatrix"], "size_mb": round((out / outputs["imatrix"]).stat().st_size / 2**20, 2),
+                              "tensor_types": {"importance matrix (F32)": len(imatrix.sums)},
+                              "rows": imatrix.tokens // imatrix.chunk_size, "tokens": imatrix.tokens,
+                              "used_by": [k for k, v in metrics.items() if v.get("writer") == "llama.cpp" and not k.startswith("ptq_")]}
     return {"outputs": outputs | {"readme": "README.md"}, "metrics": metrics, "publish": publish}
+
+
+def importance(ctx: RunContext, cfg, src: Path, path: Path):
+    """The importance matrix of the model in `src` on the recipe's training rows, saved to `path`."""
+    from edgekit.quant.imatrix import collect
+
+    rows = ctx.rows("train")[: cfg.imatrix_rows]
+    im = collect(ctx.load_model(src), src, rows, ctx.recipe.data.train)
+    im.save(path)
+    return im
 

@@ -235,6 +235,11 @@ class ExportConfig(Closed):
     # int4 round-to-nearest (smallest and fastest, QAT's grid lost). For a QAT grid that is int4 all
     # through, train with `qat.mix: q4_0`.
     onnx_weights: Literal["qat_grid", "int4"] = "qat_grid"
+    # llama.cpp's quantizations weighted by an importance matrix measured on `imatrix_rows` training
+    # rows (never the holdout); also written as <name>.imatrix.gguf for `llama-quantize --imatrix`.
+    # A QAT grid file is written exactly as trained and does not use it.
+    imatrix: bool = False
+    imatrix_rows: int = Field(64, ge=1)
 
     @field_validator("formats")
     @classmethod

@@ -1,0 +1,105 @@
+"""Importance matrices: measured in PyTorch, used by llama.cpp's own quantizer, saved as llama.cpp reads them."""
+
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from edgekit.export.gguf_read import tensor_table
+from edgekit.export.gguf_write import write_gguf
+from edgekit.export.llama_quantize import quantize_gguf
+from edgekit.quant.imatrix import collect
+
+
+def gguf_tensors(path):
+    from gguf import GGUFReader, quants
+
+    return {t.name: quants.dequantize(t.data, t.tensor_type).reshape(t.data.shape[0], -1) for t in GGUFReader(path).tensors
+            if len(t.shape) == 2}
+
+
+def test_llama_cpp_weights_columns_by_the_importance_matrix(tiny_teacher_dir, tmp_path):
+    """Tell llama.cpp that 8 input channels of every weight matter 10^6 times more than the rest:
+    its quantizer must then keep those columns closer to the F16 weights than it does without."""
+    f16 = write_gguf(tiny_teacher_dir, tmp_path / "t-F16.gguf", "f16")
+    cols = {t["name"]: t["shape"][0] for t in tensor_table(f16) if len(t["shape"]) == 2}
+    imatrix = {name: np.where(np.arange(n) < 8, 1e3, 1e-3).astype(np.float32) for name, n in cols.items()}
+    plain = gguf_tensors(quantize_gguf(f16, tmp_path / "plain.gguf", "q4_k_m"))
+    weighted = gguf_tensors(quantize_gguf(f16, tmp_path / "imatrix.gguf", "q4_k_m", imatrix=imatrix))
+    ref = gguf_tensors(f16)
+    types = {t["name"]: t["type"] for t in tensor_table(tmp_path / "plain.gguf")}
+    used = [k for k in ref if types[k] != "Q8_0"]  # llama.cpp's Q8_0 ignores importance; these widths fall back to Q5_0
+    assert len(used) >= 16
+    heavy = {k: (np.abs(plain[k] - ref[k])[:, :8].mean(), np.abs(weighted[k] - ref[k])[:, :8].mean()) for k in used}
+    assert all(w < p for p, w in heavy.values())  # measured ~20% less error on those columns, every tensor
+    assert sum(w for _, w in heavy.values()) < 0.85 * sum(p for p, _ in heavy.values())
+    assert all(np.array_equal(plain[k], weighted[k]) for k in ref if types[k] == "Q8_0")
+
+
+def test_collect_names_every_matmul_and_saves_llama_cpp_format(tiny_teacher_dir, tmp_path):
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32)
+    rows = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    im = collect(model, tiny_teacher_dir, rows, "docs.jsonl")
+    names = {t["name"] for t in tensor_table(write_gguf(tiny_teacher_dir, tmp_path / "t.gguf", "f16"))}
+    assert set(im.sums) <= names and "blk.0.attn_q.weight" in im.sums and "token_embd.weight" in im.sums  # tied head
+    assert len(im.sums) == 4 * 7 + 1 and im.tokens == 48
+    np.testing.assert_array_equal(im.sums["blk.1.attn_q.weight"], im.sums["blk.1.attn_v.weight"])  # one input
+    assert (im.means()["blk.0.ffn_down.weight"] > 0).all()
+
+    path = im.save(tmp_path / "t.imatrix.gguf")
+    reader = GGUFReader(path)
+    fields = {f.name for f in reader.fields.values()}
+    assert {"imatrix.datasets", "imatrix.chunk_count", "imatrix.chunk_size"} <= fields
+    tensors = {t.name: t for t in reader.tensors}
+    np.testing.assert_allclose(tensors["blk.0.attn_q.weight.in_sum2"].data, im.sums["blk.0.attn_q.weight"], rtol=1e-6)
+    assert float(tensors["blk.0.attn_q.weight.counts"].data[0]) == 48
+
+
+def test_llama_quantize_reads_our_imatrix_file_as_we_pass_it(tiny_teacher_dir, tmp_path):
+    """llama.cpp's own command-line quantizer, given our imatrix GGUF, writes the same bytes as our
+    in-process call (needs `bash third_party/build_llama_tools.sh`)."""
+    from edgekit.bench.llama_bench import llama_bench_bin
+    from transformers import AutoModelForCausalLM
+
+    tools = llama_bench_bin()
+    if tools is None:
+        pytest.skip("llama.cpp's tools are not built (bash third_party/build_llama_tools.sh)")
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher_dir, dtype=torch.float32)
+    rows = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(1))
+    im = collect(model, tiny_teacher_dir, rows, "docs.jsonl")
+    f16 = write_gguf(tiny_teacher_dir, tmp_path / "t-F16.gguf", "f16")
+    ours = quantize_gguf(f16, tmp_path / "ours.gguf", "q4_k_m", imatrix=im.means())
+    subprocess.run([str(tools.parent / "llama-quantize"), "--imatrix", str(im.save(tmp_path / "t.imatrix.gguf")),
+                    str(f16), str(tmp_path / "cli.gguf"), "Q4_K_M"], check=True, capture_output=True)
+    a, b = gguf_tensors(ours), gguf_tensors(tmp_path / "cli.gguf")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_export_stage_measures_and_uses_an_importance_matrix(tiny_teacher_dir, tmp_path):
+    import json
+
+    from edgekit.cli import main
+    from tests.conftest import corpus_texts
+
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(20)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""
+name: im
+teacher: {{model: {tiny_teacher_dir}}}
+data: {{train: docs.jsonl, holdout_fraction: 0.2, seq_len: 32}}
+stages:
+  - {{type: export, model: teacher, formats: [f16, q4_k_m], imatrix: true, imatrix_rows: 6}}
+  - {{type: evaluate, max_tokens: 128, ctx: 32, baselines: [teacher]}}
+""")
+    assert main(["run", str(recipe), "--runs-dir", str(tmp_path / "runs")]) == 0
+    run = tmp_path / "runs" / "im"
+    art = json.loads((run / "manifest.json").read_text())["artifacts"]
+    im = art["export"]["metrics"]["imatrix"]
+    assert im["rows"] == 6 and im["tokens"] == 6 * 32 and im["used_by"] == ["gguf_q4_k_m"]
+    assert (run / "export" / "im-teacher.imatrix.gguf").is_file()  # published beside the files, for llama-quantize
+    ev = art["evaluate"]["metrics"]  # the weighted file runs in llama.cpp, scored like any other
+    assert np.isfinite(ev["gguf_q4_k_m"]["ppl"]) and 0 < ev["gguf_q4_k_m|teacher"]["kl"] < ev["gguf_q4_k_m"]["nll"]

@@ -38,7 +38,11 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    from edgekit.distill.parallel import place, train_device
+
     model.eval()
+    device = train_device()
+    place(model, device)
     rows = []
     progress = bar(len(prompts), "teacher generation", unit="prompt")
     for i in range(0, len(prompts), batch_size):
@@ -48,7 +52,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
                      for p in batch]
         else:
             texts = batch
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
         new = out[:, enc["input_ids"].shape[1]:]
@@ -60,6 +64,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
             rows.append({"prompt": p, "response": text.strip(), "truncated": not ended})
         progress.update(len(batch))
     progress.close()
+    place(model, torch.device("cpu"))
     return rows
 
 

@@ -100,7 +100,7 @@ class HiddenAlign(nn.Module):
     def loss(self, s_states: dict[int, torch.Tensor], t_states: dict[int, torch.Tensor],
              keep: torch.Tensor) -> torch.Tensor:
         """Mean over mapped layers of the mean per-position loss on `keep` (B*T,) positions."""
-        total = torch.zeros(())
+        total = torch.zeros((), device=keep.device)
         if not keep.any():
             return total
         for s, t in self.layer_map.items():

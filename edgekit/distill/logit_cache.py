@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from edgekit.fsutil import atomic_path, sha256_json
+from edgekit.distill.parallel import place, train_device
 from edgekit.progress import bar
 
 FORMAT = 1
@@ -101,16 +102,19 @@ def _top_k(teacher, rows: torch.Tensor, k: int, temperature: float, batch_size: 
     index = torch.empty((n, t_len - 1, min(k, vocab)), dtype=id_dtype)
     logprobs = torch.empty((n, t_len - 1, min(k, vocab)), dtype=torch.float16)
     teacher.eval()
+    device = train_device()
+    place(teacher, device)
     progress = bar(n, desc, unit="row")
     with torch.no_grad():
         for i in range(0, n, batch_size):
-            x = rows[i: i + batch_size, :-1]
+            x = rows[i: i + batch_size, :-1].to(device)
             logits = teacher(input_ids=x).logits.float() / temperature  # (b, T-1, V)
             top, ids = torch.log_softmax(logits, -1).topk(min(k, vocab), dim=-1)
-            index[i: i + batch_size] = (ids - id_offset).to(id_dtype)
-            logprobs[i: i + batch_size] = top.half()
+            index[i: i + batch_size] = (ids - id_offset).to(id_dtype).cpu()
+            logprobs[i: i + batch_size] = top.half().cpu()
             progress.update(x.shape[0])
     progress.close()
+    place(teacher, torch.device("cpu"))
     return index, logprobs, id_offset
 
 

@@ -36,8 +36,25 @@ def world() -> tuple[int, int]:
     if size <= 1:
         return 0, 1
     if not dist.is_initialized():
+        train_device()  # one GPU per process, chosen before NCCL starts
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), dist.get_world_size()
+
+
+def train_device() -> torch.device:
+    """This process's GPU (torchrun's LOCAL_RANK picks which) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def place(model, device: torch.device) -> None:
+    """Move a model to `device`, unless bitsandbytes placed it at load (its 4/8-bit layers
+    cannot be moved afterwards; transformers' device_map put them on the GPU already)."""
+    if model is not None and getattr(model, "hf_quantizer", None) is None:
+        model.to(device)
 
 
 def shard(idx: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -64,7 +81,8 @@ def mean_scalars(values: dict[str, float], size: int) -> dict[str, float]:
     """The mean of per-process numbers (losses for the log), identical on every process."""
     if size <= 1:
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"  # NCCL reduces GPU tensors only
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return dict(zip(values, (t / size).tolist()))
 

@@ -167,7 +167,7 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
     l0, sumlx, suml2 = l0[..., 0], sumlx[:, 0], suml2[:, 0]
     scale = torch.where(suml2 != 0, sumlx / torch.where(suml2 != 0, suml2, 1), 0)
     best = scale * sumlx
-    steps = torch.tensor([s for s in range(-9, 10) if s], dtype=torch.float32)
+    steps = torch.tensor([s for s in range(-9, 10) if s], dtype=torch.float32, device=x.device)
     ls, lx, l2 = trial(-(f32(nmax) + f32(0.1) * steps) / mx_safe[:, None])
     L = l0
     for s in range(steps.numel()):

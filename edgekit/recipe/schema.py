@@ -134,6 +134,10 @@ class DistillConfig(Closed):
     eval_every: int = Field(0, ge=0)  # every N steps (and at the end): holdout perplexity, KL to teacher, top-1; 0: off
     eval_rows: int = Field(8, ge=1)  # holdout rows that evaluation scores
     seed: int = 0
+    # the trunks' forward: auto = bf16 autocast on a GPU (fp32 weights, optimizer state, logits and loss),
+    # fp32 on the CPU, whose bf16 is ~25x slower. Training runs on the GPU when there is one (torchrun:
+    # LOCAL_RANK's GPU), the CPU otherwise.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # also train the same student on the same rows and steps with labels alone (no teacher):
     # the plain fine-tuning baseline KD has to beat
     baselines: list[Literal["sft"]] = []
@@ -198,6 +202,9 @@ class QATConfig(Closed):
     scales: Literal["recompute", "learn"] = "recompute"
     scale_lr: float = Field(1e-3, gt=0.0)
     seed: int = 1
+    # fp32 by default: under bf16 autocast the matmuls would round the grid's values (a Q8_0 value
+    # needs 7 + 11 bits), so the forward would no longer be the deployed grid; bf16 trades that for speed
+    precision: Literal["auto", "fp32", "bf16"] = "fp32"
     # also train a float twin: the same start, data, steps and seed without fake quantization.
     # Its llama.cpp quantization is the PTQ baseline QAT is judged against, at equal training.
     baselines: list[Literal["float"]] = ["float"]

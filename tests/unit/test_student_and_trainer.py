@@ -239,3 +239,20 @@ def test_on_policy_training_runs(teacher, rows, tmp_path):
     student = init_from_teacher_layers(teacher, [0, 3])
     last = train(student, teacher, rows, KDSettings(steps=2, batch_size=2, on_policy_fraction=1.0, loss="jsd"), tmp_path)
     assert last["kd"] > 0
+
+
+def test_bf16_autocast_trains_with_fp32_weights_and_loss(teacher, rows, tmp_path):
+    """precision: bf16 (the GPU default) runs the trunks under bf16 autocast; weights, optimizer
+    state, logits and the loss stay fp32. Forced on this CPU: its loss is close to fp32's, not equal."""
+    from edgekit.distill.trainer import autocast, train_device
+
+    assert train_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert isinstance(autocast(torch.device("cpu"), "auto"), type(autocast(torch.device("cpu"), "fp32")))  # CPU: off
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        student = init_from_teacher_layers(teacher, [0, 3])
+        runs[precision] = train(student, teacher, rows, KDSettings(steps=3, batch_size=4, lr=3e-3, warmup_steps=1,
+                                                                   loss_chunk=16, precision=precision), tmp_path / precision)
+        assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert runs["bf16"]["loss"] != runs["fp32"]["loss"]
+    assert runs["bf16"]["loss"] == pytest.approx(runs["fp32"]["loss"], rel=0.05)

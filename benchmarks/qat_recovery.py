@@ -11,7 +11,10 @@ baseline is llama.cpp's Q4_K_M of the untouched model) into qat_recovery_pretrai
 - ppl_ptq_q4_k_m: that twin through llama.cpp's own Q4_K_M (post-training quantization);
 - ppl_qat_q4_k_m: the QAT-KD student through the same Q4_K_M;
 - recovery = (ppl_PTQ - ppl_QAT) / (ppl_PTQ - ppl_FP16);
-- parity: KL / top-1 of the QAT Q4_K_M file (llama.cpp) against the PyTorch fake-quant model.
+- parity: KL / top-1 of the QAT Q4_K_M file (llama.cpp) against the PyTorch fake-quant model;
+  parity_llama_act: the same against that model with llama.cpp's 8-bit activation rounding
+  (quant.act_rounding); parity_floor: that model in fp32 vs fp64 (only float rounding
+  differs), what no implementation of llama.cpp's arithmetic can be expected to beat.
 """
 
 from common import run_recipe, write_result
@@ -28,6 +31,8 @@ def run(pretrained: bool = False) -> dict:
         "ppl_fp16": fp16, "ppl_ptq_q4_k_m": ptq, "ppl_qat_q4_k_m": qat,
         "recovery": (ptq - qat) / (ptq - fp16) if ptq != fp16 else None,
         "parity_kl": parity["kl"], "parity_top1": parity["top1"],
+        "parity_llama_act": ev.get("gguf_q4_k_m|student_qat_llama_act"),
+        "parity_floor": ev.get("student_qat_llama_act_fp64|student_qat_llama_act"),
         "kl_to_teacher": {k: ev[f"{k}|teacher"]["kl"] for k in ("ptq_gguf_f16", "ptq_gguf_q4_k_m", "gguf_q4_k_m")},
         "holdout_tokens": ev["teacher"]["tokens"],
         "qat_steps": art["qat"]["config"]["steps"],

@@ -73,6 +73,20 @@ def tiny_bundle(tiny_teacher_dir, tmp_path_factory) -> Path:
     return out
 
 
+def run_teacher_recipe(folder: Path, name: str, teacher_dir: Path, stages: str, docs: int = 20) -> tuple[Path, dict]:
+    """Run a recipe of `stages` (YAML list items, one per line) on `teacher_dir` and `docs`
+    corpus documents (seq_len 32) in `folder`; (run directory, its manifest's artifacts)."""
+    from edgekit.cli import main
+
+    (folder / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(docs)))
+    recipe = folder / f"{name}.yaml"
+    recipe.write_text(f"name: {name}\nteacher: {{model: {teacher_dir}}}\n"
+                      f"data: {{train: docs.jsonl, holdout_fraction: 0.2, seq_len: 32}}\nstages:\n{stages}")
+    assert main(["run", str(recipe), "--runs-dir", str(folder / "runs")]) == 0
+    run = folder / "runs" / name
+    return run, json.loads((run / "manifest.json").read_text())["artifacts"]
+
+
 def write_tiny_recipe(folder: Path, teacher_dir: Path) -> Path:
     """A full recipe on the tiny teacher, with data copied next to it."""
     data = folder / "docs.jsonl"

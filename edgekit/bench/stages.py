@@ -36,6 +36,25 @@ def qat_model(ctx: RunContext):
     return strip(model, on_grid=True)
 
 
+FLOOR = ("student_qat_llama_act", "student_qat_llama_act_fp64")
+
+
+def parity_floor_scorers(ctx: RunContext) -> dict:
+    """The QAT student on its grid with llama.cpp's 8-bit activation rounding
+    (`quant.act_rounding`), once in fp32 and once in fp64. Their disagreement is the parity
+    floor: what two exact implementations of llama.cpp's arithmetic, differing only in float
+    rounding, already disagree by; a file cannot be expected to match PyTorch more closely."""
+    import json
+
+    import torch
+
+    from edgekit.quant.act_rounding import llama_cpp_activations
+
+    plan = json.loads(ctx.output("qat", "plan").read_text())["plan"]
+    return {FLOOR[0]: torch_scorer(llama_cpp_activations(qat_model(ctx), plan)),
+            FLOOR[1]: torch_scorer(llama_cpp_activations(qat_model(ctx), plan).to(torch.float64))}
+
+
 @stage("evaluate")
 def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
     """Every model on the same holdout rows: teacher, student before and after KD (PyTorch),
@@ -60,6 +79,8 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
             scorers["student_sft"] = torch_scorer(ctx.load_model(ctx.output("distill", "sft_model")))
     if "qat" in ctx.finished:
         scorers["student_qat"] = torch_scorer(qat_model(ctx))
+        if cfg.parity_floor and gguf_outputs(ctx):
+            scorers.update(parity_floor_scorers(ctx))
     onnx = ctx.finished["export"]["outputs"].get("onnx_int4")
     if onnx:
         from edgekit.bench.ort_runner import ort_scorer
@@ -70,7 +91,7 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
             scorers[f"{prefix}{fmt}"] = llama_scorer(path, ctx=rows.shape[1])
     for key, path in quantize_outputs(ctx).items():  # GPTQ / AWQ: checkpoints in transformers, GGUFs in llama.cpp
         scorers[key] = llama_scorer(path, ctx=rows.shape[1]) if path.suffix == ".gguf" else torch_scorer(ctx.load_model(path))
-    pairs = [(name, "teacher") for name in scorers if name != "teacher"]
+    pairs = [(name, "teacher") for name in scorers if name not in ("teacher", *FLOOR)]
     if exported_from != "teacher":
         # parity: each file against the PyTorch model it came from
         if onnx:
@@ -78,12 +99,16 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
         for fmt in gguf_outputs(ctx):
             if "qat" in ctx.finished and fmt not in ("f16", "f32"):
                 pairs.append((f"gguf_{fmt}", "student_qat"))
+                if FLOOR[0] in scorers:
+                    pairs.append((f"gguf_{fmt}", FLOOR[0]))
             elif "qat" not in ctx.finished:
                 pairs.append((f"gguf_{fmt}", "student"))
+    if FLOOR[0] in scorers:
+        pairs.append((FLOOR[1], FLOOR[0]))
     result = evaluate(scorers, rows, pairs, desc="evaluate")
     metrics = {"holdout_rows": int(rows.shape[0]), "exported_from": exported_from, **result}
     if cfg.tasks:
-        metrics["tasks"] = grade_tasks(ctx, cfg, scorers, window=rows.shape[1])
+        metrics["tasks"] = grade_tasks(ctx, cfg, {k: v for k, v in scorers.items() if k not in FLOOR}, window=rows.shape[1])
     return {"outputs": {}, "metrics": metrics}
 
 

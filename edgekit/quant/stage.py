@@ -36,6 +36,10 @@ def run_qat(ctx: RunContext, cfg, out: Path) -> dict:
     if cfg.init == "gptq":
         init = gptq_init(student, plan, rows[: cfg.calibration_rows], cfg.damp)
     coverage = prepare(student, plan, cfg.scales, scale_lr_ratio=cfg.scale_lr / cfg.lr)
+    if cfg.activations == "llama_cpp":
+        from edgekit.quant.act_rounding import llama_cpp_activations
+
+        llama_cpp_activations(student, plan)  # forward hooks: not part of the saved weights
     settings = KDSettings.from_config(cfg)
     holdout = ctx.rows("holdout")[: cfg.eval_rows] if cfg.eval_every else None
     last = train(student, ctx.teacher(), rows, settings, out, desc="qat", mask=mask, holdout=holdout)
@@ -59,7 +63,7 @@ def run_qat(ctx: RunContext, cfg, out: Path) -> dict:
     (out / "qat_plan.json").write_text(__import__("json").dumps({"mix": cfg.mix, "plan": plan, **coverage}, indent=1))
     return {"outputs": outputs,
             "metrics": {"mix": cfg.mix, "init": cfg.init, **init, "final": last, "float_twin_final": twin_last,
-                        "scales": cfg.scales, "learned_scale_tensors": len(coverage["learned_scales"]),
+                        "scales": cfg.scales, "activations": cfg.activations, "learned_scale_tensors": len(coverage["learned_scales"]),
                         "fake_quantized": dict(Counter(coverage["fake_quantized"].values())),
                         "left_in_float": dict(Counter(coverage["float"].values()))}}
 

@@ -201,6 +201,9 @@ class QATConfig(Closed):
     # parameters (LSQ), trained at scale_lr (on log|scale|: ~that relative change per step); K-quants recompute
     scales: Literal["recompute", "learn"] = "recompute"
     scale_lr: float = Field(1e-3, gt=0.0)
+    # float: only the weights are fake-quantized; llama_cpp: each quantized layer's input is also
+    # rounded to the 8-bit blocks llama.cpp's CPU matmuls use (quant.act_rounding; straight-through)
+    activations: Literal["float", "llama_cpp"] = "float"
     seed: int = 1
     # fp32 by default: under bf16 autocast the matmuls would round the grid's values (a Q8_0 value
     # needs 7 + 11 bits), so the forward would no longer be the deployed grid; bf16 trades that for speed
@@ -263,6 +266,7 @@ class EvaluateConfig(Closed):
     baselines: list[Literal["teacher", "student_init"]] = ["teacher", "student_init"]
     tasks: str | None = None  # JSONL task set (edgekit.bench.tasks), relative to the recipe; every model is graded on it
     task_max_new_tokens: int = Field(8, ge=1)  # greedy answer length for exact-match items
+    parity_floor: bool = True  # with a qat stage: also score its model with llama.cpp's activation rounding in fp32 and fp64
 
 
 class BenchConfig(Closed):

@@ -80,24 +80,12 @@ def test_llama_quantize_reads_our_imatrix_file_as_we_pass_it(tiny_teacher_dir, t
 
 
 def test_export_stage_measures_and_uses_an_importance_matrix(tiny_teacher_dir, tmp_path):
-    import json
+    from tests.conftest import run_teacher_recipe
 
-    from edgekit.cli import main
-    from tests.conftest import corpus_texts
-
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(20)))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"""
-name: im
-teacher: {{model: {tiny_teacher_dir}}}
-data: {{train: docs.jsonl, holdout_fraction: 0.2, seq_len: 32}}
-stages:
-  - {{type: export, model: teacher, formats: [f16, q4_k_m], imatrix: true, imatrix_rows: 6}}
-  - {{type: evaluate, max_tokens: 128, ctx: 32, baselines: [teacher]}}
+    run, art = run_teacher_recipe(tmp_path, "im", tiny_teacher_dir, """\
+  - {type: export, model: teacher, formats: [f16, q4_k_m], imatrix: true, imatrix_rows: 6}
+  - {type: evaluate, max_tokens: 128, ctx: 32, baselines: [teacher]}
 """)
-    assert main(["run", str(recipe), "--runs-dir", str(tmp_path / "runs")]) == 0
-    run = tmp_path / "runs" / "im"
-    art = json.loads((run / "manifest.json").read_text())["artifacts"]
     im = art["export"]["metrics"]["imatrix"]
     assert im["rows"] == 6 and im["tokens"] == 6 * 32 and im["used_by"] == ["gguf_q4_k_m"]
     assert (run / "export" / "im-teacher.imatrix.gguf").is_file()  # published beside the files, for llama-quantize

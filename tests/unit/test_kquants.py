@@ -129,5 +129,10 @@ def test_qat_with_k_quants_reaches_the_file(tiny_recipe, tiny_teacher_dir, tiny_
     assert m["export"]["metrics"]["gguf_q4_k_m"]["writer"] == "edgekit (QAT grid)"
     qat_dir = next((tmp_path / "tiny" / "stages").glob("*-qat"))
     assert_file_holds_the_trained_grid(tmp_path / "tiny" / "export" / "tiny-student-Q4_K_M.gguf", qat_dir, 15)
-    parity = m["evaluate"]["metrics"]["gguf_q4_k_m|student_qat"]
+    ev = m["evaluate"]["metrics"]
+    parity = ev["gguf_q4_k_m|student_qat"]
     assert parity["kl"] < 0.01 and parity["top1"] > 0.8
+    # with llama.cpp's 8-bit activation rounding reproduced in PyTorch, the file agrees more closely
+    # (measured 0.0011 vs 0.0023, top-1 98% vs 90%); fp32 vs fp64 of that model: the floor (2e-6 here)
+    assert ev["gguf_q4_k_m|student_qat_llama_act"]["kl"] < 0.7 * parity["kl"]
+    assert ev["student_qat_llama_act_fp64|student_qat_llama_act"]["kl"] < 0.1 * parity["kl"]

@@ -76,24 +76,14 @@ def test_quantize_stage_end_to_end(wide_teacher, tmp_path):
     and match PyTorch on their own grid; GPTQ on the Q4_0 grid beats llama.cpp's Q4_0 rounding."""
     from transformers import AutoModelForCausalLM
 
-    from edgekit.cli import main
-    from tests.conftest import corpus_texts
+    from tests.conftest import run_teacher_recipe
 
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(30)))
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"""
-name: tq
-teacher: {{model: {wide_teacher}}}
-data: {{train: docs.jsonl, holdout_fraction: 0.2, seq_len: 32}}
-stages:
-  - {{type: quantize, model: teacher, calibration_rows: 16, awq_grid: 4, gguf: [q4_k_m, q4_0]}}
-  - {{type: export, model: teacher, formats: [f16, q4_0]}}
-  - {{type: evaluate, max_tokens: 256, ctx: 32}}
-  - {{type: report, sample_tokens: 4}}
-""")
-    assert main(["run", str(recipe), "--runs-dir", str(tmp_path / "runs")]) == 0
-    run = tmp_path / "runs" / "tq"
-    art = json.loads((run / "manifest.json").read_text())["artifacts"]
+    run, art = run_teacher_recipe(tmp_path, "tq", wide_teacher, """\
+  - {type: quantize, model: teacher, calibration_rows: 16, awq_grid: 4, gguf: [q4_k_m, q4_0]}
+  - {type: export, model: teacher, formats: [f16, q4_0]}
+  - {type: evaluate, max_tokens: 256, ctx: 32}
+  - {type: report, sample_tokens: 4}
+""", docs=30)
     q, ev = art["quantize"]["metrics"], art["evaluate"]["metrics"]
     for method in ("gptq", "awq"):
         ckpt = run / "export" / f"tq-teacher-{method}"

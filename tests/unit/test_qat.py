@@ -19,12 +19,13 @@ def test_plan_reads_llama_cpp_choices(tiny_teacher_dir):
     assert plan["lm_head.weight"] == plan["model.embed_tokens.weight"]
 
 
-@pytest.mark.parametrize("init,scales", [("float", "recompute"), ("gptq", "recompute"), ("float", "learn")])
-def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path, init, scales):
+@pytest.mark.parametrize("init,scales,activations", [("float", "recompute", "float"), ("gptq", "recompute", "float"),
+                                                     ("float", "learn", "float"), ("float", "recompute", "llama_cpp")])
+def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path, init, scales, activations):
     text = tiny_recipe.read_text().replace(
         "  - {type: export, formats: [f16, q8_0, onnx_int4]}",
         f"  - {{type: qat, steps: 3, batch_size: 2, loss_chunk: 16, lr: 1.0e-3, init: {init}, calibration_rows: 4, "
-        f"scales: {scales}, scale_lr: 0.05}}\n"
+        f"scales: {scales}, scale_lr: 0.05, activations: {activations}}}\n"
         "  - {type: export, formats: [f16, q4_k_m, onnx_int4]}")
     tiny_recipe.write_text(text)
     assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path)]) == 0
@@ -33,6 +34,7 @@ def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path, init, scales):
     assert q["init"] == init and (q["gptq_init"]["tensors"] > 0 if init == "gptq" else "gptq_init" not in q)
     assert sum(q["fake_quantized"].values()) > 0
     assert not q["left_in_float"]  # widths of 64: every tensor falls back to an exact block format
+    assert q["activations"] == activations
     assert q["scales"] == scales and (q["learned_scale_tensors"] > 10) == (scales == "learn")
     run_dir = tmp_path / "tiny"
     qat_dir = next((run_dir / "stages").glob("*-qat"))

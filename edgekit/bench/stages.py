@@ -39,11 +39,12 @@ def qat_model(ctx: RunContext):
 FLOOR = ("student_qat_llama_act", "student_qat_llama_act_fp64")
 
 
-def parity_floor_scorers(ctx: RunContext) -> dict:
-    """The QAT student on its grid with llama.cpp's 8-bit activation rounding
-    (`quant.act_rounding`), once in fp32 and once in fp64. Their disagreement is the parity
+def parity_floor_scorers(ctx: RunContext, student_qat) -> dict:
+    """Copies of the QAT student on its grid with llama.cpp's 8-bit activation rounding
+    (`quant.act_rounding`), one in fp32 and one in fp64. Their disagreement is the parity
     floor: what two exact implementations of llama.cpp's arithmetic, differing only in float
     rounding, already disagree by; a file cannot be expected to match PyTorch more closely."""
+    import copy
     import json
 
     import torch
@@ -51,8 +52,8 @@ def parity_floor_scorers(ctx: RunContext) -> dict:
     from edgekit.quant.act_rounding import llama_cpp_activations
 
     plan = json.loads(ctx.output("qat", "plan").read_text())["plan"]
-    return {FLOOR[0]: torch_scorer(llama_cpp_activations(qat_model(ctx), plan)),
-            FLOOR[1]: torch_scorer(llama_cpp_activations(qat_model(ctx), plan).to(torch.float64))}
+    return {FLOOR[0]: torch_scorer(llama_cpp_activations(copy.deepcopy(student_qat), plan)),
+            FLOOR[1]: torch_scorer(llama_cpp_activations(copy.deepcopy(student_qat), plan).to(torch.float64))}
 
 
 @stage("evaluate")
@@ -78,9 +79,10 @@ def run_evaluate(ctx: RunContext, cfg, out: Path) -> dict:
         if "sft_model" in ctx.finished["distill"]["outputs"]:
             scorers["student_sft"] = torch_scorer(ctx.load_model(ctx.output("distill", "sft_model")))
     if "qat" in ctx.finished:
-        scorers["student_qat"] = torch_scorer(qat_model(ctx))
+        student_qat = qat_model(ctx)
+        scorers["student_qat"] = torch_scorer(student_qat)
         if cfg.parity_floor and gguf_outputs(ctx):
-            scorers.update(parity_floor_scorers(ctx))
+            scorers.update(parity_floor_scorers(ctx, student_qat))
     onnx = ctx.finished["export"]["outputs"].get("onnx_int4")
     if onnx:
         from edgekit.bench.ort_runner import ort_scorer

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from edgekit.errors import EdgekitError
-from edgekit.quant.ggml_blocks import GGML_TYPES, quantize_exact
+from edgekit.quant.ggml_blocks import GGML_TYPES, divide_or_zero, quantize_exact
 
 PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 
@@ -87,13 +87,13 @@ def affine(blk) -> Affine:
         return Affine(q, d, torch.full_like(d, {"q8_0": 0, "q4_0": 8, "q5_0": 16}[fmt]), 32, fmt)
     if fmt == "q4_1":
         d, m = blk.d.float(), blk.m.float()
-        return Affine(q, d, torch.where(d == 0, torch.zeros_like(d), -m / torch.where(d == 0, 1.0, d)), 32, fmt)
+        return Affine(q, d, divide_or_zero(-m, d), 32, fmt)
     rows = q.shape[0]
     d1 = (blk.d.float()[..., None] * blk.sc.float()).reshape(rows, -1)  # per sub-block, as ggml computes it
     if fmt == "q6_k":
         return Affine(q, d1, torch.full_like(d1, 32.0), 16, fmt)
     m1 = (blk.dmin.float()[..., None] * blk.m.float()).reshape(rows, -1)
-    return Affine(q, d1, torch.where(d1 == 0, torch.zeros_like(d1), m1 / torch.where(d1 == 0, 1.0, d1)), 32, fmt)
+    return Affine(q, d1, divide_or_zero(m1, d1), 32, fmt)
 
 
 def node_tensors(parts: list[Affine]) -> dict:

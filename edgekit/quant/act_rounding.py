@@ -25,20 +25,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgekit.quant.ggml_blocks import GGML_TYPES
+from edgekit.quant.ggml_blocks import GGML_TYPES, divide_or_zero
 
 VEC_DOT = {"q4_0": "q8_0", "q5_0": "q8_0", "q8_0": "q8_0", "q4_1": "q8_1", "q4_k": "q8_k", "q6_k": "q8_k"}
-
-
-def _nonzero_inverse(v: torch.Tensor, num: float) -> torch.Tensor:
-    return torch.where(v != 0, num / torch.where(v != 0, v, torch.ones_like(v)), torch.zeros_like(v))
 
 
 def _q8_0(x: torch.Tensor) -> torch.Tensor:
     """(..., C) -> the values ggml's Q8_0 (and Q8_1) blocks of 32 stand for."""
     b = x.reshape(-1, 32)
     amax = b.abs().amax(-1, keepdim=True)
-    q = torch.round(b * _nonzero_inverse(amax, 127.0))
+    q = torch.round(b * divide_or_zero(127.0, amax))
     return (q * (amax / 127).half().to(x.dtype)).reshape(x.shape)
 
 
@@ -46,9 +42,9 @@ def _q8_k(x: torch.Tensor) -> torch.Tensor:
     """(..., C) -> the values ggml's Q8_K blocks of 256 stand for."""
     b = x.reshape(-1, 256)
     mx = b.gather(-1, b.abs().argmax(-1, keepdim=True))  # signed value of largest magnitude
-    iscale = _nonzero_inverse(mx, -127.0)
+    iscale = divide_or_zero(-127.0, mx)
     q = torch.round(iscale * b).clamp(max=127)
-    return (q * _nonzero_inverse(iscale, 1.0)).reshape(x.shape)
+    return (q * divide_or_zero(1.0, iscale)).reshape(x.shape)
 
 
 _ROUND = {"q8_0": _q8_0, "q8_1": _q8_0, "q8_k": _q8_k}

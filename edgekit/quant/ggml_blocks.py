@@ -47,8 +47,9 @@ def _signed_absmax(b: torch.Tensor) -> torch.Tensor:
     return b.gather(-1, b.abs().argmax(-1, keepdim=True))  # (R, nb, 1)
 
 
-def _inverse(d: torch.Tensor) -> torch.Tensor:
-    return torch.where(d == 0, torch.zeros_like(d), 1.0 / torch.where(d == 0, torch.ones_like(d), d))
+def divide_or_zero(num, den: torch.Tensor) -> torch.Tensor:
+    """num / den, 0 where den is 0 (a block of zeros has no scale), in C's float order."""
+    return torch.where(den == 0, torch.zeros_like(den), num / torch.where(den == 0, torch.ones_like(den), den))
 
 
 def roundf(x: torch.Tensor) -> torch.Tensor:
@@ -60,15 +61,15 @@ def quantize(w: torch.Tensor, fmt: str) -> Blocks:
     b = _blocks(w)
     if fmt == "q8_0":
         d = b.abs().amax(-1, keepdim=True) / 127
-        q = roundf(b * _inverse(d))
+        q = roundf(b * divide_or_zero(1.0, d))
     elif fmt in ("q4_0", "q5_0"):
         half = 8 if fmt == "q4_0" else 16
         d = _signed_absmax(b) / -half
-        q = torch.trunc(b * _inverse(d) + (half + 0.5)).clamp(0, 2 * half - 1)
+        q = torch.trunc(b * divide_or_zero(1.0, d) + (half + 0.5)).clamp(0, 2 * half - 1)
     elif fmt == "q4_1":
         lo, hi = b.amin(-1, keepdim=True), b.amax(-1, keepdim=True)
         d = (hi - lo) / 15
-        q = torch.trunc((b - lo) * _inverse(d) + 0.5).clamp(0, 15)
+        q = torch.trunc((b - lo) * divide_or_zero(1.0, d) + 0.5).clamp(0, 15)
         return Blocks(fmt, q.to(torch.int16).reshape(w.shape), d[..., 0].half(), lo[..., 0].half())
     else:
         raise ValueError(f"no exact block quantizer for '{fmt}'")

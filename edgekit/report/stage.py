@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from edgekit.bench.stages import FLOOR
 from edgekit.pipeline import RunContext, machine_description, stage
 
 LABELS = {"teacher": "teacher (PyTorch fp32)", "student_init": "student before KD (PyTorch)",
           "student": "student after KD (PyTorch)",
           "student_sft": "student, plain fine-tuning: same data and steps, no teacher (PyTorch)",
           "student_qat": "student after QAT-KD, fake-quantized (PyTorch)",
-          "student_qat_llama_act": "the same, with llama.cpp's 8-bit activation rounding (PyTorch fp32)",
-          "student_qat_llama_act_fp64": "the same in fp64 (floor: only float rounding differs)"}
+          FLOOR[0]: "the same, with llama.cpp's 8-bit activation rounding (PyTorch fp32)",
+          FLOOR[1]: "the same in fp64 (floor: only float rounding differs)"}
 
 
 def _label(name: str) -> str:
@@ -98,12 +99,12 @@ def render(ctx: RunContext, sample: dict) -> str:
                            f"{m[f'{n}|teacher']['kl']:.4f}" if f"{n}|teacher" in m else "-",
                            f"{m[f'{n}|teacher']['top1']:.1%}" if f"{n}|teacher" in m else "-"] for n in names])]
         parity = [[_label(k.split("|")[0]), _label(k.split("|")[1]), f"{v['kl']:.5f}", f"{v['top1']:.1%}"]
-                  for k, v in m.items() if k.startswith(("gguf_", "onnx_", "student_qat_llama_act_fp64"))
+                  for k, v in m.items() if k.startswith(("gguf_", "onnx_", FLOOR[1]))
                   and "|" in k and not k.endswith("|teacher")]
         if parity:
             lines += ["", "### Parity: exported files vs the PyTorch model they came from", "",
                       _table(["file", "PyTorch model", "KL (nats/token)", "top-1 agreement"], parity)]
-            if "student_qat_llama_act_fp64|student_qat_llama_act" in m:
+            if f"{FLOOR[1]}|{FLOOR[0]}" in m:
                 lines += ["", "llama.cpp rounds every quantized matmul's input to 8-bit blocks (Q8_0/Q8_K). The last row "
                           "is the floor: the same grid and rounding computed in fp32 and in fp64 disagree by that much, "
                           "because rounding to 8 bits turns tiny float differences into whole code steps."]

@@ -87,6 +87,11 @@ class RunContext:
             self._cache["teacher_model"] = self.load_model(self.teacher_path(), t.trust_remote_code, t.load)
         return self._cache["teacher_model"]
 
+    def release_teacher(self) -> None:
+        """Forget the loaded teacher: training sharded it over the processes (FSDP), so the
+        stages after load it again whole."""
+        self._cache.pop("teacher_model", None)
+
     def teacher_is_reference(self) -> bool:
         """Is the training teacher (`teacher()`) already the full-precision one?"""
         t = self.recipe.teacher

@@ -152,6 +152,24 @@ def scalar(t) -> float:
     return float(t.full_tensor() if hasattr(t, "full_tensor") else t)
 
 
+def holds_shards(model: nn.Module | None) -> bool:
+    """Has FSDP sharded (some of) this model's parameters over the processes?"""
+    from torch.distributed.tensor import DTensor
+
+    return model is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def gathered_weights(model: nn.Module) -> dict | None:
+    """A sharded (FSDP) model's whole weights, keyed like its state_dict, on rank 0 and {}
+    on the others; None for a model that is not sharded. Every process must call it: the
+    shards are all-gathered."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not holds_shards(model):
+        return None
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 def full_state(root: StepRoot, opt) -> tuple[dict, dict]:
     """(weights, optimizer state), whole and keyed by parameter name, on rank 0 (empty on
     other ranks). Every process must call it: sharded parameters are gathered."""

@@ -7,6 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgekit.distill.lean import trainable_parameters
+from edgekit.distill.parallel import holds_shards
 from edgekit.distill.trainer import KDSettings, train
 from edgekit.errors import EdgekitError
 from edgekit.fsutil import release_memory
@@ -46,9 +47,15 @@ def build_student(ctx: RunContext, same_vocab: bool = True):
 
 
 def save_model(model, tokenizer_dir: Path, out: Path) -> None:
+    """The model as safetensors + config + tokenizer. A model FSDP left sharded is gathered
+    (every process calls this) and rank 0 writes it."""
+    from edgekit.distill.parallel import gathered_weights
     from edgekit.models.student import copy_tokenizer_files
 
-    model.save_pretrained(out, safe_serialization=True)
+    weights = gathered_weights(model)
+    if weights == {}:  # another rank's share of a sharded model: rank 0 writes the whole
+        return
+    model.save_pretrained(out, safe_serialization=True, state_dict=weights)
     copy_tokenizer_files(tokenizer_dir, out)
 
 
@@ -135,6 +142,9 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
     holdout = ctx.rows("holdout")[: cfg.eval_rows] if cfg.eval_every else None
     last = train(student, teacher, rows, settings, out, desc="distill", mask=mask, teacher_cache=cache, hidden=hidden,
                  holdout=holdout)
+    if holds_shards(teacher):
+        del teacher
+        ctx.release_teacher()
     student = merge()
     save_model(student, tok_dir, out / "model")
     outputs = {"model": "model", "metrics_log": "metrics.jsonl"}

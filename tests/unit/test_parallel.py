@@ -90,26 +90,34 @@ def test_batch_must_split_over_processes(tiny_teacher_dir, tmp_path, monkeypatch
 
 
 def test_edgekit_run_under_torchrun(tiny_recipe, tmp_path):
-    """`edgekit run` with 2 processes: rank 0 keeps the books, both train; the result is the
-    single-process result (up to float summation order) and rank 1 leaves nothing behind."""
+    """`edgekit run` with 2 processes, replicated and FSDP-sharded: rank 0 keeps the books,
+    both train; the result is the single-process result (up to float summation order), the
+    sharded student is gathered into one model file, the stages after training see a whole
+    teacher again, and rank 1 leaves nothing behind."""
     text = tiny_recipe.read_text().replace("[f16, q8_0, onnx_int4]", "[f16]")
     text = text.replace("  - {type: bench, prompt_tokens: 8, gen_tokens: 4, repeats: 1}\n", "")
-    tiny_recipe.write_text(text)
+    sharded = text.replace("warmup_steps: 1}", "warmup_steps: 1, parallel: {student: sharded, teacher: sharded}}")
+    assert sharded != text
     results = {}
-    for nproc in (1, 2):
-        runs = tmp_path / f"runs{nproc}"
+    for name, nproc, recipe_text in (("one", 1, text), ("two", 2, text), ("two_sharded", 2, sharded)):
+        tiny_recipe.write_text(recipe_text)
+        runs = tmp_path / name
         launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
         proc = subprocess.run([sys.executable, *launcher, "-m" if nproc == 1 else str(REPO / "edgekit" / "cli.py"),
                                *(["edgekit.cli"] if nproc == 1 else []), "run", str(tiny_recipe), "--runs-dir", str(runs)],
                               cwd=REPO, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        m = json.loads((runs / "tiny" / "manifest.json").read_text())["artifacts"]
-        results[nproc] = m
+        results[name] = json.loads((runs / "tiny" / "manifest.json").read_text())["artifacts"]
         assert not (runs / "tiny" / ".ranks").exists() or not any((runs / "tiny" / ".ranks").iterdir())
-    one, two = results[1]["distill"]["metrics"]["final"], results[2]["distill"]["metrics"]["final"]
-    assert two["loss"] == pytest.approx(one["loss"], rel=1e-4)
-    ev1, ev2 = results[1]["evaluate"]["metrics"], results[2]["evaluate"]["metrics"]
-    assert ev2["gguf_f16"]["ppl"] == pytest.approx(ev1["gguf_f16"]["ppl"], rel=1e-3)
+    one = results["one"]
+    for name in ("two", "two_sharded"):
+        got = results[name]
+        assert got["distill"]["metrics"]["final"]["loss"] == pytest.approx(one["distill"]["metrics"]["final"]["loss"], rel=1e-4)
+        assert got["evaluate"]["metrics"]["gguf_f16"]["ppl"] == pytest.approx(one["evaluate"]["metrics"]["gguf_f16"]["ppl"],
+                                                                              rel=1e-3)
+        # the whole teacher again after training (evaluated at its own perplexity, not a shard's)
+        assert got["evaluate"]["metrics"]["teacher"]["ppl"] == pytest.approx(one["evaluate"]["metrics"]["teacher"]["ppl"],
+                                                                             rel=1e-5)
 
 
 def test_resume_on_another_number_of_processes(tiny_teacher_dir, tmp_path):
@@ -118,9 +126,6 @@ def test_resume_on_another_number_of_processes(tiny_teacher_dir, tmp_path):
     script = tmp_path / "kd.py"
     half = tmp_path / "half"
     half.mkdir()
-    partial = SCRIPT.replace("steps=4,", "steps=2,").replace("checkpoint_every=2", "checkpoint_every=1")
-    (tmp_path / "kd_half.py").write_text(partial.replace(
-        "last = train(", "import edgekit.distill.trainer as tr\\nlast = train("))
     # 2 of 4 steps, keeping the step-2 checkpoint (a finished run would not need one)
     stop_after_checkpoint = (
         "import edgekit.distill.trainer as tr\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -13,12 +14,46 @@ from edgekit.export.gguf_read import open_gguf
 from edgekit.fsutil import quiet_stderr
 
 
+def cpu_has_amx() -> bool:
+    """Intel AMX (Sapphire Rapids and later), as the Linux kernel reports it."""
+    try:
+        return any(line.startswith("flags") and " amx_int8" in line for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def amx_off():
+    """Load models with llama.cpp's extra weight buffers (AMX, CPU repacking) off on CPUs
+    with AMX: llama-cpp-python 0.3.36's AMX matmul segfaults on first use on such machines
+    (llama.cpp issue 20824; measured: a Q8_0 GGUF crashes in decode, the same file runs with
+    them off). Llama() takes no option for it, so the model defaults it reads are adjusted
+    for the duration of the load. Elsewhere nothing changes."""
+    import llama_cpp.llama_cpp as api
+
+    if not cpu_has_amx():
+        yield
+        return
+    defaults = api.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    api.llama_model_default_params = without_extra_buffers
+    try:
+        yield
+    finally:
+        api.llama_model_default_params = defaults
+
+
 def load_llama(path: Path, n_ctx: int, threads: int | None = None, logits_all: bool = False):
     import llama_cpp
 
     open_gguf(path)  # clear errors for missing, non-GGUF or truncated files
     try:
-        with quiet_stderr():
+        with quiet_stderr(), amx_off():
             return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=logits_all,
                                    n_threads=threads or os.cpu_count(), verbose=False)
     except Exception as e:

@@ -16,9 +16,9 @@ Backend: NCCL on GPUs, gloo on CPUs. Two ways to hold the models (recipe `parall
   runs inside the root's forward (`StepRoot`), so the fused loss finds the output head
   gathered. The frozen teacher can be sharded the same way, layer by layer.
 
-Checkpoints are one full state (torch.distributed.checkpoint.state_dict gathers it onto
-rank 0 and scatters it back), keyed by parameter name, so a run resumes on any number of
-processes and with either layout.
+Checkpoints (distill/checkpoint.py): every process writes its own shards through
+torch.distributed.checkpoint, and a run resumes on any number of processes and with
+either layout.
 """
 
 from __future__ import annotations
@@ -168,33 +168,3 @@ def gathered_weights(model: nn.Module) -> dict | None:
     if not holds_shards(model):
         return None
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def full_state(root: StepRoot, opt) -> tuple[dict, dict]:
-    """(weights, optimizer state), whole and keyed by parameter name, on rank 0 (empty on
-    other ranks). Every process must call it: sharded parameters are gathered."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(root, options=options), get_optimizer_state_dict(root, opt, options=options)
-
-
-def load_full_state(root: StepRoot, opt, weights: dict, optim: dict, size: int) -> None:
-    """Load rank 0's full state (read from the checkpoint) into every process's model and
-    optimizer, sharded or not. Tied weights saved once are filled by their twin."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=size > 1, strict=False)
-    if size <= 1 or dist.get_rank() == 0:
-        named = dict(root.named_parameters(remove_duplicate=False))
-        missing = [k for k in named if k not in weights and not any(named[k] is named[w] for w in weights if w in named)]
-        if missing:
-            from edgekit.errors import EdgekitError
-
-            raise EdgekitError(f"the checkpoint lacks {len(missing)} weights, e.g. {missing[:3]}",
-                               "it was written for another model or by an older edgekit: delete the stage's "
-                               "checkpoint folder to restart the stage")
-    set_model_state_dict(root, weights, options=options)
-    set_optimizer_state_dict(root, opt, optim, options=options)

@@ -22,9 +22,9 @@ from torch.nn.utils import parametrize
 from edgekit.distill.hidden import capture
 from edgekit.distill.lean import make_optimizer
 from edgekit.distill.losses import cross_entropy, forward_kl_topk, kd_loss
-from edgekit.distill.parallel import (StepRoot, average_gradients, barrier, broadcast_object, full_state,
-                                      is_sharded, load_full_state, mean_scalars, place, scalar, shard, shard_student,
-                                      shard_teacher, train_device, world)
+from edgekit.distill.checkpoint import resume, save_checkpoint
+from edgekit.distill.parallel import (StepRoot, average_gradients, is_sharded, mean_scalars, place, scalar, shard,
+                                      shard_student, shard_teacher, train_device, world)
 from edgekit.errors import EdgekitError
 from edgekit.progress import bar
 
@@ -305,8 +305,7 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
         progress.update(1)
         progress.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
         if (step + 1) % st.checkpoint_every == 0 and step + 1 < st.steps:
-            save_checkpoint(ckpt, root, opt, step + 1, rank)
-            barrier(size)
+            save_checkpoint(ckpt, root, opt, step + 1, rank, size)
     progress.close()
     log.close()
     if tb is not None:
@@ -370,47 +369,3 @@ def layer_outputs(model, hidden, side: str):
         return contextlib.nullcontext({})
     indices = sorted(set(hidden.layer_map.keys() if side == "student" else hidden.layer_map.values()))
     return capture(model, indices, detach=side == "teacher")
-
-
-def save_checkpoint(path: Path, root, opt, step: int, rank: int = 0) -> None:
-    """One full state, whatever the layout: weights as safetensors (tied weights once),
-    optimizer state as a tensors-only torch file (loaded weights_only), both keyed by
-    parameter name. Every process calls it (sharded state is gathered); rank 0 writes."""
-    from safetensors.torch import save_file
-
-    from edgekit.fsutil import atomic_path
-
-    weights, optim = full_state(root, opt)
-    if rank != 0:
-        return
-    seen, unique = set(), {}
-    for k, v in weights.items():
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
-            unique[k] = v.contiguous()
-    with atomic_path(path) as tmp:
-        tmp.mkdir()
-        save_file(unique, str(tmp / "model.safetensors"))
-        torch.save({"optimizer": optim, "step": step, "rng": torch.get_rng_state(), "layout": "by-name"},
-                   tmp / "state.pt")
-
-
-def resume(path: Path, root, opt, rank: int, size: int) -> int:
-    """The step to start from: 0, or a checkpoint's, whose state rank 0 reads and every
-    process receives (any number of processes, sharded or not)."""
-    from safetensors.torch import load_file
-
-    found = broadcast_object((path / "state.pt").is_file() if rank == 0 else None, size)
-    if not found:
-        return 0
-    weights, optim, step = {}, {}, 0
-    if rank == 0:
-        state = torch.load(path / "state.pt", weights_only=True)  # never unpickle arbitrary objects
-        if state.get("layout") != "by-name":
-            raise EdgekitError(f"{path} was written by an older edgekit, whose checkpoints this one cannot resume",
-                               f"delete {path} to restart the stage from its beginning")
-        weights, optim, step = load_file(str(path / "model.safetensors")), state["optimizer"], int(state["step"])
-        torch.set_rng_state(state["rng"])
-        print(f"resuming from checkpoint at step {step}", flush=True)
-    load_full_state(root, opt, weights, optim, size)
-    return int(broadcast_object(step, size))

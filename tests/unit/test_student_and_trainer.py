@@ -206,6 +206,14 @@ def test_resume_is_exact(teacher, rows, tmp_path, monkeypatch, optimizer):
         assert torch.equal(a, b), k
 
 
+def test_checkpoint_of_another_student_is_refused_with_the_fix(teacher, rows, tmp_path):
+    train(init_from_teacher_layers(teacher, [0, 3]), teacher, rows, KDSettings(steps=2, batch_size=2, checkpoint_every=1),
+          tmp_path)
+    with pytest.raises(EdgekitError, match="does not fit this model.*delete"):
+        train(init_from_teacher_layers(teacher, [0, 1, 3]), teacher, rows,
+              KDSettings(steps=3, batch_size=2, checkpoint_every=1), tmp_path)
+
+
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(teacher, rows, tmp_path):
     student = init_from_teacher_layers(teacher, [0, 3])
     train(student, teacher, rows, KDSettings(steps=2, batch_size=2, checkpoint_every=1), tmp_path)
@@ -213,7 +221,8 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_checkpoint(teacher, r
         student.model.norm.weight.fill_(float("nan"))
     with pytest.raises(EdgekitError, match="loss became nan at step 0.*lower the learning rate"):
         train(student, teacher, rows, KDSettings(steps=3, batch_size=2, checkpoint_every=1), tmp_path / "nan")
-    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+    assert (tmp_path / "checkpoint" / "state.pt").is_file()
+    assert list((tmp_path / "checkpoint" / "weights").glob("*.safetensors"))
 
 
 def test_mask_limits_training_to_marked_tokens(teacher, rows, tmp_path):

@@ -123,7 +123,8 @@ def _decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def shard_student(root: StepRoot) -> None:
-    """FSDP2: each student decoder layer its own unit, the rest in the root unit."""
+    """FSDP2: each student decoder layer its own unit, the rest in the root unit; each unit's
+    shards land on this process's device (FSDP moves them as it shards)."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in _decoder_layers(root.student):
@@ -131,14 +132,16 @@ def shard_student(root: StepRoot) -> None:
     fully_shard(root)
 
 
-def shard_teacher(teacher: nn.Module) -> None:
+def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
     """FSDP2 on the frozen teacher's decoder layers (gathered one at a time for its forward,
-    released after); its embeddings and output head stay whole on every process, where the
-    fused loss reads them."""
+    released after; each layer's shard lands on `device` as it is sharded); its embeddings,
+    final norm and output head stay whole on every process, where the fused loss reads
+    them, and move to `device` after."""
     from torch.distributed.fsdp import fully_shard
 
     for layer in _decoder_layers(teacher):
         fully_shard(layer, reshard_after_forward=True)
+    teacher.to(device)  # the rest; the sharded layers are there already (a no-op for them)
 
 
 def is_sharded(root: nn.Module) -> bool:

@@ -210,12 +210,16 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
                            "remove hidden_states, or use teacher_logits: online with a same-vocabulary student")
     root = StepRoot(student, hidden)  # what the optimizer trains, under one name space
     device = train_device()
-    root.to(device)
-    place(teacher, device)
+    # sharded models are sharded before they move: FSDP moves each layer's shard to the device
+    # as it shards it, so no GPU ever holds a whole model
     if size > 1 and st.shard_student:
         shard_student(root)
+    else:
+        root.to(device)
     if size > 1 and st.shard_teacher and teacher is not None:
-        shard_teacher(teacher)
+        shard_teacher(teacher, device)
+    else:
+        place(teacher, device)
     params = [p for p in root.parameters() if p.requires_grad]
     opt = make_optimizer(param_groups(params), st.optimizer, st.lr, st.weight_decay)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,8 @@
 number of processes and either layout (replicated or FSDP-sharded).
 
     checkpoint/
-      weights/shard-0000R-model-00001-of-00001.safetensors   one per rank: its shards
+      weights/shard-0000R-model-0000F-of-0000N.safetensors   rank R's shards, one file F per
+                                                             decoder layer and one for the rest
       state.pt                                               step, RNG, layout (rank 0)
 
 torch.distributed.checkpoint (DCP) plans the save: each process writes the pieces of the
@@ -21,6 +22,7 @@ is stored once, under its first name.
 from __future__ import annotations
 
 import contextlib
+import re
 import warnings
 from pathlib import Path
 
@@ -66,8 +68,12 @@ def save_checkpoint(path: Path, root, opt, step: int, rank: int = 0, size: int =
         if rank == 0:
             tmp.mkdir()
         folder = Path(broadcast_object(str(tmp) if rank == 0 else None, size)) / "weights"
+        # one file per decoder layer (and one for the rest): DCP's safetensors writer builds each
+        # file in memory before writing it, so the extra memory is one layer's share, not the process's
+        files = {key: _file_of(key) for key in flat}
+        writer = HuggingFaceStorageWriter(str(folder), fqn_to_index_mapping=files, save_distributed=True)
         with _one_process_is_fine():
-            dcp.save(flat, storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True), no_dist=size == 1)
+            dcp.save(flat, storage_writer=writer, no_dist=size == 1)
         if rank == 0:
             torch.save({"step": step, "rng": torch.get_rng_state(), "layout": LAYOUT, "processes": size,
                         "optimizer_extra": extra}, tmp / "state.pt")
@@ -108,6 +114,12 @@ def resume(path: Path, root, opt, rank: int, size: int) -> int:
     set_model_state_dict(root, model_sd)
     set_optimizer_state_dict(root, opt, optim_sd)
     return int(state["step"])
+
+
+def _file_of(key: str) -> int:
+    """File number of a checkpoint entry: 2 + its decoder layer's index, else 1."""
+    layer = re.search(r"\.layers\.(\d+)\.", key)
+    return int(layer[1]) + 2 if layer else 1
 
 
 @contextlib.contextmanager

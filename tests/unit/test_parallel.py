@@ -166,16 +166,17 @@ def test_sharded_checkpoint_resumes_on_one_process(tiny_teacher_dir, tmp_path):
                            str(tmp_path / "kd_half.py"), str(tiny_teacher_dir), str(half), json.dumps(SHARDED)],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # each process wrote its own shards: two files, neither holding the whole student
+    # each process wrote its own shards (files shard-0000R-...), neither process the whole student
     from safetensors import safe_open
 
-    files = sorted((half / "work" / "checkpoint" / "weights").glob("*.safetensors"))
-    assert len(files) == 2
-    numels = []
-    for f in files:
+    numels = {}
+    for f in (half / "work" / "checkpoint" / "weights").glob("*.safetensors"):
         with safe_open(f, "pt") as s:
-            numels.append(sum(math.prod(s.get_slice(k).get_shape()) for k in s.keys() if k.startswith("model/")))
-    assert all(0.3 < n / sum(numels) < 0.7 for n in numels), numels
+            rank = f.name.split("-")[1]
+            numels[rank] = numels.get(rank, 0) + sum(math.prod(s.get_slice(k).get_shape()) for k in s.keys()
+                                                     if k.startswith("model/"))
+    assert sorted(numels) == ["00001", "00002"]
+    assert all(0.3 < n / sum(numels.values()) < 0.7 for n in numels.values()), numels
     (tmp_path / "kd.py").write_text(SCRIPT)
     proc = subprocess.run([sys.executable, str(tmp_path / "kd.py"), str(tiny_teacher_dir), str(half)], cwd=REPO,
                           capture_output=True, text=True, timeout=600)

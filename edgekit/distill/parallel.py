@@ -141,7 +141,8 @@ def shard_teacher(teacher: nn.Module, device: torch.device) -> None:
 
     for layer in _decoder_layers(teacher):
         fully_shard(layer, reshard_after_forward=True)
-    teacher.to(device)  # the rest; the sharded layers are there already (a no-op for them)
+    if not on_meta(teacher):  # a skeleton is allocated on the device as it is filled (fill_from_rank0)
+        teacher.to(device)  # the rest; the sharded layers are there already (a no-op for them)
 
 
 def is_sharded(root: nn.Module) -> bool:
@@ -171,3 +172,40 @@ def gathered_weights(model: nn.Module) -> dict | None:
     if not holds_shards(model):
         return None
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def skeleton(model: nn.Module | None, size: int) -> nn.Module:
+    """Rank 0 passes its loaded `model` and gets it back; the other processes pass None and
+    get the same architecture and dtype on the meta device, which holds no memory. Sharding
+    then gives each process only its shards to allocate, and `fill_from_rank0` copies rank
+    0's values into them: a process never holds a whole model it will shard."""
+    from transformers import AutoModelForCausalLM
+
+    spec = broadcast_object((model.config, model.dtype) if model is not None else None, size)
+    if model is not None:
+        return model
+    config, dtype = spec
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def on_meta(model: nn.Module | None) -> bool:
+    return model is not None and any(p.is_meta for p in model.parameters())
+
+
+def fill_from_rank0(model: nn.Module, whole: dict | None, device: torch.device) -> None:
+    """After sharding: every process's `model` takes rank 0's values. Rank 0 passes its
+    state dict from before sharding (`whole`), the others None; processes built on the meta
+    device (`skeleton`) allocate their shards on `device` first. Buffers (rotary
+    frequencies, which state dicts leave out) are broadcast too."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if on_meta(model):
+        model.to_empty(device=device)  # new tensors for plain parameters: tied weights come apart
+        for part in model.modules():
+            if hasattr(part, "tie_weights") and hasattr(part, "config"):
+                part.tie_weights()  # the output head shares the embeddings again (one copy, as on rank 0)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole if dist.get_rank() == 0 else {}, options=options)
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)

@@ -7,7 +7,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from edgekit.distill.lean import trainable_parameters
-from edgekit.distill.parallel import holds_shards
+from edgekit.distill.parallel import broadcast_object, holds_shards, skeleton, world
 from edgekit.distill.trainer import KDSettings, train
 from edgekit.errors import EdgekitError
 from edgekit.fsutil import release_memory
@@ -92,13 +92,29 @@ def adapters(student, cfg):
     return with_lora(student, cfg.lora)
 
 
+def lean_ranks(cfg, size: int) -> bool:
+    """Under torchrun with both models sharded, do processes other than rank 0 skip loading
+    them (parallel.skeleton)? Not when every process needs the whole teacher: offline logit
+    caching (each process caches its rows) and sequence-level KD (generation)."""
+    return (size > 1 and cfg.parallel.student == "sharded" and cfg.parallel.teacher == "sharded"
+            and cfg.teacher_logits == "online" and cfg.sequence_kd is None)
+
+
 @stage("distill")
 def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
     from edgekit.data.tokens import pack
 
     seq = cfg.sequence_kd is not None
-    student, tok_dir, init_info = build_student(ctx, same_vocab=not seq)
-    teacher = ctx.teacher()
+    rank, size = world()
+    if lean_ranks(cfg, size):  # the other processes hold no whole model: rank 0's values reach their shards
+        student, tok_dir, init_info = build_student(ctx) if rank == 0 else (None, None, None)
+        student = skeleton(student, size)
+        tok_dir, init_info = broadcast_object((tok_dir, init_info), size)
+        teacher = skeleton(ctx.teacher() if rank == 0 else None, size)
+        init_info = {**init_info, "other_processes_loaded": "skeletons (meta device), filled from rank 0's shards"}
+    else:
+        student, tok_dir, init_info = build_student(ctx, same_vocab=not seq)
+        teacher = ctx.teacher()
     if seq:
         from transformers import AutoTokenizer
 
@@ -151,7 +167,8 @@ def run_distill(ctx: RunContext, cfg, out: Path) -> dict:
     extra = {}
     if "sft" in cfg.baselines:
         del student
-        baseline, merge = adapters(build_student(ctx)[0], cfg)
+        fresh = build_student(ctx)[0] if rank == 0 or not lean_ranks(cfg, size) else None
+        baseline, merge = adapters(skeleton(fresh, size) if lean_ranks(cfg, size) else fresh, cfg)
         sft = replace(settings, alpha_ce=1.0)
         extra["sft_final"] = train(baseline, None, rows, sft, out / "sft", desc="sft baseline", mask=mask, holdout=holdout)
         baseline = merge()

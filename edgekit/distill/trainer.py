@@ -23,8 +23,8 @@ from edgekit.distill.hidden import capture
 from edgekit.distill.lean import make_optimizer
 from edgekit.distill.losses import cross_entropy, forward_kl_topk, kd_loss
 from edgekit.distill.checkpoint import resume, save_checkpoint
-from edgekit.distill.parallel import (StepRoot, average_gradients, is_sharded, mean_scalars, place, scalar, shard,
-                                      shard_student, shard_teacher, train_device, world)
+from edgekit.distill.parallel import (StepRoot, average_gradients, fill_from_rank0, is_sharded, mean_scalars, on_meta,
+                                      place, scalar, shard, shard_student, shard_teacher, train_device, world)
 from edgekit.errors import EdgekitError
 from edgekit.progress import bar
 
@@ -211,7 +211,11 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     root = StepRoot(student, hidden)  # what the optimizer trains, under one name space
     device = train_device()
     # sharded models are sharded before they move: FSDP moves each layer's shard to the device
-    # as it shards it, so no GPU ever holds a whole model
+    # as it shards it, so no GPU ever holds a whole model. Processes that built them on the
+    # meta device (parallel.skeleton) then receive rank 0's values.
+    skeletons = size > 1 and mean_scalars({"meta": float(on_meta(root) or on_meta(teacher))}, size)["meta"] > 0
+    whole = ({"root": root.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None}
+             if skeletons and rank == 0 else {})
     if size > 1 and st.shard_student:
         shard_student(root)
     else:
@@ -220,6 +224,11 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
         shard_teacher(teacher, device)
     else:
         place(teacher, device)
+    if skeletons:
+        fill_from_rank0(root, whole.get("root"), device)
+        if teacher is not None:
+            fill_from_rank0(teacher, whole.get("teacher"), device)
+        del whole
     params = [p for p in root.parameters() if p.requires_grad]
     opt = make_optimizer(param_groups(params), st.optimizer, st.lr, st.weight_decay)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -92,9 +92,10 @@ def test_batch_must_split_over_processes(tiny_teacher_dir, tmp_path, monkeypatch
 
 def test_edgekit_run_under_torchrun(tiny_recipe, tmp_path):
     """`edgekit run` with 2 processes, replicated and FSDP-sharded: rank 0 keeps the books,
-    both train; the result is the single-process result (up to float summation order), the
-    sharded student is gathered into one model file, the stages after training see a whole
-    teacher again, and rank 1 leaves nothing behind."""
+    both train; the result is the single-process result (up to float summation order).
+    Sharded, rank 1 loads no model (meta-device skeletons filled from rank 0's values), the
+    student is gathered into one model file, and the stages after training see a whole
+    teacher again. Rank 1 leaves nothing behind."""
     text = tiny_recipe.read_text().replace("[f16, q8_0, onnx_int4]", "[f16]")
     text = text.replace("  - {type: bench, prompt_tokens: 8, gen_tokens: 4, repeats: 1}\n", "")
     sharded = text.replace("warmup_steps: 1}", "warmup_steps: 1, parallel: {student: sharded, teacher: sharded}}")
@@ -116,6 +117,7 @@ def test_edgekit_run_under_torchrun(tiny_recipe, tmp_path):
         assert got["distill"]["metrics"]["final"]["loss"] == pytest.approx(one["distill"]["metrics"]["final"]["loss"], rel=1e-4)
         assert got["evaluate"]["metrics"]["gguf_f16"]["ppl"] == pytest.approx(one["evaluate"]["metrics"]["gguf_f16"]["ppl"],
                                                                               rel=1e-3)
+        assert ("other_processes_loaded" in got["distill"]["metrics"]) == (name == "two_sharded")
         # the whole teacher again after training (evaluated at its own perplexity, not a shard's)
         assert got["evaluate"]["metrics"]["teacher"]["ppl"] == pytest.approx(one["evaluate"]["metrics"]["teacher"]["ppl"],
                                                                              rel=1e-5)

@@ -10,6 +10,9 @@ thread per process under torchrun) on the same global batches:
 - loading_peak_mb per process: peak RSS of the process up to that point (loading the models);
 - "rank 1 from skeletons": as `edgekit run` does when both models are sharded, rank 1 builds
   them on the meta device (no memory) and receives rank 0's values into its shards;
+- sharded CPU runs give allocations of 1 MiB and more back to the system when freed
+  (parallel.return_freed_host_memory); the last configuration runs without that, with
+  glibc's default (adaptive) malloc thresholds;
 - tokens_per_s: global tokens per second, median over the steps after the first;
 - final_loss: the last step's loss (the same batches, so the three should agree);
 - params_mb_per_process: bytes of student + teacher parameters each process holds;
@@ -32,7 +35,8 @@ sys.path.insert(0, str(REPO))
 
 CONFIGS = {"1 process": (1, "replicated"), "2 processes, replicated": (2, "replicated"),
            "2 processes, FSDP2 sharded": (2, "sharded"),
-           "2 processes, FSDP2 sharded, rank 1 from skeletons": (2, "skeletons")}
+           "2 processes, FSDP2 sharded, rank 1 from skeletons": (2, "skeletons"),
+           "the same, glibc's default malloc thresholds": (2, "skeletons-glibc")}
 
 
 def worker(mode: str, steps: int, batch: int, seq_len: int, out: Path) -> None:
@@ -51,7 +55,11 @@ def worker(mode: str, steps: int, batch: int, seq_len: int, out: Path) -> None:
     sharded = mode != "replicated"
     torch.manual_seed(0)
     path, rows, _ = data(seq_len)
-    if mode == "skeletons":  # as `edgekit run` does with both models sharded: rank 1 loads nothing
+    if mode == "skeletons-glibc":  # without edgekit's malloc setting for sharded CPU runs
+        import edgekit.distill.trainer
+
+        edgekit.distill.trainer.return_freed_host_memory = lambda: False
+    if mode.startswith("skeletons"):  # as `edgekit run` does with both models sharded: rank 1 loads nothing
         teacher = skeleton(load_causal_lm(path) if rank == 0 else None, size)
         student = skeleton(init_from_teacher_layers(teacher, layers_to_keep(teacher.config.num_hidden_layers, 3, None))
                            if rank == 0 else None, size)
@@ -108,20 +116,21 @@ def main() -> None:
     from edgekit.pipeline import machine_description
 
     result = {"pair": "SmolLM2-135M-Instruct -> its 11-layer student", "steps": a.steps, "batch": a.batch,
-              "note": ("each process loads both models whole, then shards them (FSDP2). The teacher's weights are "
-                       "memory-mapped from its safetensors file: those file-backed pages stay mapped (its embeddings "
-                       "and head, kept whole, are views of the mapping) and count in RSS although the kernel can "
-                       "reclaim them; measured with a probe, anonymous memory after sharding was 651 MB vs 575 MB "
-                       "after loading (the student's copies are freed, its shards and the teacher's shards are new). "
-                       "Peak RSS therefore does not show the halved parameters. Checkpoints: each process writes "
-                       "its own files (student weights + AdamW state, nothing gathered), one per decoder layer "
-                       "and one for the rest, because DCP's safetensors writer builds a file in memory before "
-                       "writing it. Measured on this machine, 1 process: peak 2758 MB with no checkpoint, "
-                       "3774 MB with one file for the whole state, 3148 and 3181 MB with the per-layer files (two runs). "
-                       "Skeletons (what `edgekit run` does when both models are sharded): rank 1 builds them on the "
-                       "meta device and receives rank 0's values into its shards, so its loading peak drops (485 vs "
-                       "1340 MB here); its training peak does not, being set by training (activations, a gathered "
-                       "layer, the checkpoint), not by loading, at this model size"),
+              "note": ("Processes load both models whole and then shard them (FSDP2), except in the skeleton configurations, "
+                       "which are what `edgekit run` does with both models sharded: rank 1 builds them on the meta device and "
+                       "receives rank 0's values into its shards (loading peak 486 vs 1341 MB here). The teacher's weights are "
+                       "memory-mapped from its safetensors file, so on rank 0 file-backed pages the kernel can reclaim count in "
+                       "RSS. Host memory of sharded CPU runs: FSDP gathers each layer into a buffer it frees after the layer's "
+                       "use, and gradient shards are made between those; with glibc's default adaptive thresholds such blocks "
+                       "(below 32 MiB) come from its heap and what is freed stays resident, fragmented (last configuration: "
+                       "3219/3163 MB). edgekit's sharded CPU runs therefore give allocations of 1 MiB and more their own "
+                       "mappings, returned when freed (mallopt M_MMAP_THRESHOLD): 2303/1881 MB, at ~20% lower speed from the "
+                       "page faults of fresh mappings; a 64 KiB threshold measured 2152/1733 MB at ~27% lower speed. "
+                       "Checkpoints: each process writes its own files (student weights + AdamW state, nothing gathered), one "
+                       "per decoder layer and one for the rest, because DCP's safetensors writer builds a file in memory before "
+                       "writing it; 1 process: peak 2758 MB with no checkpoint, 3774 MB with one file for the whole state, 3148 "
+                       "and 3181 MB with the per-layer files (two runs, session 9). On 2 cores two processes share the cores: "
+                       "speeds compare layouts' overheads, not a scale-out."),
               "seq_len": a.seq_len, "machine": machine_description(), "configs": {}}
     for name, (nproc, mode) in CONFIGS.items():
         with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,8 @@ from edgekit.distill.lean import make_optimizer
 from edgekit.distill.losses import cross_entropy, forward_kl_topk, kd_loss
 from edgekit.distill.checkpoint import resume, save_checkpoint
 from edgekit.distill.parallel import (StepRoot, average_gradients, fill_from_rank0, is_sharded, mean_scalars, on_meta,
-                                      place, scalar, shard, shard_student, shard_teacher, train_device, world)
+                                      place, return_freed_host_memory, scalar, shard, shard_student, shard_teacher,
+                                      train_device, world)
 from edgekit.errors import EdgekitError
 from edgekit.progress import bar
 
@@ -213,6 +214,8 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     # sharded models are sharded before they move: FSDP moves each layer's shard to the device
     # as it shards it, so no GPU ever holds a whole model. Processes that built them on the
     # meta device (parallel.skeleton) then receive rank 0's values.
+    if size > 1 and device.type == "cpu" and (st.shard_student or st.shard_teacher):
+        return_freed_host_memory()
     skeletons = size > 1 and mean_scalars({"meta": float(on_meta(root) or on_meta(teacher))}, size)["meta"] > 0
     whole = ({"root": root.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None}
              if skeletons and rank == 0 else {})

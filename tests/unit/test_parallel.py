@@ -188,3 +188,47 @@ def test_sharded_checkpoint_resumes_on_one_process(tiny_teacher_dir, tmp_path):
     assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-4)
     assert resumed["weights"] == pytest.approx(straight["weights"], rel=1e-5)
 
+
+
+FREED = '''
+import json, sys, torch
+from edgekit.distill.parallel import return_freed_host_memory
+
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+applied = return_freed_host_memory() if sys.argv[1] == "set" else False
+big = torch.ones(4 << 20)  # 16 MiB, its own mapping; freeing it raises glibc's adaptive threshold
+del big
+blocks, kept = [], []
+for _ in range(32):  # as FSDP's backward: a 2 MiB gather buffer, freed later, then a gradient shard, kept
+    blocks.append(torch.ones(512 << 10))
+    kept.append(torch.ones(16 << 10))
+before = rss_mb()
+del blocks
+print(json.dumps({"applied": applied, "returned_mb": before - rss_mb()}))
+'''
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc and /proc")
+def test_sharded_cpu_runs_return_freed_blocks(tmp_path, monkeypatch):
+    """With glibc's default thresholds, 2 MiB blocks freed after a bigger one come from its heap
+    and stay resident; return_freed_host_memory gives them back. A user's own setting wins."""
+    script = tmp_path / "freed.py"
+    script.write_text(FREED)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+
+    def measure(mode: str, env: dict | None = None) -> dict:
+        proc = subprocess.run([sys.executable, str(script), mode], cwd=REPO, capture_output=True, text=True, timeout=120,
+                              env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)
+
+    default, lean = measure("default"), measure("set")
+    assert lean["applied"]
+    assert lean["returned_mb"] > 60  # 64 MiB freed, given back
+    assert default["returned_mb"] < 8  # kept by glibc
+    import os
+
+    users = measure("set", {**os.environ, "MALLOC_MMAP_THRESHOLD_": "33554432"})
+    assert not users["applied"]

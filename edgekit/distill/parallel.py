@@ -153,8 +153,8 @@ def return_freed_host_memory() -> bool:
     it: 2 sharded CPU processes peaked at 3219/3163 MB with glibc's default, 2303/1881 MB
     with this, on the 135M pair (benchmarks/parallel_kd.py), at ~20% lower speed (fresh
     mappings fault their pages in). Only sharded CPU runs call it: sharding is chosen for
-    memory. A MALLOC_MMAP_THRESHOLD_ set by
-    the user wins; a C library other than glibc is left alone. Returns whether it applied."""
+    memory. A MALLOC_MMAP_THRESHOLD_ set by the user wins; a C library other than glibc is
+    left alone. Returns whether it applied."""
     import ctypes
 
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:

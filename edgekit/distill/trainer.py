@@ -211,11 +211,11 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
                            "remove hidden_states, or use teacher_logits: online with a same-vocabulary student")
     root = StepRoot(student, hidden)  # what the optimizer trains, under one name space
     device = train_device()
+    if size > 1 and device.type == "cpu" and (st.shard_student or st.shard_teacher):
+        return_freed_host_memory()
     # sharded models are sharded before they move: FSDP moves each layer's shard to the device
     # as it shards it, so no GPU ever holds a whole model. Processes that built them on the
     # meta device (parallel.skeleton) then receive rank 0's values.
-    if size > 1 and device.type == "cpu" and (st.shard_student or st.shard_teacher):
-        return_freed_host_memory()
     skeletons = size > 1 and mean_scalars({"meta": float(on_meta(root) or on_meta(teacher))}, size)["meta"] > 0
     whole = ({"root": root.state_dict(), "teacher": teacher.state_dict() if teacher is not None else None}
              if skeletons and rank == 0 else {})

@@ -4,6 +4,7 @@ between process counts and layouts."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -189,7 +190,6 @@ def test_sharded_checkpoint_resumes_on_one_process(tiny_teacher_dir, tmp_path):
     assert resumed["weights"] == pytest.approx(straight["weights"], rel=1e-5)
 
 
-
 FREED = '''
 import json, sys, torch
 from edgekit.distill.parallel import return_freed_host_memory
@@ -228,7 +228,5 @@ def test_sharded_cpu_runs_return_freed_blocks(tmp_path, monkeypatch):
     assert lean["applied"]
     assert lean["returned_mb"] > 60  # 64 MiB freed, given back
     assert default["returned_mb"] < 8  # kept by glibc
-    import os
-
     users = measure("set", {**os.environ, "MALLOC_MMAP_THRESHOLD_": "33554432"})
     assert not users["applied"]

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgekit-installed
 
-.PHONY: setup browser run test test-unit clean-runs
+.PHONY: setup browser lint run test test-unit clean-runs
 
 setup: $(STAMP)
 
@@ -32,7 +32,11 @@ browser:
 run: setup
 	$(VENV)/bin/edgekit run recipes/quickstart.yaml
 
-test: setup browser
+# the layers contract first (seconds): an import that runs uphill, or a cycle, fails the build
+lint: setup
+	$(VENV)/bin/lint-imports
+
+test: setup browser lint
 	$(PY) -m pytest -q
 
 test-unit: setup

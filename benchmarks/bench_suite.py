@@ -16,7 +16,7 @@ from pathlib import Path
 from edgekit.bench.suite import bench_files, markdown
 from edgekit.models.embedded import get_embedded
 from edgekit.models.sources import cache_dir
-from edgekit.pipeline import machine_description
+from edgekit.machine import machine_description
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ["laptop", "phone", "raspberry-pi-5", "snapdragon-8-gen-3"]

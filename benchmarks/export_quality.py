@@ -54,7 +54,7 @@ def main() -> None:
     from edgekit.export.onnx_export import export_onnx_int4
     from edgekit.models.loading import load_causal_lm
     from edgekit.models.sources import resolve_model
-    from edgekit.pipeline import machine_description
+    from edgekit.machine import machine_description
     from edgekit.quant.imatrix import collect
     from edgekit.quant.ptq import artifacts as ptq_artifacts
     from edgekit.quant.qat import plan_types

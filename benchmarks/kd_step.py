@@ -147,7 +147,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.steps, a.batch, a.seq_len)
-    from edgekit.pipeline import machine_description
+    from edgekit.machine import machine_description
 
     result = {}
     for variant in ("edgekit", "naive", "trl_gkd"):

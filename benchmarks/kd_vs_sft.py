@@ -11,7 +11,7 @@ and perplexity on documents neither student trained on.
 
 from common import run_recipe, write_result
 
-from edgekit.pipeline import machine_description
+from edgekit.machine import machine_description
 
 
 def run() -> dict:

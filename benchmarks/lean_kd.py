@@ -91,7 +91,7 @@ def main() -> None:
     if a.worker:
         return worker(*a.worker, a.steps, a.batch, a.seq_len)
     from benchmarks.common import write_result
-    from edgekit.pipeline import machine_description
+    from edgekit.machine import machine_description
 
     rows = []
     for load, optimizer in CONFIGS:

@@ -10,7 +10,7 @@ evaluated on the same holdout. Writes benchmarks/results/offline_kd.json.
 
 from common import run_recipe, write_result
 
-from edgekit.pipeline import machine_description
+from edgekit.machine import machine_description
 
 
 def arm(name: str, *overrides: str) -> dict:

@@ -45,7 +45,7 @@ def worker(mode: str, steps: int, batch: int, seq_len: int, out: Path) -> None:
 
     from edgekit.bench.worker import peak_rss_kb
     from edgekit.distill.memory import counts, estimate
-    from edgekit.distill.parallel import skeleton, world
+    from edgekit.parallel import skeleton, world
     from edgekit.distill.trainer import KDSettings, train
     from edgekit.models.loading import load_causal_lm
     from edgekit.models.student import init_from_teacher_layers, layers_to_keep
@@ -71,7 +71,7 @@ def worker(mode: str, steps: int, batch: int, seq_len: int, out: Path) -> None:
                    seq_len=seq_len, loss_chunk=128, processes=size, shard_student=sharded, shard_teacher=sharded)
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here: training only
     st = KDSettings(steps=steps, batch_size=batch, lr=1e-4, warmup_steps=1, checkpoint_every=max(1, steps // 2), loss_chunk=128,
-                    shard_student=sharded, shard_teacher=sharded)
+                    parallel={"student": "sharded", "teacher": "sharded"} if sharded else {})
     work = Path(tempfile.mkdtemp())
     last = train(student, teacher, rows, st, work)
     held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
@@ -113,7 +113,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return worker(a.worker, a.steps, a.batch, a.seq_len, Path(a.out))
-    from edgekit.pipeline import machine_description
+    from edgekit.machine import machine_description
 
     result = {"pair": "SmolLM2-135M-Instruct -> its 11-layer student", "steps": a.steps, "batch": a.batch,
               "note": ("Processes load both models whole and then shard them (FSDP2), except in the skeleton configurations, "

@@ -19,7 +19,7 @@ baseline is llama.cpp's Q4_K_M of the untouched model) into qat_recovery_pretrai
 
 from common import run_recipe, write_result
 
-from edgekit.pipeline import machine_description
+from edgekit.machine import machine_description
 
 
 def run(pretrained: bool = False) -> dict:

@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--threads", type=int, default=None)
     sv.add_argument("--ctx", type=int, default=2048, help="context window (llama.cpp)")
     sv.add_argument("--max-tokens", type=int, default=256, help="reply length when a request gives none")
+    sv.add_argument("--api-key", default=os.environ.get("EDGEKIT_API_KEY"),
+                    help="require Authorization: Bearer KEY (default $EDGEKIT_API_KEY); needed to bind beyond 127.0.0.1")
+    sv.add_argument("--queue", type=int, default=8, help="requests that may wait for the model (more: 503)")
+    sv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queue included")
     sv.set_defaults(fn=cmd_serve)
     for sp in (r, v, m, i, b, e, c, sv):
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -127,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_validate(args) -> int:
-    from edgekit.recipe import load_recipe
+    from edgekit.stages import load_recipe
 
     recipe, base = load_recipe(args.recipe, args.overrides)
     print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {' -> '.join(s.type for s in recipe.stages)})")
@@ -154,7 +158,7 @@ def print_memory_estimates(recipe, base, processes: int = 1) -> None:
 
 def cmd_run(args) -> int:
     from edgekit.pipeline import run_recipe
-    from edgekit.recipe import load_recipe
+    from edgekit.stages import load_recipe
 
     recipe, base = load_recipe(args.recipe, args.overrides)
     run_dir = run_recipe(recipe, base, Path(args.runs_dir), force=args.force, from_stage=args.from_stage)
@@ -183,7 +187,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from edgekit.export.gguf_read import read_metadata, tensor_table
+    from edgekit.formats.gguf_read import non_finite_tensors, read_metadata, tensor_table
 
     path = Path(args.file)
     if not path.exists():
@@ -192,6 +196,10 @@ def cmd_inspect(args) -> int:
         return _inspect_other(path, args.json)
     meta = read_metadata(args.file)
     tensors = tensor_table(args.file)
+    bad = non_finite_tensors(args.file)
+    if bad:
+        raise EdgekitError(f"{args.file}: tensor(s) {', '.join(bad)} hold NaN or infinite values",
+                           "the file is corrupt or was written from a diverged model: re-export it")
     if args.json:
         print(json.dumps({"metadata": {k: v for k, v in meta.items() if not isinstance(v, list) or len(v) < 64},
                           "tensors": tensors}, indent=2, default=str))
@@ -284,7 +292,8 @@ def cmd_eval(args) -> int:
 def cmd_serve(args) -> int:
     from edgekit.serve import serve
 
-    serve(args.model, args.host, args.port, args.threads, args.ctx, args.max_tokens)
+    serve(args.model, args.host, args.port, args.threads, args.ctx, args.max_tokens, args.api_key, args.queue,
+          args.timeout)
     return 0
 
 

@@ -124,3 +124,44 @@ def release_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:  # not glibc (macOS, musl): nothing to trim
         pass
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: Path, what: str):
+    """Hold `directory/.lock` (flock) for the block; a second holder is refused at once with
+    the first's pid. The kernel drops the lock when its process dies, so a crashed or killed
+    holder never leaves it stuck (the file may stay; an unlocked file means nothing)."""
+    import fcntl
+
+    from edgekit.errors import EdgekitError
+
+    path = Path(directory) / ".lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise EdgekitError(f"{what} {directory} is in use by another edgekit process (pid {holder})",
+                               "wait for it to finish, or run with another --runs-dir or recipe name") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def refuse_escaping_links(directory: Path, what: str) -> None:
+    """Every symlink under `directory` must point inside it: a run never writes through a link
+    to somewhere else (a `data` or `export` folder linked to /etc, say)."""
+    from edgekit.errors import EdgekitError
+
+    base = Path(directory).resolve()
+    for root, dirs, files in os.walk(base):  # links to directories are listed, not followed
+        for name in dirs + files:
+            p = Path(root) / name
+            if p.is_symlink():
+                target = p.resolve()
+                if target != base and base not in target.parents:
+                    raise EdgekitError(f"{what} holds {p.relative_to(base)}, a link to {target} outside it",
+                                       f"remove the link (rm '{p}'); edgekit writes only inside {base}")

@@ -21,121 +21,18 @@ import json
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import yaml
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError
-from edgekit.fsutil import read_json, replace, sha256_json, sha256_tree, write_json, write_text
-from edgekit.recipe.schema import Recipe
-
-StageFn = Callable[["RunContext", object, Path], dict]
-STAGES: dict[str, StageFn] = {}  # type -> run function; configs live in recipe.schema.STAGE_CONFIGS
-
-
-def stage(type_name: str):
-    """Register a stage's run function: fn(ctx, cfg, out_dir) -> {"outputs": {..}, "metrics": {..}}."""
-    def register(fn: StageFn) -> StageFn:
-        STAGES[type_name] = fn
-        return fn
-    return register
-
-
-def _load_stage_modules() -> None:
-    # Imported here, not at the top, so `edgekit --help` never imports torch.
-    import edgekit.bench.stages  # noqa: F401
-    import edgekit.distill.stage  # noqa: F401
-    import edgekit.export.stage  # noqa: F401
-    import edgekit.quant.quantize_stage  # noqa: F401
-    import edgekit.quant.stage  # noqa: F401
-    import edgekit.report.stage  # noqa: F401
-
-
-@dataclass
-class RunContext:
-    recipe: Recipe
-    base: Path  # the recipe's directory: relative paths in the recipe start here
-    run_dir: Path
-    finished: dict = field(default_factory=dict)  # stage type -> artifact dict (with "dir")
-    _cache: dict = field(default_factory=dict)
-
-    # --- inputs shared by stages -------------------------------------------------
-    def teacher_path(self) -> Path:
-        if "teacher" not in self._cache:
-            from edgekit.models.sources import resolve_model
-
-            t = self.recipe.teacher
-            self._cache["teacher"] = resolve_model(t.model, self.base, t.revision)
-        return self._cache["teacher"].path
-
-    def teacher_provenance(self) -> dict:
-        self.teacher_path()
-        return self._cache["teacher"].provenance
-
-    def load_model(self, path: Path, trust_remote_code: bool = False, load: str | None = None):
-        from edgekit.models.loading import load_causal_lm
-
-        return load_causal_lm(path, self.recipe.teacher.dtype, trust_remote_code, load)
-
-    def teacher(self):
-        """The frozen teacher, in the recipe's `teacher.load` format (NF4/int8 through bitsandbytes)."""
-        if "teacher_model" not in self._cache:
-            t = self.recipe.teacher
-            self._cache["teacher_model"] = self.load_model(self.teacher_path(), t.trust_remote_code, t.load)
-        return self._cache["teacher_model"]
-
-    def release_teacher(self) -> None:
-        """Forget the loaded teacher: training sharded it over the processes (FSDP), so the
-        stages after load it again whole."""
-        self._cache.pop("teacher_model", None)
-
-    def teacher_is_reference(self) -> bool:
-        """Is the training teacher (`teacher()`) already the full-precision one?"""
-        t = self.recipe.teacher
-        return t.load in (None, "fp32") and t.dtype == "float32"
-
-    def reference_teacher(self):
-        """The teacher at full precision whatever `teacher.load` says: students are initialised
-        from, and evaluated against, the real teacher, not its NF4/int8 copy."""
-        t = self.recipe.teacher
-        if self.teacher_is_reference():
-            return self.teacher()
-        from edgekit.models.loading import load_causal_lm
-
-        return load_causal_lm(self.teacher_path(), "float32", t.trust_remote_code)
-
-    def tokenizer(self):
-        if "tokenizer" not in self._cache:
-            from transformers import AutoTokenizer
-
-            self._cache["tokenizer"] = AutoTokenizer.from_pretrained(
-                self.teacher_path(), trust_remote_code=self.recipe.teacher.trust_remote_code)
-        return self._cache["tokenizer"]
-
-    def rows(self, split: str):
-        """Packed token rows (N, seq_len) of data/<split>.jsonl."""
-        return self.rows_and_mask(split)[0]
-
-    def rows_and_mask(self, split: str):
-        """Rows and their loss mask (N, seq_len) bool: False on chat context tokens."""
-        key = f"rows:{split}"
-        if key not in self._cache:
-            from edgekit.data.documents import load_documents
-            from edgekit.data.tokens import pack
-
-            docs = load_documents(f"{split}.jsonl", self.run_dir / "data")
-            self._cache[key] = pack(docs, self.tokenizer(), self.recipe.data.seq_len, split)
-        return self._cache[key]
-
-    def output(self, stage_type: str, name: str) -> Path:
-        art = self.finished.get(stage_type)
-        if art is None or name not in art["outputs"]:
-            raise EdgekitError(f"no '{name}' output from a '{stage_type}' stage in this run", "add that stage to the recipe")
-        return Path(art["dir"]) / art["outputs"][name]["path"]
-
+from edgekit.fsutil import exclusive_lock, read_json, refuse_escaping_links, replace, sha256_json, sha256_tree, write_json, write_text
+from edgekit.machine import machine_description
+from edgekit.parallel import barrier, broadcast_object, world
+from edgekit.recipe.schema import RecipeBase as Recipe
+from edgekit.stages import REGISTRY, training_stages
+from edgekit.stages.context import Artifact, RunContext
+from edgekit.stages.outputs import to_json
 
 def prepare_data(ctx: RunContext) -> dict:
     """Split the recipe's documents into data/train.jsonl and data/holdout.jsonl."""
@@ -161,20 +58,20 @@ def prepare_data(ctx: RunContext) -> dict:
             "train_sha256": sha256_tree(out / "train.jsonl"), "holdout_sha256": sha256_tree(out / "holdout.jsonl")}
 
 
-TRAINING_STAGES = ("distill", "qat")  # the stages every process of a torchrun job takes part in
-
-
 def run_recipe(recipe: Recipe, base: Path, runs_dir: Path, force: bool = False, from_stage: str | None = None) -> Path:
     """Run (or resume) a recipe. Under torchrun, rank 0 does all of this; the other ranks
     follow it (`_follow`): they train with it and write nothing in the run directory."""
-    from edgekit.distill.parallel import barrier, broadcast_object, world
-
-    _load_stage_modules()
     rank, size = world()
     run_dir = (runs_dir / recipe.name).resolve()
     if rank > 0:
         return _follow(recipe, base, run_dir, rank, size)
     run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(run_dir, "run directory"):  # a second run of the same recipe is refused, not interleaved
+        return _lead(recipe, base, run_dir, size, force, from_stage)
+
+
+def _lead(recipe: Recipe, base: Path, run_dir: Path, size: int, force: bool, from_stage: str | None) -> Path:
+    refuse_escaping_links(run_dir, f"the run directory {run_dir}")
     ctx = RunContext(recipe, base, run_dir)
     types = [s.type for s in recipe.stages]
     if from_stage and from_stage not in types:
@@ -203,10 +100,9 @@ def run_recipe(recipe: Recipe, base: Path, runs_dir: Path, force: bool = False, 
         else:
             rerun = True  # everything after a rerun stage reruns too
             art = _run_stage(ctx, cfg, name, key, final)
-        art["dir"] = str(final)
         broadcast_object(art, size)
         publish(final, art.get("publish", {}), run_dir)
-        ctx.finished[cfg.type] = art
+        ctx.finished[cfg.type] = Artifact.from_record(art, final)
         timeline.append({"stage": name, "wall_s": art["wall_s"], "cached": not rerun})
         write_manifest(ctx, inputs, timeline)
     remove_stale_stages(run_dir, {f"{i:02d}-{c.type}" for i, c in enumerate(recipe.stages, 1)})
@@ -217,18 +113,18 @@ def _follow(recipe: Recipe, base: Path, run_dir: Path, rank: int, size: int) -> 
     """Rank > 0 of a torchrun job: wait for rank 0's data, then run each training stage that
     rank 0 runs (same inputs, so the same model; gradients are averaged in the trainer) with
     a scratch output directory, and take rank 0's finished artifacts as its own."""
-    from edgekit.distill.parallel import barrier, broadcast_object
-
     ctx = RunContext(recipe, base, run_dir)
     barrier(size)
     for i, cfg in enumerate(recipe.stages, 1):
         cached = broadcast_object(None, size)
-        if not cached and cfg.type in TRAINING_STAGES:
+        if not cached and cfg.type in training_stages():
             scratch = run_dir / ".ranks" / str(rank) / f"{i:02d}-{cfg.type}"
             shutil.rmtree(scratch, ignore_errors=True)
             scratch.mkdir(parents=True)
-            STAGES[cfg.type](ctx, cfg, scratch)
-        ctx.finished[cfg.type] = broadcast_object(None, size)
+            ctx.current = REGISTRY[cfg.type]
+            ctx.current.run(ctx, cfg, scratch)
+        final = run_dir / "stages" / f"{i:02d}-{cfg.type}"
+        ctx.finished[cfg.type] = Artifact.from_record(broadcast_object(None, size), final)
     shutil.rmtree(run_dir / ".ranks" / str(rank), ignore_errors=True)
     return run_dir
 
@@ -248,10 +144,14 @@ def _run_stage(ctx: RunContext, cfg, name: str, key: str, final: Path) -> dict:
     (work / "key").write_text(key)
     print(f"[{name}] running", flush=True)
     t0 = time.perf_counter()
-    result = STAGES[cfg.type](ctx, cfg, work)
-    outputs = {k: {"path": p, "sha256": sha256_tree(work / p)} for k, p in result.get("outputs", {}).items()}
+    ctx.current = stage = REGISTRY[cfg.type]
+    result = stage.run(ctx, cfg, work)
+    ctx.current = None
+    if (result.outputs is None) != (stage.produces is None) or not isinstance(result.outputs, stage.produces or type(None)):
+        raise TypeError(f"stage '{cfg.type}' returned {type(result.outputs).__name__}, not its declared outputs")
+    outputs = to_json(result.outputs, work) if result.outputs is not None else {}
     art = {"stage": name, "type": cfg.type, "key": key, "config": cfg.model_dump(), "outputs": outputs,
-           "metrics": result.get("metrics", {}), "publish": result.get("publish", {}), "wall_s": round(time.perf_counter() - t0, 1)}
+           "metrics": result.metrics, "publish": result.publish, "wall_s": round(time.perf_counter() - t0, 1)}
     write_json(work / "artifact.json", art)  # last: the mark of a finished stage
     replace(work, final)
     print(f"[{name}] done in {art['wall_s']} s", flush=True)
@@ -298,26 +198,7 @@ def lock(recipe: Recipe) -> dict:
 
 
 def write_manifest(ctx: RunContext, inputs: dict, timeline: list) -> None:
-    artifacts = {t: {k: v for k, v in a.items() if k != "dir"} for t, a in ctx.finished.items()}
+    artifacts = {t: a.record for t, a in ctx.finished.items()}
     write_json(ctx.run_dir / "manifest.json", {
         "name": ctx.recipe.name, "edgekit": __version__, "inputs": inputs, "timeline": timeline,
         "artifacts": artifacts, "machine": machine_description()})
-
-
-def machine_description() -> str:
-    import os
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        mem = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB RAM"
-    except (ValueError, OSError):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.release()}, Python {platform.python_version()}"

@@ -8,6 +8,9 @@
 
 GGUF files run on llama.cpp (llama-cpp-python), int4 ONNX folders on onnxruntime-genai.
 Chat applies the model's own chat template (stored in the GGUF / the folder's tokenizer).
+`max_tokens` is capped by what the context leaves after the prompt; a prompt longer than the
+context is an EdgekitError with both numbers. `stop_when` (a callable, checked before every
+token) ends a generation early: a server stops the work of a client that went away.
 """
 
 from __future__ import annotations
@@ -43,7 +46,9 @@ class LlamaModel:
         from edgekit.bench.llama_runner import load_llama
 
         self.path = path
-        self.llm = load_llama(path, n_ctx=n_ctx, threads=threads)
+        # llama.cpp pads the context to a multiple of 256; llama-cpp-python sizes its token buffer
+        # by the number asked for, and the two disagree past it: ask for the padded size
+        self.llm = load_llama(path, n_ctx=-(-n_ctx // 256) * 256, threads=threads)
         self.last_finish_reason: str | None = None  # "stop" or "length", once a generation has ended
         self.last_usage: dict | None = None  # {"prompt_tokens", "completion_tokens"} of the last generation
 
@@ -51,24 +56,85 @@ class LlamaModel:
         self.last_finish_reason = self.last_usage = None
         if not stream:
             self.last_finish_reason, self.last_usage = out["choices"][0]["finish_reason"], out.get("usage")
+            if self._ender.full:
+                self.last_finish_reason = "length"
             return out["choices"][0][key] if key == "text" else out["choices"][0]["message"]["content"]
         return self._pieces(out, key)
 
     def _pieces(self, chunks, key: str) -> Iterator[str]:
-        for chunk in chunks:
+        for chunk in _context_checked(chunks):
             c = chunk["choices"][0]
             self.last_finish_reason = c.get("finish_reason") or self.last_finish_reason
             piece = c["text"] if key == "text" else c["delta"].get("content")
             if piece:
                 yield piece
+        if self._ender.full:
+            self.last_finish_reason = "length"
 
-    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, stream: bool = False):
-        out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, stream=stream)
+    @property
+    def n_ctx(self) -> int:
+        return self.llm.n_ctx()
+
+    def _call(self, fn, stop_when, **kw):
+        """A prompt that does not fit raises ValueError in llama-cpp-python, on the call or
+        (streaming) on the first piece. The generation is ended by a logits processor that
+        forces the end-of-text token when `stop_when()` says so, or before the context's last
+        slot (llama-cpp-python's own cap lets the last token overflow the KV cache: llama_decode
+        fails); chat completions take no stopping criteria, and this way usage is still counted."""
+        ender = _Ender(self.llm, stop_when)
+        self._ender = ender
+        try:
+            return fn(logits_processor=ender.processors(), **kw)
+        except ValueError as e:
+            raise _context_error(e) from None
+
+    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, stream: bool = False,
+                 stop_when=None):
+        out = self._call(self.llm.create_completion, stop_when, prompt=prompt, max_tokens=max_tokens,
+                         temperature=temperature, stream=stream)
         return self._result(out, stream, "text")
 
-    def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0, stream: bool = False):
-        out = self.llm.create_chat_completion(messages=messages, max_tokens=max_tokens, temperature=temperature, stream=stream)
+    def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0, stream: bool = False,
+             stop_when=None):
+        out = self._call(self.llm.create_chat_completion, stop_when, messages=messages, max_tokens=max_tokens,
+                         temperature=temperature, stream=stream)
         return self._result(out, stream, "message")
+
+
+class _Ender:
+    """Forces llama.cpp's end-of-text token when asked to stop or when the context is full."""
+
+    def __init__(self, llm, stop_when=None):
+        self.eos, self.n_ctx, self.stop_when = llm.token_eos(), llm.n_ctx(), stop_when
+        self.full = False  # ended because the context was full: finish reason "length"
+
+    def processors(self):
+        import llama_cpp
+
+        return llama_cpp.LogitsProcessorList([self])
+
+    def __call__(self, ids, scores):
+        self.full = len(ids) + 1 >= self.n_ctx  # the token sampled now would take the context's last slot
+        if self.full or (self.stop_when is not None and self.stop_when()):
+            import numpy as np
+
+            scores = np.full_like(scores, -np.inf)
+            scores[self.eos] = 0.0
+        return scores
+
+
+def _context_error(e: ValueError) -> Exception:
+    msg = str(e)
+    if "exceed context window" in msg:  # "Requested tokens (N) exceed context window of M"
+        return EdgekitError(f"the prompt does not fit: {msg}", "shorten the prompt or load the model with a larger n_ctx")
+    return e
+
+
+def _context_checked(chunks):
+    try:
+        yield from chunks
+    except ValueError as e:
+        raise _context_error(e) from None
 
 
 class OrtModel:
@@ -86,11 +152,19 @@ class OrtModel:
         self.last_finish_reason: str | None = None
         self.last_usage: dict | None = None
         self._hf_tokenizer = None  # for the chat template, loaded on the first chat()
+        from edgekit.bounded import read_json
 
-    def _stream(self, prompt: str, max_tokens: int, temperature: float) -> Iterator[str]:
+        config = read_json(folder / "genai_config.json", "genai_config")
+        self.n_ctx = int(config["model"].get("context_length") or config["search"]["max_length"])
+
+    def _stream(self, prompt: str, max_tokens: int, temperature: float, stop_when=None) -> Iterator[str]:
         og = self._og
         self.last_finish_reason = self.last_usage = None
         ids = self.tokenizer.encode(prompt)
+        if len(ids) >= self.n_ctx:
+            raise EdgekitError(f"the prompt does not fit: it is {len(ids)} tokens and the context holds {self.n_ctx}",
+                               "shorten the prompt")
+        max_tokens = min(max_tokens, self.n_ctx - len(ids))
         params = og.GeneratorParams(self.model)
         search = {"max_length": len(ids) + max_tokens}
         search.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
@@ -99,18 +173,20 @@ class OrtModel:
         gen.append_tokens(ids)
         decoder = self.tokenizer.create_stream()
         count = 0
-        while not gen.is_done():
+        while not gen.is_done() and not (stop_when and stop_when()):
             gen.generate_next_token()
             count += 1
             yield decoder.decode(gen.get_next_tokens()[0])
-        self.last_finish_reason = "length" if count >= max_tokens else "stop"
+        self.last_finish_reason = "length" if count >= max_tokens else "stop"  # stopped early: "stop"
         self.last_usage = {"prompt_tokens": len(ids), "completion_tokens": count}
 
-    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, stream: bool = False):
-        pieces = self._stream(prompt, max_tokens, temperature)
+    def generate(self, prompt: str, max_tokens: int = 128, temperature: float = 0.0, stream: bool = False,
+                 stop_when=None):
+        pieces = self._stream(prompt, max_tokens, temperature, stop_when)
         return pieces if stream else "".join(pieces)
 
-    def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0, stream: bool = False):
+    def chat(self, messages: list[dict], max_tokens: int = 256, temperature: float = 0.0, stream: bool = False,
+             stop_when=None):
         from transformers import AutoTokenizer
 
         if self._hf_tokenizer is None:
@@ -119,4 +195,4 @@ class OrtModel:
         if not getattr(tok, "chat_template", None):
             raise EdgekitError(f"{self.path} has no chat template", "use generate() with a plain prompt")
         prompt = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return self.generate(prompt, max_tokens, temperature, stream)
+        return self.generate(prompt, max_tokens, temperature, stream, stop_when)

@@ -34,7 +34,7 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
 
 
 def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 4, seed: int = 0, hidden: int = 64,
-                    init_range: float = 0.3) -> Path:
+                    init_range: float = 0.3, max_positions: int = 256) -> Path:
     import shutil
 
     import torch
@@ -45,7 +45,7 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, layers: int = 4, seed: int =
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                       initializer_range=init_range,  # 0.3: peaked logits: a uniform teacher has nothing to teach
                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
     model = LlamaForCausalLM(cfg)
@@ -112,11 +112,23 @@ def tiny_recipe(tmp_path, tiny_teacher_dir) -> Path:
     return write_tiny_recipe(tmp_path, tiny_teacher_dir)
 
 
+@pytest.fixture(scope="session")
+def _session_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("edgekit-cache")
+
+
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # The embedded-model conversion cache is shared across tests (it is keyed by hash);
-    # point it at a session-wide directory unless the caller set one.
+def _isolated_cache(request, _session_cache, monkeypatch):
+    """Tests write to a temporary cache shared by the session, never the user's, except tests
+    marked `embedded`: they use the user's ($EDGEKIT_CACHE, else ~/.cache/edgekit) for the
+    embedded models' converted copies, which take ~25 s each to make, and keep them."""
     import os
 
-    if "EDGEKIT_CACHE" not in os.environ:
-        monkeypatch.setenv("EDGEKIT_CACHE", str(Path.home() / ".cache" / "edgekit"))
+    if request.node.get_closest_marker("embedded"):
+        return
+    real = Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit"))
+    if "EDGEKIT_LLAMA_TOOLS" not in os.environ:  # llama.cpp's own tools, if built: read only
+        built = sorted(real.glob("llama-tools-*"))
+        if built:
+            monkeypatch.setenv("EDGEKIT_LLAMA_TOOLS", str(built[-1]))
+    monkeypatch.setenv("EDGEKIT_CACHE", str(_session_cache))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.export.gguf_read import open_gguf
+from edgekit.formats.gguf_read import open_gguf
 from edgekit.fsutil import quiet_stderr
 
 

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from edgekit.errors import EdgekitError
 from edgekit.progress import bar
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]  # (T,) int64 -> (T, V) float32
@@ -45,7 +46,11 @@ def evaluate(scorers: dict[str, Scorer], rows: torch.Tensor, pairs: list[tuple[s
     for row in rows:
         logp = {}
         for name, scorer in scorers.items():
-            logp[name] = F.log_softmax(scorer(row)[:-1], -1)  # (T-1, V)
+            logits = scorer(row)[:-1]  # (T-1, V)
+            if torch.isnan(logits).any() or torch.isposinf(logits).any():  # -inf is a legitimate impossible token
+                raise EdgekitError(f"{name} computes NaN or infinite logits on the evaluation text",
+                                   "its weights are corrupt (NaN/Inf) or overflow: re-export the model, or check it in float32")
+            logp[name] = F.log_softmax(logits, -1)
             nll[name] += float(-logp[name].gather(-1, row[1:, None]).sum())
             progress.update(1)
         for cand, ref in pairs:

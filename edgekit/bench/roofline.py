@@ -44,7 +44,7 @@ def bytes_per_token(gguf: Path) -> int:
     """Weight bytes one decode step reads: every tensor, except that only one row of an
     untied token embedding is read (a tied one is read whole, as the output layer).
     For an ONNX folder: its weight files (an upper bound: its embedding is counted whole)."""
-    from edgekit.export.gguf_read import tensor_table
+    from edgekit.formats.gguf_read import tensor_table
 
     if gguf.is_dir():
         return sum(f.stat().st_size for f in gguf.iterdir() if f.suffix in (".onnx", ".data"))

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgekit.bounded import jsonl_lines
 from edgekit.errors import EdgekitError
 
 NGRAM = 13  # word n-gram for contamination checks (the GPT-3 paper's choice)
@@ -64,14 +65,13 @@ def load_documents(spec: str, base: Path) -> list[Document]:
 
 def read_jsonl(path: Path):
     """(line number, parsed row) for every non-blank line; a clear error naming a bad line."""
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EdgekitError(f"{path}:{n} is not valid JSON ({e.msg})", "each line must be one JSON object") from None
+    for n, line in jsonl_lines(path):
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EdgekitError(f"{path}:{n} is not valid JSON ({e.msg})", "each line must be one JSON object") from None
+        except RecursionError:
+            raise EdgekitError(f"{path}:{n} is nested too deeply", "each line must be one flat JSON object") from None
 
 
 def _load_jsonl(path: Path) -> list[Document]:

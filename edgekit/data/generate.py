@@ -38,7 +38,7 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    from edgekit.distill.parallel import place, train_device
+    from edgekit.parallel import place, train_device
 
     model.eval()
     device = train_device()

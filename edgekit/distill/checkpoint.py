@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from edgekit.distill.parallel import barrier, broadcast_object
+from edgekit.parallel import barrier, broadcast_object
 from edgekit.errors import EdgekitError
 
 LAYOUT = "dcp-safetensors"

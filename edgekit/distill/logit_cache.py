@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from edgekit.fsutil import atomic_path, sha256_json
-from edgekit.distill.parallel import place, train_device
+from edgekit.parallel import place, train_device
 from edgekit.progress import bar
 
 FORMAT = 1
@@ -76,7 +76,7 @@ def load_or_build(teacher, teacher_provenance: dict, rows: torch.Tensor, k: int,
                 return TeacherCache(t["index"], t["logprobs"], int(t["id_offset"]), path, built=False)
         except Exception:  # noqa: BLE001 - a damaged cache file is rebuilt, never trusted
             pass
-    from edgekit.distill.parallel import world
+    from edgekit.parallel import world
 
     rank, size = world()
     if size > 1:  # under torchrun: each process caches its share of the rows, rank 0 merges
@@ -124,7 +124,7 @@ def _build_in_shards(teacher, rows, k, temperature, batch_size, path: Path, rank
     interrupted build is reused."""
     from safetensors.torch import load_file
 
-    from edgekit.distill.parallel import barrier
+    from edgekit.parallel import barrier
 
     bounds = [rows.shape[0] * r // size for r in range(size + 1)]
     part = lambda r: path.with_name(f"{path.stem}.part-{r}-of-{size}.safetensors")  # noqa: E731

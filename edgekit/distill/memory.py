@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edgekit.recipe.schema import TrainSettings
+
 MB = 2**20
 RUNTIME_MB = 350.0
 ACT_FLOATS_H, ACT_FLOATS_I = 10, 4  # floats kept per token per layer, per hidden / intermediate unit
@@ -166,7 +168,6 @@ def recipe_estimates(recipe, base, processes: int = 1) -> list[tuple[str, dict]]
     import copy
 
     from edgekit.models.student import layers_to_keep, narrow_width
-    from edgekit.pipeline import TRAINING_STAGES
 
     t = recipe.teacher
     tcfg = model_config(t.model, base, t.trust_remote_code, t.revision)
@@ -189,15 +190,14 @@ def recipe_estimates(recipe, base, processes: int = 1) -> list[tuple[str, dict]]
     out = []
     distilled = any(st.type == "distill" for st in recipe.stages)
     for st in recipe.stages:
-        if st.type not in TRAINING_STAGES:
+        if not isinstance(st, TrainSettings):  # only training stages hold models, gradients and optimizer state
             continue
         trained = student if distilled or st.type == "distill" else teacher  # QAT alone trains the teacher's weights
         lora = getattr(st, "lora", None)
         trainable = lora_params(lora.r, lora.targets, scfg) if lora else None
-        par = getattr(st, "parallel", None)
+        par = st.parallel
         out.append((st.type, estimate(teacher, trained, teacher_load=t.load, optimizer=st.optimizer,
                                       batch=st.batch_size, seq_len=recipe.data.seq_len, loss_chunk=st.loss_chunk,
                                       trainable=trainable, on_gpu=on_gpu, processes=processes,
-                                      shard_student=par is not None and par.student == "sharded",
-                                      shard_teacher=par is not None and par.teacher == "sharded")))
+                                      shard_student=par.student == "sharded", shard_teacher=par.teacher == "sharded")))
     return out

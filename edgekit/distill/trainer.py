@@ -13,7 +13,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,41 +22,17 @@ from edgekit.distill.hidden import capture
 from edgekit.distill.lean import make_optimizer
 from edgekit.distill.losses import cross_entropy, forward_kl_topk, kd_loss
 from edgekit.distill.checkpoint import resume, save_checkpoint
-from edgekit.distill.parallel import (StepRoot, average_gradients, fill_from_rank0, is_sharded, mean_scalars, on_meta,
+from edgekit.parallel import (StepRoot, average_gradients, fill_from_rank0, is_sharded, mean_scalars, on_meta,
                                       place, return_freed_host_memory, scalar, shard, shard_student, shard_teacher,
                                       train_device, world)
 from edgekit.errors import EdgekitError
 from edgekit.progress import bar
+from edgekit.recipe.schema import TrainSettings
 
 
-@dataclass
-class KDSettings:
-    loss: str = "forward_kl"
-    temperature: float = 1.0
-    alpha_ce: float = 0.0  # 1.0 with no teacher is plain fine-tuning (the SFT baseline)
-    skew_alpha: float = 0.1
-    jsd_beta: float = 0.5
-    steps: int = 40
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 5e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 4
-    grad_clip: float = 1.0
-    loss_chunk: int = 128
-    checkpoint_every: int = 10
-    seed: int = 0
-    on_policy_fraction: float = 0.0  # GKD's lambda: share of steps trained on the student's own samples
-    on_policy_temperature: float = 1.0
-    optimizer: str = "adamw"  # adamw | adamw8bit | paged_adamw8bit (bitsandbytes)
-    eval_every: int = 0  # holdout evaluation every N steps and at the end (with `holdout` rows); 0: off
-    shard_student: bool = False  # under torchrun: FSDP2 (parallel.shard_student); else replicated
-    shard_teacher: bool = False
-    precision: str = "auto"  # auto: bf16 autocast on a GPU, fp32 on the CPU (whose bf16 is ~25x slower) | fp32 | bf16
-
-    @classmethod
-    def from_config(cls, cfg) -> "KDSettings":
-        return cls(**{k: getattr(cfg, k) for k in cls.__dataclass_fields__ if hasattr(cfg, k)})
+# The trainer's settings are the recipe's, declared once (recipe.schema.TrainSettings); the
+# distill and qat stage configs extend it. KDSettings is the name the tests and benchmarks use.
+KDSettings = TrainSettings
 
 
 def autocast(device: torch.device, precision: str):
@@ -188,7 +163,7 @@ def on_policy_batch(student, x: torch.Tensor, st: KDSettings, seed: int) -> tupl
     return ids, mask
 
 
-def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, desc: str = "distill",
+def train(student, teacher, rows: torch.Tensor, st: TrainSettings, workdir: Path, desc: str = "distill",
           mask: torch.Tensor | None = None, teacher_cache=None, hidden=None, holdout: torch.Tensor | None = None) -> dict:
     """Train `student` in place on packed `rows` (N, T). `teacher=None` trains on labels alone,
     or, with `teacher_cache` (logit_cache.TeacherCache of these rows), on the cached top-k.
@@ -203,14 +178,45 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
     if st.batch_size % size:
         raise EdgekitError(f"batch_size {st.batch_size} does not split over {size} processes",
                            f"use a batch_size divisible by {size} (each process takes batch_size/{size} rows)")
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-    student.train()
     if hidden is not None and teacher is None:
         raise EdgekitError("hidden-state distillation needs the teacher online",
                            "remove hidden_states, or use teacher_logits: online with a same-vocabulary student")
-    root = StepRoot(student, hidden)  # what the optimizer trains, under one name space
     device = train_device()
+    root = setup_models(student, teacher, hidden, st, device, rank, size)
+    params = [p for p in root.parameters() if p.requires_grad]
+    opt = make_optimizer(param_groups(params), st.optimizer, st.lr, st.weight_decay)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ckpt = workdir / "checkpoint"
+    start = resume(ckpt, root, opt, rank, size)
+    step_fn = StepFn(root, student, teacher, hidden, teacher_cache, rows, mask, st, device, rank, size)
+    hooks = Hooks(workdir, desc, st, rank, size, start, holdout)
+    last = {}
+    try:
+        for step in range(start, st.steps):
+            t0 = time.perf_counter()
+            parts, grad_norm = step_fn.optimizer_step(opt, params, step, desc, ckpt)
+            last = {"step": step + 1, **{k: round(v, 5) for k, v in parts.items()}, "lr": lr_at(step, st),
+                    "grad_norm": round(grad_norm, 4),
+                    "tokens_per_s": round(step_fn.tokens_per_step / (time.perf_counter() - t0), 1)}
+            last = hooks.after_step(last, root, teacher, device)
+            if (step + 1) % st.checkpoint_every == 0 and step + 1 < st.steps:
+                save_checkpoint(ckpt, root, opt, step + 1, rank, size)
+    finally:
+        hooks.close()
+    student.eval()
+    if device.type != "cpu":  # later stages (export, evaluation) read the models on the CPU
+        root.to("cpu")
+        place(teacher, torch.device("cpu"))
+    return last
+
+
+def setup_models(student, teacher, hidden, st: TrainSettings, device: torch.device, rank: int, size: int):
+    """Put the models where they train: sharded (FSDP2) or whole on the device; returns the
+    root module the optimizer trains (the student and any hidden-state projections)."""
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    student.train()
+    root = StepRoot(student, hidden)  # what the optimizer trains, under one name space
     if size > 1 and device.type == "cpu" and (st.shard_student or st.shard_teacher):
         return_freed_host_memory()
     # sharded models are sharded before they move: FSDP moves each layer's shard to the device
@@ -231,106 +237,114 @@ def train(student, teacher, rows: torch.Tensor, st: KDSettings, workdir: Path, d
         fill_from_rank0(root, whole.get("root"), device)
         if teacher is not None:
             fill_from_rank0(teacher, whole.get("teacher"), device)
-        del whole
-    params = [p for p in root.parameters() if p.requires_grad]
-    opt = make_optimizer(param_groups(params), st.optimizer, st.lr, st.weight_decay)
-    workdir.mkdir(parents=True, exist_ok=True)
-    ckpt = workdir / "checkpoint"
-    start = resume(ckpt, root, opt, rank, size)
-    log = (workdir / "metrics.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
-    tb = tensorboard(workdir) if rank == 0 else None
-    trunk_s = hidden_and_head(student)[0]
-    trunk_t = hidden_and_head(teacher)[0] if teacher is not None else None
-    tokens_per_step = st.batch_size * st.grad_accum * (rows.shape[1] - 1)
-    progress = bar(st.steps, desc if size == 1 else f"{desc} (rank {rank}/{size})", unit="step", disable=rank != 0)
-    progress.update(start)
-    last = {}
-    for step in range(start, st.steps):
-        t0 = time.perf_counter()
+    return root
+
+
+class StepFn:
+    """One optimizer step: micro-batches (on-policy samples when due), the fused KD loss,
+    hidden-state loss, NaN guard, gradient averaging and clipping."""
+
+    def __init__(self, root, student, teacher, hidden, teacher_cache, rows, mask, st: TrainSettings, device, rank, size):
+        self.root, self.student, self.teacher, self.hidden, self.cache = root, student, teacher, hidden, teacher_cache
+        self.rows, self.mask, self.st, self.device, self.rank, self.size = rows, mask, st, device, rank, size
+        self.trunk_s = hidden_and_head(student)[0]
+        self.trunk_t = hidden_and_head(teacher)[0] if teacher is not None else None
+        self.tokens_per_step = st.batch_size * st.grad_accum * (rows.shape[1] - 1)
+
+    def optimizer_step(self, opt, params: list, step: int, desc: str, ckpt: Path) -> tuple[dict, float]:
+        st = self.st
         for g in opt.param_groups:
             g["lr"] = lr_at(step, st) * g.get("lr_scale", 1.0)
         opt.zero_grad(set_to_none=True)
-        parts = {"loss": 0.0, "ce": 0.0, "kd": 0.0} | ({"hidden": 0.0} if hidden is not None else {})
+        parts = {"loss": 0.0, "ce": 0.0, "kd": 0.0} | ({"hidden": 0.0} if self.hidden is not None else {})
         for micro in range(st.grad_accum):
             # parametrized (fake-quantized) weights are computed once per micro-step, not once per
             # use: the chunked loss reads the output head in every chunk and again in backward
             with parametrize.cached():
-                idx = shard(batch_indices(rows.shape[0], st.batch_size, st.seed, step, micro), rank, size)
-                x = rows[idx].to(device)  # (B, T)
-                m = mask[idx].to(device) if mask is not None else torch.ones_like(x, dtype=torch.bool)
-                if teacher is not None and is_on_policy(st, step, micro):
-                    seed = st.seed * 7919 + step * 31 + micro
-                    x, m = root(lambda: on_policy_batch(student, x, st, seed))  # sharded: the root gathers its part
-                inputs = x[:, :-1]
-                labels = torch.where(m[:, 1:], x[:, 1:], -100).reshape(-1)
-
-                def micro_step():  # runs inside the root's forward: under FSDP its parameters are gathered
-                    with layer_outputs(student, hidden, "student") as s_states, autocast(device, st.precision):
-                        s_h = trunk_s(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)  # (B*(T-1), H)
-                    t_h = None
-                    if trunk_t is not None:
-                        with torch.no_grad(), layer_outputs(teacher, hidden, "teacher") as t_states, \
-                                autocast(device, st.precision):
-                            t_h = trunk_t(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
-                    s_h, t_h = s_h.float(), t_h.float() if t_h is not None else None  # the head and loss in fp32
-                    t_sparse = teacher_cache.batch(idx) if teacher_cache is not None else None
-                    if t_sparse is not None:
-                        t_sparse = tuple(t.to(device) for t in t_sparse)
-                    loss, p = chunked_loss(s_h, t_h, labels, student, teacher, st, t_sparse)
-                    if hidden is not None:
-                        h_loss = hidden.loss(s_states, t_states, labels != -100)
-                        loss = loss + h_loss
-                        p["hidden"] = float(h_loss.detach())
-                    return loss, p
-
-                loss, p = root(micro_step)
-                if mean_scalars({"bad": float(not torch.isfinite(loss.detach()))}, size)["bad"] > 0:
-                    log.close()
+                loss, p = self.micro_batch(step, micro)
+                if mean_scalars({"bad": float(not torch.isfinite(loss.detach()))}, self.size)["bad"] > 0:
                     raise EdgekitError(
                         f"{desc}: the loss became {float(loss.detach())} at step {step}; the last good checkpoint is kept in {ckpt}",
                         "lower the learning rate (lr), raise warmup_steps, or check the data for empty or broken rows")
                 (loss / st.grad_accum).backward()
-                parts["loss"] += float(loss.detach()) / st.grad_accum
-                parts["ce"] += p["ce"] / st.grad_accum
-                parts["kd"] += p["kd"] / st.grad_accum
-                if hidden is not None:
-                    parts["hidden"] += p["hidden"] / st.grad_accum
-        if not is_sharded(root):  # FSDP has averaged (reduce-scattered) them already
-            average_gradients(params, size)
-        parts = mean_scalars(parts, size)
+                p["loss"] = float(loss.detach())
+                for k in parts:
+                    parts[k] += p[k] / st.grad_accum
+        if not is_sharded(self.root):  # FSDP has averaged (reduce-scattered) them already
+            average_gradients(params, self.size)
+        parts = mean_scalars(parts, self.size)
         grad_norm = scalar(torch.nn.utils.clip_grad_norm_(params, st.grad_clip))
         if not math.isfinite(grad_norm):
-            log.close()
             raise EdgekitError(f"{desc}: gradients became {grad_norm} at step {step}; the last good checkpoint is kept in {ckpt}",
                                "lower the learning rate (lr) or raise grad_clip's strictness")
         opt.step()
-        dt = time.perf_counter() - t0
-        last = {"step": step + 1, **{k: round(v, 5) for k, v in parts.items()}, "lr": lr_at(step, st),
-                "grad_norm": round(grad_norm, 4), "tokens_per_s": round(tokens_per_step / dt, 1)}
-        log.write(json.dumps(last) + "\n")
-        if st.eval_every and holdout is not None and ((step + 1) % st.eval_every == 0 or step + 1 == st.steps):
-            scores = holdout_scores(root, teacher, holdout.to(device))
-            log.write(json.dumps({"step": step + 1, "holdout": scores}) + "\n")
+        return parts, grad_norm
+
+    def micro_batch(self, step: int, micro: int) -> tuple[torch.Tensor, dict]:
+        st = self.st
+        idx = shard(batch_indices(self.rows.shape[0], st.batch_size, st.seed, step, micro), self.rank, self.size)
+        x = self.rows[idx].to(self.device)  # (B, T)
+        m = self.mask[idx].to(self.device) if self.mask is not None else torch.ones_like(x, dtype=torch.bool)
+        if self.teacher is not None and is_on_policy(st, step, micro):
+            seed = st.seed * 7919 + step * 31 + micro
+            x, m = self.root(lambda: on_policy_batch(self.student, x, st, seed))  # sharded: the root gathers its part
+        labels = torch.where(m[:, 1:], x[:, 1:], -100).reshape(-1)
+        # runs inside the root's forward: under FSDP its parameters are gathered
+        return self.root(lambda: self.loss(x[:, :-1], labels, idx))
+
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        st, hidden, device = self.st, self.hidden, self.device
+        with layer_outputs(self.student, hidden, "student") as s_states, autocast(device, st.precision):
+            s_h = self.trunk_s(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)  # (B*(T-1), H)
+        t_h = None
+        if self.trunk_t is not None:
+            with torch.no_grad(), layer_outputs(self.teacher, hidden, "teacher") as t_states, autocast(device, st.precision):
+                t_h = self.trunk_t(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
+        s_h, t_h = s_h.float(), t_h.float() if t_h is not None else None  # the head and loss in fp32
+        t_sparse = self.cache.batch(idx) if self.cache is not None else None
+        if t_sparse is not None:
+            t_sparse = tuple(t.to(device) for t in t_sparse)
+        loss, p = chunked_loss(s_h, t_h, labels, self.student, self.teacher, st, t_sparse)
+        if hidden is not None:
+            h_loss = hidden.loss(s_states, t_states, labels != -100)
+            loss = loss + h_loss
+            p["hidden"] = float(h_loss.detach())
+        return loss, p
+
+
+class Hooks:
+    """What happens after each step besides training: metrics.jsonl, holdout evaluation,
+    TensorBoard, the progress bar. Only rank 0 writes."""
+
+    def __init__(self, workdir: Path, desc: str, st: TrainSettings, rank: int, size: int, start: int, holdout):
+        self.desc, self.st, self.holdout = desc, st, holdout
+        self.log = (workdir / "metrics.jsonl").open("a") if rank == 0 else open(os.devnull, "w")
+        self.tb = tensorboard(workdir) if rank == 0 else None
+        self.progress = bar(st.steps, desc if size == 1 else f"{desc} (rank {rank}/{size})", unit="step", disable=rank != 0)
+        self.progress.update(start)
+
+    def after_step(self, last: dict, root, teacher, device) -> dict:
+        st, step = self.st, last["step"]
+        self.log.write(json.dumps(last) + "\n")
+        if st.eval_every and self.holdout is not None and (step % st.eval_every == 0 or step == st.steps):
+            scores = holdout_scores(root, teacher, self.holdout.to(device))
+            self.log.write(json.dumps({"step": step, "holdout": scores}) + "\n")
             last = {**last, "holdout": scores}
-        log.flush()
-        if tb is not None:
+        self.log.flush()
+        if self.tb is not None:
             for k, v in last.items():
                 for name, value in (v.items() if isinstance(v, dict) else [(None, v)]):
                     if k != "step":
-                        tb.add_scalar(f"{desc}/{k}" + (f"/{name}" if name else ""), value, step + 1)
-        progress.update(1)
-        progress.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tokens_per_step / dt:.0f}")
-        if (step + 1) % st.checkpoint_every == 0 and step + 1 < st.steps:
-            save_checkpoint(ckpt, root, opt, step + 1, rank, size)
-    progress.close()
-    log.close()
-    if tb is not None:
-        tb.close()
-    student.eval()
-    if device.type != "cpu":  # later stages (export, evaluation) read the models on the CPU
-        root.to("cpu")
-        place(teacher, torch.device("cpu"))
-    return last
+                        self.tb.add_scalar(f"{self.desc}/{k}" + (f"/{name}" if name else ""), value, step)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}")
+        return last
+
+    def close(self) -> None:
+        self.progress.close()
+        self.log.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def param_groups(params: list) -> list[dict]:

@@ -16,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.formats import EXACT_TYPES, MIXES
 from edgekit.fsutil import atomic_path
 from edgekit.models.sources import GGUF_TOKENIZER_FILE
 
 SUPPORTED = {"llama": "LLAMA", "qwen2": "QWEN2", "gemma3_text": "GEMMA3"}  # transformers model_type -> gguf arch
 PERMUTE_QK = {"llama"}
 NORM_SHIFT = {"gemma3_text": 1.0}  # Gemma3RMSNorm computes x * (1 + w); llama.cpp multiplies by the stored w
-FLOAT_TYPES = {"f32": "F32", "f16": "F16"}
 
 
 def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -57,85 +57,27 @@ def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None 
     `blocks` ({weight name: quantized blocks}, e.g. from GPTQ on the GGUF grid) are packed
     as they are, in place of the named weights."""
     import gguf
-    from safetensors import safe_open
 
     cfg = json.loads((model_dir / "config.json").read_text())
     arch = cfg.get("model_type")
-    name_map = tensor_name_map(cfg)
+    tensor_name_map(cfg)  # refuses an architecture the writer does not know, before anything is written
     blocks = blocks or {}
-    if ftype not in FLOAT_TYPES and types is None:
+    if not MIXES[ftype].is_float and types is None:
         raise EdgekitError(f"write_gguf writes f32/f16 by itself; '{ftype}' needs a per-tensor type plan",
                            "quantize the F16 file with llama.cpp (export formats f16 + q4_k_m)")
-    n_layer, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads", n_head)
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    float_type = getattr(gguf.GGMLQuantizationType, FLOAT_TYPES.get(ftype, "F16"))
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    float_type = gguf.GGMLQuantizationType.F32 if ftype == "f32" else gguf.GGMLQuantizationType.F16
 
     with atomic_path(out) as tmp:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, SUPPORTED[arch])])
         w.add_name(name or model_dir.name)
         w.add_type("model")
-        w.add_file_type(FILE_TYPES[ftype](gguf))
+        w.add_file_type(gguf.LlamaFileType[MIXES[ftype].file_type])
         if types is not None:
             w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        w.add_context_length(cfg.get("max_position_embeddings", 2048))
-        w.add_embedding_length(cfg["hidden_size"])
-        w.add_block_count(n_layer)
-        w.add_feed_forward_length(cfg["intermediate_size"])
-        w.add_head_count(n_head)
-        w.add_head_count_kv(n_kv)
-        w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-5))
-        w.add_rope_freq_base(float(_rope_theta(cfg)))
-        if arch == "gemma3_text":
-            _check_gemma3_attention_scale(cfg, head_dim)
-            w.add_key_length(head_dim)
-            w.add_value_length(head_dim)
-            if cfg.get("sliding_window"):
-                w.add_sliding_window(cfg["sliding_window"])
-                # which layers slide, and their rope base, from the config: llama.cpp otherwise assumes
-                # Gemma 3's usual 5-sliding-1-full pattern and base 10000, wrong for students that keep other layers
-                if cfg.get("layer_types"):
-                    w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
-                local = ((cfg.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_theta")
-                if local:
-                    w.add_rope_freq_base_swa(float(local))
-            if cfg.get("final_logit_softcapping"):
-                w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
-        else:
-            w.add_rope_dimension_count(head_dim)
-            w.add_vocab_size(cfg["vocab_size"])
+        _add_hparams(w, cfg, arch, head_dim)
         _add_tokenizer(w, model_dir, gguf)
-
-        files = sorted(model_dir.glob("*.safetensors"))
-        seen = set()
-        for f in files:
-            with safe_open(f, framework="numpy") as st:
-                for key in st.keys():
-                    if key == "lm_head.weight" and cfg.get("tie_word_embeddings"):
-                        continue
-                    gname = gguf_name(name_map, key, arch)
-                    if gname in seen:
-                        raise EdgekitError(f"duplicated tensor '{gname}'", "the model directory has two weight files for one tensor")
-                    seen.add(gname)
-                    packed = key in blocks
-                    data = _packed(blocks[key]) if packed else _tensor_as_f32(st, key)
-                    if arch in PERMUTE_QK and key.endswith("q_proj.weight"):
-                        data = _permute_rotary(data, n_head)  # a row permutation: packed rows move whole
-                    elif arch in PERMUTE_QK and key.endswith("k_proj.weight"):
-                        data = _permute_rotary(data, n_kv)
-                    elif arch in NORM_SHIFT and key.endswith("norm.weight"):
-                        data = data + np.float32(NORM_SHIFT[arch])
-                    if packed:
-                        qtype = gguf.GGMLQuantizationType[_ggml_name(blocks[key].fmt)]
-                    elif data.ndim == 1:  # norms stay F32, as llama.cpp's converter does
-                        qtype = gguf.GGMLQuantizationType.F32
-                    elif types is not None:
-                        data, qtype = _planned(data, key, types, gguf)
-                    else:
-                        qtype = float_type
-                        if qtype == gguf.GGMLQuantizationType.F16:
-                            data = data.astype(np.float16)
-                    w.add_tensor(gname, data, raw_dtype=qtype)
+        _add_tensors(w, model_dir, cfg, float_type, types, blocks, gguf)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file(progress=True)
@@ -143,9 +85,72 @@ def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None 
     return out
 
 
-FILE_TYPES = {"f32": lambda g: g.LlamaFileType.ALL_F32, "f16": lambda g: g.LlamaFileType.MOSTLY_F16,
-              "q8_0": lambda g: g.LlamaFileType.MOSTLY_Q8_0, "q4_0": lambda g: g.LlamaFileType.MOSTLY_Q4_0,
-              "q4_k_m": lambda g: g.LlamaFileType.MOSTLY_Q4_K_M}
+def _add_hparams(w, cfg: dict, arch: str, head_dim: int) -> None:
+    w.add_context_length(cfg.get("max_position_embeddings", 2048))
+    w.add_embedding_length(cfg["hidden_size"])
+    w.add_block_count(cfg["num_hidden_layers"])
+    w.add_feed_forward_length(cfg["intermediate_size"])
+    w.add_head_count(cfg["num_attention_heads"])
+    w.add_head_count_kv(cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
+    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-5))
+    w.add_rope_freq_base(float(_rope_theta(cfg)))
+    if arch != "gemma3_text":
+        w.add_rope_dimension_count(head_dim)
+        w.add_vocab_size(cfg["vocab_size"])
+        return
+    _check_gemma3_attention_scale(cfg, head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    if cfg.get("sliding_window"):
+        w.add_sliding_window(cfg["sliding_window"])
+        # which layers slide, and their rope base, from the config: llama.cpp otherwise assumes
+        # Gemma 3's usual 5-sliding-1-full pattern and base 10000, wrong for students that keep other layers
+        if cfg.get("layer_types"):
+            w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
+        local = ((cfg.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_theta")
+        if local:
+            w.add_rope_freq_base_swa(float(local))
+    if cfg.get("final_logit_softcapping"):
+        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
+
+
+def _add_tensors(w, model_dir: Path, cfg: dict, float_type, types: dict | None, blocks: dict, gguf) -> None:
+    """Every weight of the safetensors files, renamed to GGUF's names, in its planned type."""
+    from safetensors import safe_open
+
+    arch = cfg["model_type"]
+    name_map = tensor_name_map(cfg)
+    n_head = cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads", n_head)
+    seen = set()
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(f, framework="numpy") as st:
+            for key in st.keys():
+                if key == "lm_head.weight" and cfg.get("tie_word_embeddings"):
+                    continue
+                gname = gguf_name(name_map, key, arch)
+                if gname in seen:
+                    raise EdgekitError(f"duplicated tensor '{gname}'", "the model directory has two weight files for one tensor")
+                seen.add(gname)
+                packed = key in blocks
+                data = _packed(blocks[key]) if packed else _tensor_as_f32(st, key)
+                if arch in PERMUTE_QK and key.endswith("q_proj.weight"):
+                    data = _permute_rotary(data, n_head)  # a row permutation: packed rows move whole
+                elif arch in PERMUTE_QK and key.endswith("k_proj.weight"):
+                    data = _permute_rotary(data, n_kv)
+                elif arch in NORM_SHIFT and key.endswith("norm.weight"):
+                    data = data + np.float32(NORM_SHIFT[arch])
+                if packed:
+                    qtype = gguf.GGMLQuantizationType[_ggml_name(blocks[key].fmt)]
+                elif data.ndim == 1:  # norms stay F32, as llama.cpp's converter does
+                    qtype = gguf.GGMLQuantizationType.F32
+                elif types is not None:
+                    data, qtype = _planned(data, key, types, gguf)
+                else:
+                    qtype = float_type
+                    if qtype == gguf.GGMLQuantizationType.F16:
+                        data = data.astype(np.float16)
+                w.add_tensor(gname, data, raw_dtype=qtype)
 
 
 def _planned(data: np.ndarray, key: str, types: dict[str, str], gguf) -> tuple[np.ndarray, object]:
@@ -153,7 +158,7 @@ def _planned(data: np.ndarray, key: str, types: dict[str, str], gguf) -> tuple[n
     is rounded to fp16 first, as llama.cpp quantizes from the F16 file (and QAT trains)."""
     import torch
 
-    from edgekit.quant.ggml_blocks import GGML_TYPES, to_bytes
+    from edgekit.formats.ggml_blocks import GGML_TYPES, to_bytes
 
     t = types.get(key)
     if t in ("F32", "F16"):
@@ -167,15 +172,13 @@ def _planned(data: np.ndarray, key: str, types: dict[str, str], gguf) -> tuple[n
 
 def _packed(blk) -> np.ndarray:
     """(rows, bytes per row) uint8: the GGUF bytes of already quantized blocks."""
-    from edgekit.quant.ggml_blocks import pack_exact
+    from edgekit.formats.ggml_blocks import pack_exact
 
     return pack_exact(blk).numpy()
 
 
 def _ggml_name(fmt: str) -> str:
-    from edgekit.quant.ggml_blocks import GGML_TYPES
-
-    return {v: k for k, v in GGML_TYPES.items()}[fmt]
+    return {v: k for k, v in EXACT_TYPES.items()}[fmt]
 
 
 def _tensor_as_f32(st, key: str) -> np.ndarray:

@@ -12,11 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import EdgekitError
-from edgekit.fsutil import quiet_stderr
-from edgekit.fsutil import atomic_path
+from edgekit.formats import MIXES, QUANT_MIXES
+from edgekit.fsutil import atomic_path, quiet_stderr
 
-FTYPES = {"q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M", "q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0"}
-FILE_TYPE_NAMES = {"f32": "F32", "f16": "F16", "q4_k_m": "Q4_K_M", "q8_0": "Q8_0", "q4_0": "Q4_0"}
 
 
 def quantize_gguf(src: Path, out: Path, fmt: str, threads: int | None = None,
@@ -27,10 +25,10 @@ def quantize_gguf(src: Path, out: Path, fmt: str, threads: int | None = None,
 
     import llama_cpp
 
-    if fmt not in FTYPES:
-        raise EdgekitError(f"unknown GGUF quantization '{fmt}'", f"use one of {sorted(FTYPES)}")
+    if fmt not in QUANT_MIXES:
+        raise EdgekitError(f"unknown GGUF quantization '{fmt}'", f"use one of {list(QUANT_MIXES)}")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, FTYPES[fmt])
+    params.ftype = getattr(llama_cpp, MIXES[fmt].llama_ftype)
     params.nthread = threads or os.cpu_count() or 1
     if imatrix:
         keep = [(k.encode(), np.ascontiguousarray(v, dtype=np.float32)) for k, v in imatrix.items()]

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from edgekit.errors import EdgekitError
-from edgekit.quant.ggml_blocks import GGML_TYPES, divide_or_zero, quantize_exact
+from edgekit.formats.ggml_blocks import GGML_TYPES, divide_or_zero, quantize_exact
 
 PARTS = {"qkv_proj": ("q_proj", "k_proj", "v_proj")}
 

@@ -48,3 +48,16 @@ def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool =
         raise EdgekitError(f"could not load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
                            "check the directory holds a complete transformers model (config.json + safetensors)") from None
     return model.eval()
+
+
+def save_model(model, tokenizer_dir: Path, out: Path) -> None:
+    """The model as safetensors + config + the tokenizer files of `tokenizer_dir`. A model
+    FSDP left sharded is gathered (every process calls this) and rank 0 writes it."""
+    from edgekit.models.student import copy_tokenizer_files
+    from edgekit.parallel import gathered_weights
+
+    weights = gathered_weights(model)
+    if weights == {}:  # another rank's share of a sharded model: rank 0 writes the whole
+        return
+    model.save_pretrained(out, safe_serialization=True, state_dict=weights)
+    copy_tokenizer_files(tokenizer_dir, out)

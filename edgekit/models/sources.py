@@ -155,6 +155,6 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
 
 def read_gguf_tokenizer(gguf: Path) -> dict:
     """All `tokenizer.*` metadata of a GGUF as plain JSON values."""
-    from edgekit.export.gguf_read import read_metadata
+    from edgekit.formats.gguf_read import read_metadata
 
     return {k: v for k, v in read_metadata(gguf, typed=True).items() if k.startswith("tokenizer.")}

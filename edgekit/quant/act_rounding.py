@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from edgekit.quant.ggml_blocks import GGML_TYPES, divide_or_zero
+from edgekit.formats.ggml_blocks import GGML_TYPES, divide_or_zero
 
 VEC_DOT = {"q4_0": "q8_0", "q5_0": "q8_0", "q8_0": "q8_0", "q4_1": "q8_1", "q4_k": "q8_k", "q6_k": "q8_k"}
 

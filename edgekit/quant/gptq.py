@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from edgekit.quant import ggml_blocks, kquants
-from edgekit.quant.ggml_blocks import K_FORMATS, quantize_exact
+from edgekit.formats import ggml_blocks, kquants
+from edgekit.formats.ggml_blocks import K_FORMATS, quantize_exact
 
 
 def affine(blk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int]:

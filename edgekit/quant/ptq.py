@@ -127,8 +127,7 @@ def save_checkpoint(model: nn.Module, tokenizer_dir: Path, out: Path) -> None:
 
 def save_float(state: dict[str, torch.Tensor], src: Path, out: Path, dtype: str) -> Path:
     """A plain transformers model directory: `src`'s config and tokenizer with these weights."""
-    from edgekit.distill.stage import save_model
-    from edgekit.models.loading import load_causal_lm
+    from edgekit.models.loading import load_causal_lm, save_model
 
     model = load_causal_lm(src, dtype)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -144,7 +143,7 @@ def save_float(state: dict[str, torch.Tensor], src: Path, out: Path, dtype: str)
 def gguf_targets(model: nn.Module, plan: dict[str, str], tied: bool) -> list[str]:
     """Linear layers whose planned GGUF type has an exact quantizer: GPTQ runs on these.
     A tied output head is the embedding table in the file, so it keeps plain rounding."""
-    from edgekit.quant.ggml_blocks import GGML_TYPES
+    from edgekit.formats.ggml_blocks import GGML_TYPES
 
     names = []
     for n, m in model.named_modules():
@@ -156,7 +155,7 @@ def gguf_targets(model: nn.Module, plan: dict[str, str], tied: bool) -> list[str
 def gptq_gguf_blocks(model: nn.Module, plan: dict[str, str], rows: torch.Tensor, tied: bool,
                      damp: float = 0.01) -> dict[str, object]:
     """{weight name: blocks} for every Linear of the plan, by GPTQ on its GGUF type."""
-    from edgekit.quant.ggml_blocks import GGML_TYPES
+    from edgekit.formats.ggml_blocks import GGML_TYPES
     from edgekit.quant.gptq import gptq, input_hessians
 
     names = gguf_targets(model, plan, tied)
@@ -182,7 +181,7 @@ def on_file_grid(model: nn.Module, plan: dict[str, str], blocks: dict[str, objec
 
 def load_blocks(model: nn.Module, blocks: dict[str, object]) -> None:
     """Set each named weight to its quantized blocks, decoded."""
-    from edgekit.quant.ggml_blocks import dequantize_exact
+    from edgekit.formats.ggml_blocks import dequantize_exact
 
     params = dict(model.named_parameters())
     with torch.no_grad():
@@ -203,7 +202,7 @@ def artifacts(src: Path, out: Path, name: str, methods: list[str], mixes: list[s
     import time
 
     from edgekit.export.gguf_write import write_gguf
-    from edgekit.export.llama_quantize import FILE_TYPE_NAMES
+    from edgekit.formats import file_label
     from edgekit.fsutil import release_memory
     from edgekit.models.loading import load_causal_lm
     from edgekit.progress import status
@@ -230,7 +229,7 @@ def artifacts(src: Path, out: Path, name: str, methods: list[str], mixes: list[s
 
     for mix in mixes:
         plan = plan_types(src, mix)
-        kind = FILE_TYPE_NAMES[mix]
+        kind = file_label(mix)
         if "gptq" in methods:
             t0 = time.perf_counter()
             model = load_causal_lm(src, dtype)

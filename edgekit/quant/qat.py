@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edgekit.quant.ggml_blocks import BLOCK, Blocks, grid, quantize
-from edgekit.quant.ggml_blocks import GGML_TYPES as EXACT
+from edgekit.formats.ggml_blocks import BLOCK, Blocks, grid, quantize
+from edgekit.formats.ggml_blocks import GGML_TYPES as EXACT
 
 # block formats whose scales can be learned: signed code range and the offset the file stores
 LEARNABLE = {"q8_0": (-128, 127, 0), "q5_0": (-16, 15, 16), "q4_0": (-8, 7, 8)}
@@ -119,7 +119,7 @@ def learned_blocks(model_dir: Path, plan: dict[str, str], scales: dict[str, torc
 
 def plan_types(model_dir: Path, mix: str = "q4_k_m") -> dict[str, str]:
     """{transformers weight name: GGML type name} as llama.cpp's `mix` quantizes this model."""
-    from edgekit.export.gguf_read import tensor_table
+    from edgekit.formats.gguf_read import tensor_table
     from edgekit.export.gguf_write import gguf_name, tensor_name_map, write_gguf
     from edgekit.export.llama_quantize import quantize_gguf
 

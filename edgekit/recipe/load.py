@@ -13,29 +13,29 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from edgekit.bounded import MAX_YAML_BYTES, cut, load_yaml, read_text
 from edgekit.errors import EdgekitError, RecipeError, did_you_mean
-from edgekit.recipe.schema import STAGE_CONFIGS, STAGE_ORDER, Recipe
+from edgekit.recipe.schema import DataSpec, ModelSpec, RecipeBase, StudentSpec
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[Recipe, Path]:
-    """Return the validated recipe and the directory its relative paths are resolved from."""
+def load_recipe(path: str | Path, overrides: list[str], model: type[RecipeBase]) -> tuple[RecipeBase, Path]:
+    """Return the validated recipe and the directory its relative paths are resolved from.
+    `model` is the whole recipe's schema (edgekit.stages.Recipe, built from the stage registry)."""
     path = Path(path)
     if path.is_dir():
         raise EdgekitError(f"{path} is a directory, not a recipe", "pass a .yaml file, e.g. recipes/quickstart.yaml")
     if not path.is_file():
         raise EdgekitError(f"recipe {path} does not exist", "check the path; shipped recipes are in recipes/")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(read_text(path, MAX_YAML_BYTES, "recipe"), str(path))
     except yaml.YAMLError as e:
-        raise EdgekitError(f"{path} is not valid YAML: {str(e).splitlines()[0]} ({_yaml_where(e)})",
+        raise EdgekitError(f"{path} is not valid YAML: {cut(str(e).splitlines()[0])} ({_yaml_where(e)})",
                            "fix the YAML syntax at that line") from None
-    except UnicodeDecodeError:
-        raise EdgekitError(f"{path} is not a text file", "pass a YAML recipe") from None
     if not isinstance(raw, dict):
         raise RecipeError(str(path), ["the recipe must be a mapping of keys (name, teacher, data, stages, ...)"])
     for ov in overrides:
         apply_override(raw, ov)
-    return validate(raw, str(path), path.parent.resolve()), path.parent.resolve()
+    return validate(raw, str(path), path.parent.resolve(), model), path.parent.resolve()
 
 
 def _yaml_where(e: yaml.YAMLError) -> str:
@@ -43,12 +43,12 @@ def _yaml_where(e: yaml.YAMLError) -> str:
     return f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
 
 
-def validate(raw: dict, source: str, base: Path) -> Recipe:
+def validate(raw: dict, source: str, base: Path, model: type[RecipeBase]) -> RecipeBase:
     recipe, problems = None, []
     try:
-        recipe = Recipe.model_validate(raw)
+        recipe = model.model_validate(raw)
     except ValidationError as e:
-        problems = [_describe(err, raw) for err in e.errors()]
+        problems = [_describe(err, model) for err in e.errors()]
     problems += check_files_and_models(raw, base)
     if problems:
         raise RecipeError(source, sorted(set(problems), key=problems.index))
@@ -94,59 +94,58 @@ def check_files_and_models(raw: dict, base: Path) -> list[str]:
     return problems
 
 
-def _loc(loc: tuple) -> str:
+def _loc(loc: tuple, stage_types) -> str:
     out = ""
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif part in STAGE_CONFIGS or part in ("function-after",):
+        elif part in stage_types or part in ("function-after",):
             continue  # pydantic puts the union tag in the path; the user never wrote it
         else:
             out += f".{part}" if out else str(part)
     return out or "(recipe)"
 
 
-def _describe(err: dict, raw: dict) -> str:
+def _describe(err: dict, model: type[RecipeBase]) -> str:
     loc, kind, msg = err["loc"], err["type"], err["msg"]
-    where = _loc(loc)
+    stages = model.STAGE_CONFIGS
+    where = _loc(loc, stages)
     if kind == "extra_forbidden":
-        allowed = _allowed_keys(loc, raw)
-        return f"{_loc(loc[:-1])}: unknown key '{loc[-1]}'{did_you_mean(str(loc[-1]), allowed)} (allowed: {', '.join(allowed)})"
+        allowed = _allowed_keys(loc, model)
+        return f"{_loc(loc[:-1], stages)}: unknown key '{cut(str(loc[-1]), 64)}'{did_you_mean(cut(str(loc[-1]), 64), allowed)} (allowed: {', '.join(allowed)})"
     if kind == "missing":
         return f"{where}: required key is missing"
     if kind in ("literal_error", "enum"):
         choices = re.findall(r"'([^']*)'", err.get("ctx", {}).get("expected", ""))
-        return f"{where}: {err['input']!r} is not one of {choices}{did_you_mean(str(err['input']), choices)}"
+        return f"{where}: {cut(repr(err['input']))} is not one of {choices}{did_you_mean(cut(str(err['input']), 64), choices)}"
     if kind == "union_tag_invalid":
         tag = err.get("ctx", {}).get("tag", "?")
-        return f"{where}.type: unknown stage type '{tag}'{did_you_mean(str(tag), list(STAGE_ORDER))} (known: {', '.join(STAGE_CONFIGS)})"
+        return f"{where}.type: unknown stage type '{cut(str(tag), 64)}'{did_you_mean(str(tag)[:64], list(stages))} (known: {', '.join(stages)})"
     if kind == "union_tag_not_found":
-        return f"{where}: a stage needs a 'type' (one of {', '.join(STAGE_CONFIGS)})"
+        return f"{where}: a stage needs a 'type' (one of {', '.join(stages)})"
     if kind == "value_error":
-        return f"{where}: {msg.removeprefix('Value error, ')}"
-    return f"{where}: {msg} (got {err.get('input')!r})"
+        return f"{where}: {cut(msg.removeprefix('Value error, '), 600)}"
+    return f"{where}: {cut(msg, 300)} (got {cut(repr(err.get('input')))})"
 
 
-def _allowed_keys(loc: tuple, raw: dict) -> list[str]:
-    from edgekit.recipe import schema
-
-    top = {"teacher": schema.ModelSpec, "student": schema.StudentSpec, "data": schema.DataSpec}
+def _allowed_keys(loc: tuple, model: type[RecipeBase]) -> list[str]:
+    top = {"teacher": ModelSpec, "student": StudentSpec, "data": DataSpec}
     if len(loc) == 1:
-        return list(Recipe.model_fields)
+        return list(model.model_fields)
     if loc[0] in top:
         return list(top[loc[0]].model_fields)
-    if loc[0] == "stages" and len(loc) >= 3 and loc[2] in STAGE_CONFIGS:
-        return list(STAGE_CONFIGS[loc[2]].model_fields)
+    if loc[0] == "stages" and len(loc) >= 3 and loc[2] in model.STAGE_CONFIGS:
+        return list(model.STAGE_CONFIGS[loc[2]].model_fields)
     return []
 
 
 def apply_override(raw: dict, override: str) -> None:
     """Apply `a.b[0].c=value` (value parsed as YAML). `stages.distill.steps=5` picks a stage by type."""
     if "=" not in override:
-        raise EdgekitError(f"override '{override}' has no '='", "write overrides as key.path=value, e.g. stages.distill.steps=5")
+        raise EdgekitError(f"override '{cut(override, 80)}' has no '='", "write overrides as key.path=value, e.g. stages.distill.steps=5")
     key, value = override.split("=", 1)
     try:
-        parsed = yaml.safe_load(value) if value != "" else ""
+        parsed = load_yaml(value, f"override '{cut(key, 60)}'") if value != "" else ""
     except yaml.YAMLError:
         parsed = value
     parts = [p for p in re.split(r"\.|\[(\d+)\]", key) if p]
@@ -165,19 +164,19 @@ def apply_override(raw: dict, override: str) -> None:
             else:
                 node = node.setdefault(part, {})
         else:
-            raise EdgekitError(f"override '{key}': '{parts[i - 1]}' is a value, not a mapping or list",
+            raise EdgekitError(f"override '{cut(key, 80)}': '{parts[i - 1]}' is a value, not a mapping or list",
                                "check the key path against the recipe")
 
 
 def _list_index(node: list, part: str, key: str) -> int:
     if part.isdigit():
         if int(part) >= len(node):
-            raise EdgekitError(f"override '{key}': index {part} is past the end (the list has {len(node)} items)",
+            raise EdgekitError(f"override '{cut(key, 80)}': index {part} is past the end (the list has {len(node)} items)",
                                "use an index that exists")
         return int(part)
     matches = [i for i, item in enumerate(node) if isinstance(item, dict) and item.get("type") == part]
     if not matches:
         types = [item.get("type") for item in node if isinstance(item, dict)]
-        raise EdgekitError(f"override '{key}': no stage of type '{part}'{did_you_mean(part, types)}",
+        raise EdgekitError(f"override '{cut(key, 80)}': no stage of type '{cut(part, 64)}'{did_you_mean(part[:64], types)}",
                            f"stages in this recipe: {types}")
     return matches[0]

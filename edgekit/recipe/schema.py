@@ -6,18 +6,17 @@
     data: {train: data/stdlib_docs.jsonl, holdout_fraction: 0.1}
     stages: [{type: distill, ...}, {type: export, ...}, ...]
 
-Stage configs are registered by `type` in `STAGE_CONFIGS`; the pipeline maps the same
-type names to their run functions. Paths are relative to the recipe file.
+This module holds what every recipe has (teacher, student, data) and the pieces stage
+configs share (training settings, the stage base). Each stage type's own config lives in
+its module under edgekit/stages/, and `recipe_model` builds the whole recipe's schema from
+that registry. Paths are relative to the recipe file.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Union
+from typing import Annotated, ClassVar, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-STAGE_ORDER = ("distill", "qat", "quantize", "export", "evaluate", "bench", "report")
-
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 class Closed(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
@@ -108,18 +107,22 @@ Optimizer = Literal["adamw", "adamw8bit", "paged_adamw8bit"]  # 8-bit states: bi
 
 
 class ParallelSpec(Closed):
-    """How the models are spread over processes under torchrun (edgekit.distill.parallel);
+    """How the models are spread over processes under torchrun (edgekit.parallel);
     one process ignores it. sharded: FSDP2, each process holds 1/N of the parameters (and,
     for the student, of gradients and optimizer state); replicated: each holds them whole."""
     student: Literal["replicated", "sharded"] = "replicated"
     teacher: Literal["replicated", "sharded"] = "replicated"  # sharded: decoder layers; embeddings/head stay whole
 
 
-class DistillConfig(Closed):
-    type: Literal["distill"]
-    loss: Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd"] = "forward_kl"
+Loss = Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd"]
+
+
+class TrainSettings(Closed):
+    """Everything the KD trainer (edgekit.distill.trainer) reads, declared once: the distill and
+    qat stage configs extend it (with their own defaults), and the trainer takes it as is."""
+    loss: Loss = "forward_kl"
     temperature: float = Field(1.0, gt=0.0)
-    alpha_ce: float = Field(0.0, ge=0.0, le=1.0)  # L = alpha*CE(labels) + (1-alpha)*KD
+    alpha_ce: float = Field(0.0, ge=0.0, le=1.0)  # L = alpha*CE(labels) + (1-alpha)*KD; 1.0 with no teacher: SFT
     skew_alpha: float = Field(0.1, ge=0.0, le=1.0)  # DistiLLM mixing for skew KL
     jsd_beta: float = Field(0.5, ge=0.0, le=1.0)  # GKD: beta->0 forward KL, beta->1 reverse KL
     steps: int = Field(40, ge=1)
@@ -138,207 +141,77 @@ class DistillConfig(Closed):
     # fp32 on the CPU, whose bf16 is ~25x slower. Training runs on the GPU when there is one (torchrun:
     # LOCAL_RANK's GPU), the CPU otherwise.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    # also train the same student on the same rows and steps with labels alone (no teacher):
-    # the plain fine-tuning baseline KD has to beat
-    baselines: list[Literal["sft"]] = []
     on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0)  # GKD lambda: share of steps on student samples
     on_policy_temperature: float = Field(1.0, gt=0.0)
-    sequence_kd: SequenceKD | None = None  # train on teacher-generated answers instead of data.train
     optimizer: Optimizer = "adamw"
-    lora: LoraSpec | None = None  # train adapters instead of every weight; merged before export
-    # online: the teacher runs every step. offline: its top-k next-token log-probs are computed once
-    # per (teacher, rows, k, temperature), stored compressed in the cache and reused across runs and students
-    teacher_logits: Literal["online", "offline"] = "online"
-    top_k: int = Field(64, ge=1)  # offline: teacher tokens kept per position; the rest is one tail event
-    hidden_states: HiddenStateKD | None = None
     parallel: ParallelSpec = ParallelSpec()
 
+    @property
+    def shard_student(self) -> bool:
+        return self.parallel.student == "sharded"
+
+    @property
+    def shard_teacher(self) -> bool:
+        return self.parallel.teacher == "sharded"
+
     @model_validator(mode="after")
-    def _offline(self):
+    def _sharded_optimizer(self):
         if self.parallel.student == "sharded" and self.optimizer != "adamw":
             raise ValueError(f"parallel.student: sharded trains with PyTorch's AdamW on sharded tensors; optimizer "
                              f"'{self.optimizer}' (bitsandbytes) does not take them: use optimizer: adamw")
-        if self.parallel.student == "sharded" and self.lora is not None:
-            raise ValueError("parallel.student: sharded is for full-weight training; LoRA adapters are small enough "
-                             "to replicate: use parallel.student: replicated with lora")
-        if self.teacher_logits == "offline":
-            if self.loss != "forward_kl":
-                raise ValueError(f"teacher_logits: offline keeps the teacher's top-k only, which defines forward KL; "
-                                 f"loss '{self.loss}' needs the full distribution: use loss: forward_kl or teacher_logits: online")
-            if self.on_policy_fraction > 0:
-                raise ValueError("teacher_logits: offline cannot grade sequences the student generates during training; "
-                                 "set on_policy_fraction: 0 or teacher_logits: online")
-            if self.hidden_states is not None:
-                raise ValueError("hidden_states needs the teacher's layer outputs every step, which the offline cache "
-                                 "does not keep: use teacher_logits: online with hidden_states")
-            if self.sequence_kd is not None:
-                raise ValueError("teacher_logits: offline caches the teacher on data.train rows; sequence_kd trains on "
-                                 "generated answers instead: use teacher_logits: online with sequence_kd")
         return self
 
 
-class QATConfig(Closed):
-    """QAT-KD: train the fake-quantized student (llama.cpp's exact grid) against the teacher."""
-    type: Literal["qat"]
-    mix: Literal["q4_k_m", "q4_0", "q5_0", "q8_0"] = "q4_k_m"  # the llama.cpp type the export will use
-    loss: Literal["forward_kl", "reverse_kl", "skew_forward_kl", "skew_reverse_kl", "jsd", "tvd"] = "forward_kl"
-    temperature: float = Field(1.0, gt=0.0)
-    alpha_ce: float = Field(0.0, ge=0.0, le=1.0)
-    skew_alpha: float = Field(0.1, ge=0.0, le=1.0)
-    jsd_beta: float = Field(0.5, ge=0.0, le=1.0)
-    steps: int = Field(20, ge=1)
-    batch_size: int = Field(4, ge=1)
-    grad_accum: int = Field(1, ge=1)
-    lr: float = Field(5e-5, gt=0.0)  # small: the weights only need to settle onto the grid
-    weight_decay: float = Field(0.0, ge=0.0)
-    warmup_steps: int = Field(2, ge=0)
-    grad_clip: float = Field(1.0, gt=0.0)
-    loss_chunk: int = Field(128, ge=1)
-    checkpoint_every: int = Field(10, ge=1)
-    eval_every: int = Field(0, ge=0)  # every N steps (and at the end): holdout perplexity, KL to teacher, top-1; 0: off
-    eval_rows: int = Field(8, ge=1)
-    # recompute: each step, the format's own scale search; learn: Q8_0/Q5_0/Q4_0 block scales are
-    # parameters (LSQ), trained at scale_lr (on log|scale|: ~that relative change per step); K-quants recompute
-    scales: Literal["recompute", "learn"] = "recompute"
-    scale_lr: float = Field(1e-3, gt=0.0)
-    # float: only the weights are fake-quantized; llama_cpp: each quantized layer's input is also
-    # rounded to the 8-bit blocks llama.cpp's CPU matmuls use (quant.act_rounding; straight-through)
-    activations: Literal["float", "llama_cpp"] = "float"
-    seed: int = 1
-    # fp32 by default: under bf16 autocast the matmuls would round the grid's values (a Q8_0 value
-    # needs 7 + 11 bits), so the forward would no longer be the deployed grid; bf16 trades that for speed
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
-    # also train a float twin: the same start, data, steps and seed without fake quantization.
-    # Its llama.cpp quantization is the PTQ baseline QAT is judged against, at equal training.
-    baselines: list[Literal["float"]] = ["float"]
-    optimizer: Optimizer = "adamw"
-    # where the latent weights start: the student as it is ("float"), or GPTQ's solution on the
-    # same exact grid ("gptq": error-compensated rounding from `calibration_rows` train rows), so
-    # QAT-KD refines a good post-training quantization instead of plain rounding
-    init: Literal["float", "gptq"] = "float"
-    calibration_rows: int = Field(32, ge=1)
-    damp: float = Field(0.01, gt=0.0, le=1.0)
+class StageConfig(Closed):
+    """The base of every stage's config (edgekit/stages/<type>.py)."""
+
+    def recipe_problems(self, recipe: "RecipeBase") -> list[str]:
+        """What this stage finds wrong with the rest of the recipe (cross-stage rules)."""
+        return []
 
 
-class QuantizeConfig(Closed):
-    """Post-training quantization (PTQ): GPTQ and AWQ int4 checkpoints through llm-compressor,
-    and both methods carried into GGUF (GPTQ run on the GGUF grid; AWQ scales folded into
-    the norms before GGUF quantization). Calibrated on the recipe's train split, never the holdout."""
-    type: Literal["quantize"]
-    methods: list[Literal["gptq", "awq"]] = Field(["gptq", "awq"], min_length=1)
-    gguf: list[Literal["q4_k_m", "q4_0", "q8_0"]] = ["q4_k_m"]  # GGUF mixes to write per method; [] for none
-    model: Literal["student", "teacher"] = "student"  # student: the float student QAT is compared with
-    calibration_rows: int = Field(64, ge=1)  # rows of data.seq_len tokens from the train split (GPTQ)
-    awq_rows: int = Field(16, ge=1)  # AWQ's search runs every layer block once per grid point: ~1 min/layer at 64 rows on 2 CPU cores
-    group_size: int | None = Field(None, ge=8)  # int4 group; unset: largest of 128/64/32 dividing every width
-    damp: float = Field(0.01, gt=0.0, le=1.0)  # GPTQ: dampening, as a fraction of the mean Hessian diagonal
-    awq_grid: int = Field(10, ge=2)  # AWQ: scale exponents tried per layer group (llm-compressor's default is 20)
-    parity_rows: int = Field(4, ge=1)  # holdout rows each artifact is checked on in its runtime
-
-
-class ExportConfig(Closed):
-    type: Literal["export"]
-    formats: list[Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m", "onnx_int4"]] = ["f16", "q4_k_m"]
-    model: Literal["student", "teacher"] = "student"
-    # after a qat stage, the onnx_int4 folder holds: qat_grid = the trained grid itself (Q4_0 tensors
-    # at 4 bits, 5-8-bit tensors at 8 bits: QAT's quality, larger and slower); int4 = the builder's own
-    # int4 round-to-nearest (smallest and fastest, QAT's grid lost). For a QAT grid that is int4 all
-    # through, train with `qat.mix: q4_0`.
-    onnx_weights: Literal["qat_grid", "int4"] = "qat_grid"
-    # llama.cpp's quantizations weighted by an importance matrix measured on `imatrix_rows` training
-    # rows (never the holdout); also written as <name>.imatrix.gguf for `llama-quantize --imatrix`.
-    # A QAT grid file is written exactly as trained and does not use it.
-    imatrix: bool = False
-    imatrix_rows: int = Field(64, ge=1)
-
-    @field_validator("formats")
-    @classmethod
-    def _nonempty(cls, v):
-        if not v:
-            raise ValueError("export.formats is empty; list at least one of f16, q8_0, q4_0, q4_k_m")
-        return v
-
-
-class EvaluateConfig(Closed):
-    type: Literal["evaluate"]
-    max_tokens: int = Field(4096, ge=16)  # holdout tokens scored per model
-    ctx: int = Field(256, ge=16)  # window for perplexity, in tokens
-    baselines: list[Literal["teacher", "student_init"]] = ["teacher", "student_init"]
-    tasks: str | None = None  # JSONL task set (edgekit.bench.tasks), relative to the recipe; every model is graded on it
-    task_max_new_tokens: int = Field(8, ge=1)  # greedy answer length for exact-match items
-    parity_floor: bool = True  # with a qat stage: also score its model with llama.cpp's activation rounding in fp32 and fp64
-
-
-class BenchConfig(Closed):
-    type: Literal["bench"]
-    targets: list[str] = ["laptop"]  # profiles in edgekit/bench/targets.yaml
-    prompt_tokens: int = Field(64, ge=1)
-    gen_tokens: int = Field(32, ge=1)
-    repeats: int = Field(3, ge=1)
-
-
-    @field_validator("targets")
-    @classmethod
-    def _known_targets(cls, v):
-        from edgekit.bench.targets import PROFILES
-        from edgekit.errors import did_you_mean
-
-        for name in v:
-            if name not in PROFILES:
-                raise ValueError(f"unknown target '{name}'{did_you_mean(name, list(PROFILES))}; known: {', '.join(PROFILES)}")
-        return v
-
-
-class ReportConfig(Closed):
-    type: Literal["report"]
-    sample_prompt: str = "The capital of France is"
-    sample_tokens: int = Field(24, ge=1)
-
-
-StageConfig = Annotated[
-    Union[DistillConfig, QATConfig, QuantizeConfig, ExportConfig, EvaluateConfig, BenchConfig, ReportConfig],
-    Field(discriminator="type"),
-]
-STAGE_CONFIGS = {c.model_fields["type"].annotation.__args__[0]: c
-                 for c in (DistillConfig, QATConfig, QuantizeConfig, ExportConfig, EvaluateConfig, BenchConfig, ReportConfig)}
-
-
-class Recipe(Closed):
+class RecipeBase(Closed):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
     seed: int = 0
     teacher: ModelSpec
     student: StudentSpec = StudentSpec()
     data: DataSpec
-    stages: list[StageConfig] = Field(min_length=1)
+
+    # filled by recipe_model from the stage registry
+    STAGE_CONFIGS: ClassVar[dict[str, type]] = {}
+    STAGE_REQUIRES: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    def stage(self, type_name: str):
+        """This recipe's stage config of that type, or None."""
+        return next((s for s in self.stages if s.type == type_name), None)
 
     @model_validator(mode="after")
     def _stage_order(self):
-        """Cross-stage rules: canonical order, each type once, consumers after producers."""
+        """Cross-stage rules: registry order, each type once, consumers after producers, and
+        each stage's own checks of the others."""
+        order = list(self.STAGE_CONFIGS)
         types = [s.type for s in self.stages]
-        problems = []
-        for t in set(types):
-            if types.count(t) > 1:
-                problems.append(f"stage type '{t}' appears {types.count(t)} times; keep one")
-        ranks = [STAGE_ORDER.index(t) for t in types]
+        problems = [f"stage type '{t}' appears {types.count(t)} times; keep one" for t in dict.fromkeys(types)
+                    if types.count(t) > 1]
+        ranks = [order.index(t) for t in types]
         if ranks != sorted(ranks):
-            problems.append(f"stages are in the order {types}; they must follow {list(STAGE_ORDER)}")
-        for consumer in ("evaluate", "bench"):
-            if consumer in types and "export" not in types:
-                problems.append(f"a '{consumer}' stage needs an 'export' stage before it (it measures exported files)")
-        for producer in ("quantize", "export"):
-            if producer in types and "distill" not in types and "qat" not in types:
-                if self.stages[types.index(producer)].model == "student" and self.student.init == "teacher_layers":
-                    problems.append(f"{producer}.model is 'student' but no distill stage trains one; "
-                                    f"add a distill stage or set {producer}.model: teacher")
-        if "qat" in types and "export" in types:
-            qat, exp = self.stages[types.index("qat")], self.stages[types.index("export")]
-            if qat.mix not in exp.formats:
-                problems.append(f"qat.mix is '{qat.mix}' but export.formats is {exp.formats}; export the format QAT trained for")
-        if "distill" in types and self.stages[types.index("distill")].parallel.teacher == "sharded" \
-                and self.teacher.load in ("nf4", "int8"):
-            problems.append(f"distill.parallel.teacher is 'sharded' but teacher.load is '{self.teacher.load}': "
-                            "FSDP shards plain tensors, not bitsandbytes' packed weights; shard an fp32/fp16 teacher "
-                            "or replicate the quantized one")
+            problems.append(f"stages are in the order {types}; they must follow {order}")
+        for t in types:
+            for need in self.STAGE_REQUIRES.get(t, ()):
+                if need not in types:
+                    problems.append(f"a '{t}' stage needs an '{need}' stage before it")
+        for s in self.stages:
+            problems += s.recipe_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+def recipe_model(configs: dict[str, type[StageConfig]], requires: dict[str, tuple[str, ...]]) -> type[RecipeBase]:
+    """The whole recipe's schema: `stages` is a list of any registered stage config, told
+    apart by `type`; `configs` is in pipeline order."""
+    union = Annotated[Union[tuple(configs.values())], Field(discriminator="type")]
+    model = create_model("Recipe", __base__=RecipeBase, stages=(list[union], Field(min_length=1)))
+    model.STAGE_CONFIGS = dict(configs)
+    model.STAGE_REQUIRES = dict(requires)
+    return model

@@ -9,7 +9,7 @@ import pytest
 
 from edgekit.cli import main
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.embedded]  # embedded: uses the user's cache
 REPO = Path(__file__).resolve().parents[2]
 
 

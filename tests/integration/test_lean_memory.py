@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REPO
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.embedded]  # embedded: uses the user's cache
 
 
 @pytest.mark.parametrize("load,optimizer,batch", [("nf4", "adamw8bit", 2), ("fp32", "adamw", 4)])

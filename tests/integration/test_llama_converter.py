@@ -11,7 +11,7 @@ import gguf
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.embedded]  # embedded: uses the user's cache
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from edgekit.cli import main
-from edgekit.export.gguf_read import tensor_table
+from edgekit.formats.gguf_read import tensor_table
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.embedded]  # embedded: uses the user's cache
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -8,9 +8,9 @@ import pytest
 
 from edgekit.bench.llama_runner import llama_generate
 from edgekit.cli import main
-from edgekit.export.gguf_read import tensor_table
+from edgekit.formats.gguf_read import tensor_table
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.embedded]  # embedded: uses the user's cache
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from edgekit.quant.act_rounding import llama_cpp_activations, round_activations
-from edgekit.quant.ggml_blocks import GGML_TYPES, grid, to_bytes
+from edgekit.formats.ggml_blocks import GGML_TYPES, grid, to_bytes
 
 GGML_TYPE_IDS = {"F32": 0, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14}
 

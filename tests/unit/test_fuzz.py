@@ -46,7 +46,7 @@ def mutate(tree, path: list, value):
 
 
 def load_text(tmp_path: Path, text: str):
-    from edgekit.recipe import load_recipe
+    from edgekit.stages import load_recipe
 
     p = tmp_path / "fuzz.yaml"
     p.write_text(text)
@@ -80,7 +80,7 @@ def gguf_bytes(tmp_path_factory, tiny_teacher_dir) -> bytes:
 @BOUNDED
 @given(st.integers(0, 4000), st.binary(min_size=1, max_size=16), st.integers(8, 400_000))
 def test_gguf_inspector_on_corrupted_files(tmp_path_factory, gguf_bytes, offset, patch, cut):
-    from edgekit.export.gguf_read import read_metadata, tensor_table
+    from edgekit.formats.gguf_read import read_metadata, tensor_table
 
     data = bytearray(gguf_bytes[:cut])
     data[offset:offset + len(patch)] = patch

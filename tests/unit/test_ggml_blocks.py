@@ -6,7 +6,7 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants
 
-from edgekit.quant.ggml_blocks import dequantize, fake_quantize, pack, quantize, roundf
+from edgekit.formats.ggml_blocks import dequantize, fake_quantize, pack, quantize, roundf
 
 FORMATS = {"q8_0": T.Q8_0, "q4_0": T.Q4_0, "q5_0": T.Q5_0, "q4_1": T.Q4_1}
 

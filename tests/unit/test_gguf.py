@@ -11,7 +11,7 @@ from edgekit.bench.llama_runner import llama_scorer, load_llama
 from edgekit.bench.quality import evaluate, torch_scorer
 from edgekit.cli import main
 from edgekit.errors import EdgekitError
-from edgekit.export.gguf_read import read_metadata, tensor_table
+from edgekit.formats.gguf_read import read_metadata, tensor_table
 from edgekit.export.gguf_write import _permute_rotary, write_gguf
 from edgekit.export.llama_quantize import quantize_gguf
 from edgekit.models.loading import load_causal_lm

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgekit.export.gguf_read import tensor_table
+from edgekit.formats.gguf_read import tensor_table
 from edgekit.export.gguf_write import write_gguf
 from edgekit.export.llama_quantize import quantize_gguf
 from edgekit.quant.imatrix import collect

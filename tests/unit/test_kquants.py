@@ -12,8 +12,8 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, quants
 
-from edgekit.quant.ggml_blocks import to_bytes
-from edgekit.quant.kquants import dequantize_k, quantize_k
+from edgekit.formats.ggml_blocks import to_bytes
+from edgekit.formats.kquants import dequantize_k, quantize_k
 from tests.conftest import make_tiny_llama
 
 GGML_TYPE = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q8_0": 8, "q4_k": 12, "q6_k": 14}  # enum ggml_type

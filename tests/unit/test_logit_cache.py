@@ -79,7 +79,7 @@ BUILD = '''
 import sys, torch
 from pathlib import Path
 from edgekit.distill.logit_cache import load_or_build
-from edgekit.distill.parallel import world
+from edgekit.parallel import world
 from edgekit.models.loading import load_causal_lm
 
 rank, size = world()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from edgekit.export.onnx_grid import affine, node_tensors
-from edgekit.quant.ggml_blocks import dequantize_exact, quantize_exact
+from edgekit.formats.ggml_blocks import dequantize_exact, quantize_exact
 
 FORMATS = ["q8_0", "q4_0", "q5_0", "q4_1", "q4_k", "q6_k"]
 

@@ -15,7 +15,7 @@ from tests.conftest import REPO
 SCRIPT = '''
 import json, sys, torch
 from pathlib import Path
-from edgekit.distill.parallel import world
+from edgekit.parallel import world
 from edgekit.distill.trainer import KDSettings, train
 from edgekit.models.loading import load_causal_lm
 from edgekit.models.student import init_from_teacher_layers
@@ -59,7 +59,7 @@ def test_two_processes_match_one(tiny_teacher_dir, tmp_path):
     assert two["weights"] == pytest.approx(one["weights"], rel=1e-5)
 
 
-SHARDED = {"shard_student": True, "shard_teacher": True}
+SHARDED = {"parallel": {"student": "sharded", "teacher": "sharded"}}
 
 
 def test_fsdp_sharded_student_and_teacher_match_one_process(tiny_teacher_dir, tmp_path):
@@ -81,7 +81,7 @@ def test_fsdp_sharded_student_and_teacher_match_one_process(tiny_teacher_dir, tm
 def test_batch_must_split_over_processes(tiny_teacher_dir, tmp_path, monkeypatch):
     import torch
 
-    from edgekit.distill import parallel
+    from edgekit import parallel
     from edgekit.distill.trainer import KDSettings, train
     from edgekit.errors import EdgekitError
 
@@ -192,7 +192,7 @@ def test_sharded_checkpoint_resumes_on_one_process(tiny_teacher_dir, tmp_path):
 
 FREED = '''
 import json, sys, torch
-from edgekit.distill.parallel import return_freed_host_memory
+from edgekit.parallel import return_freed_host_memory
 
 def rss_mb():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20

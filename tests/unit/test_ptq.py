@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgekit.quant.ggml_blocks import dequantize_exact, pack_exact, quantize_exact
+from edgekit.formats.ggml_blocks import dequantize_exact, pack_exact, quantize_exact
 from edgekit.quant.gptq import gptq
 
 FORMATS = [("q4_0", 256), ("q5_0", 576), ("q4_1", 256), ("q8_0", 256), ("q4_k", 512), ("q6_k", 512)]

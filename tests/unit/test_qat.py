@@ -139,7 +139,7 @@ def test_gptq_init_puts_the_fake_quantizers_on_gptqs_grid(tiny_teacher_dir):
     import torch
 
     from edgekit.models.loading import load_causal_lm
-    from edgekit.quant.ggml_blocks import GGML_TYPES, dequantize_exact
+    from edgekit.formats.ggml_blocks import GGML_TYPES, dequantize_exact
     from edgekit.quant.ptq import gptq_gguf_blocks
     from edgekit.quant.qat import FakeQuant
 

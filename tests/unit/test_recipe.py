@@ -6,7 +6,7 @@ import pytest
 
 from edgekit.cli import main
 from edgekit.errors import EdgekitError, RecipeError
-from edgekit.recipe import load_recipe
+from edgekit.stages import load_recipe
 from edgekit.recipe.load import apply_override
 
 REPO = Path(__file__).resolve().parents[2]

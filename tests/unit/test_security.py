@@ -8,7 +8,8 @@ import pytest
 from edgekit.errors import EdgekitError
 from edgekit.models.loading import load_causal_lm
 from edgekit.models.sources import resolve_model
-from edgekit.recipe.schema import ModelSpec, Recipe, StudentSpec
+from edgekit.recipe.schema import ModelSpec, StudentSpec
+from edgekit.stages import Recipe
 
 
 class Payload:

@@ -1,10 +1,12 @@
 """`edgekit serve`: a real server process on localhost, spoken to by the real `openai` client."""
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -19,12 +21,14 @@ def bundle(tiny_bundle):
 
 
 @contextlib.contextmanager
-def server(model_path):
+def server(model_path, *extra: str, procs: list | None = None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "edgekit.cli", "serve", str(model_path), "--port", str(port),
-                             "--max-tokens", "6"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--max-tokens", "6", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if procs is not None:
+        procs.append(proc)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -40,8 +44,9 @@ def server(model_path):
             time.sleep(0.3)
         yield base, openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=30)
 
 
 def test_gguf_chat_and_completions_through_the_openai_client(bundle):
@@ -87,3 +92,154 @@ def test_serve_refuses_a_missing_model(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "edgekit.cli", "serve", str(tmp_path / "nope.gguf")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- under abuse and load
+
+LONG = {"prompt": "The module", "max_tokens": 100_000_000, "temperature": 0}
+
+
+def health(base: str) -> dict:
+    return httpx.get(f"{base}/health", timeout=5).json()
+
+
+def wait_idle(base: str, seconds: float) -> float:
+    """Seconds until the worker has no running or queued job (fails after `seconds`)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        h = health(base)
+        if not h["generating"] and not h["queued"]:
+            return time.monotonic() - t0
+        time.sleep(0.02)
+    raise AssertionError(f"still busy after {seconds} s: {health(base)}")
+
+
+def test_max_tokens_is_capped_by_the_context_and_a_long_prompt_is_a_400(bundle):
+    with server(bundle / "tiny-F16.gguf", "--ctx", "256") as (base, client):
+        out = client.completions.create(model="tiny-F16.gguf", **LONG)
+        assert 200 < out.usage.prompt_tokens + out.usage.completion_tokens < 256 and out.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match=r"Requested tokens \(\d+\) exceed context window of 256"):
+            client.completions.create(model="tiny-F16.gguf", prompt="word " * 500, max_tokens=4)
+        with pytest.raises(openai.BadRequestError, match="exceed context window"):  # streamed: refused before the stream
+            client.completions.create(model="tiny-F16.gguf", prompt="word " * 500, max_tokens=4, stream=True)
+        assert health(base)["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def long_onnx(tmp_path_factory, tiny_tokenizer_dir):
+    """An ONNX folder with an 8k context whose end-of-text token's (tied) embedding is zero, so its
+    logit is 0 and greedy decoding never ends early: a generation long enough to hang up in."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from edgekit.export.onnx_export import export_onnx_int4
+    from tests.conftest import make_tiny_llama
+
+    out = tmp_path_factory.mktemp("long")
+    path = make_tiny_llama(out / "long", tiny_tokenizer_dir, layers=4, hidden=256, max_positions=8192)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[model.config.eos_token_id] = 0
+    model.save_pretrained(path)
+    export_onnx_int4(path, out / "long-int4-onnx")
+    return out / "long-int4-onnx"
+
+
+@pytest.mark.parametrize("how", ["gives up waiting", "gives up on a stream", "hangs up mid-stream"])
+def test_a_client_that_disconnects_stops_its_generation(bundle, long_onnx, how):
+    """The tiny random model's llama.cpp stream holds its pieces back (its bytes are rarely
+    whole UTF-8 characters), so mid-stream hang-ups are tested on an ONNX folder."""
+    model = long_onnx if how == "hangs up mid-stream" else bundle / "tiny-F16.gguf"
+    with server(model, "--ctx", "4096") as (base, _client):
+        if how == "hangs up mid-stream":  # reads a few pieces, then hangs up
+            with httpx.stream("POST", f"{base}/v1/completions", json={**LONG, "stream": True}, timeout=10) as r:
+                for i, _ in enumerate(r.iter_lines()):
+                    if i == 3:
+                        break
+        else:
+            with pytest.raises(httpx.TimeoutException):
+                httpx.post(f"{base}/v1/completions", json={**LONG, "stream": how == "gives up on a stream"}, timeout=0.5)
+        stopped = wait_idle(base, 3.0)
+        h = health(base)
+        assert h["cancelled"] == 1 and h["done"] == 0, h  # stopped, not run to the context's end
+        small = httpx.post(f"{base}/v1/completions", json={"prompt": "The", "max_tokens": 4}, timeout=10)
+        assert small.status_code == 200 and stopped < 3.0
+
+
+def test_a_full_queue_is_a_503_with_retry_after_and_requests_are_served_in_order(bundle):
+    with server(bundle / "tiny-F16.gguf", "--ctx", "4096", "--queue", "1") as (base, _client):
+        import concurrent.futures as cf
+
+        def post(body):
+            return httpx.post(f"{base}/v1/completions", json=body, timeout=60)
+
+        with cf.ThreadPoolExecutor(4) as pool:
+            first = pool.submit(post, {**LONG, "max_tokens": 3000})
+            time.sleep(0.3)
+            second = pool.submit(post, {"prompt": "The", "max_tokens": 2})
+            time.sleep(0.3)
+            third = post({"prompt": "The", "max_tokens": 2})
+            assert third.status_code == 503 and third.headers["retry-after"] == "5"
+            assert "queue is full" in third.json()["error"]["message"]
+            assert first.result().status_code == 200 and second.result().status_code == 200
+
+
+def test_a_request_past_its_time_limit_is_cut_to_what_it_has(bundle):
+    with server(bundle / "tiny-F16.gguf", "--ctx", "4096", "--timeout", "0.5") as (base, _client):
+        t0 = time.monotonic()
+        r = httpx.post(f"{base}/v1/completions", json=LONG, timeout=30)
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] == "length"
+        assert time.monotonic() - t0 < 3.0
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_signal_stops_the_server_within_2_s_during_a_generation(bundle, sig):
+    import signal
+    import threading
+
+    procs = []
+    with server(bundle / "tiny-F16.gguf", "--ctx", "4096", procs=procs) as (base, _client):
+        got = {}
+        t = threading.Thread(target=lambda: got.update(r=httpx.post(f"{base}/v1/completions", json=LONG, timeout=30)))
+        t.start()
+        while not health(base)["generating"]:
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        procs[0].send_signal(getattr(signal, sig))
+        procs[0].wait(timeout=10)
+        assert time.monotonic() - t0 < 2.0
+        t.join(timeout=10)
+        assert got["r"].status_code == 503 and "shutting down" in got["r"].json()["error"]["message"]
+
+
+def test_api_key_body_limit_and_binding(bundle):
+    with server(bundle / "tiny-F16.gguf", "--api-key", "s3cret") as (base, _client):
+        assert httpx.get(f"{base}/v1/models").status_code == 401
+        ok = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in ok.models.list()] == ["tiny-F16.gguf"]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+        big = httpx.post(f"{base}/v1/completions", content=b'{"prompt": "' + b"x" * (2 << 20) + b'"}',
+                         headers={"Authorization": "Bearer s3cret", "Content-Type": "application/json"}, timeout=30)
+        assert big.status_code == 413
+        chunked = httpx.post(f"{base}/v1/completions", content=iter([b"x" * (1 << 19)] * 4),
+                             headers={"Authorization": "Bearer s3cret"}, timeout=30)
+        assert chunked.status_code == 413
+    proc = subprocess.run([sys.executable, "-m", "edgekit.cli", "serve", str(bundle / "tiny-F16.gguf"), "--host", "0.0.0.0"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--api-key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_load_benchmark_holds_for_a_few_seconds(bundle, tmp_path):
+    """benchmarks/serve_load.py, bounded to seconds: every kind of request was sent, normal
+    ones answered, abusive ones refused with 4xx, no 5xx, and the server still healthy."""
+    out = tmp_path / "load.json"
+    proc = subprocess.run([sys.executable, "benchmarks/serve_load.py", "--model", str(bundle / "tiny-F16.gguf"),
+                           "--clients", "4", "--seconds", "4", "--ctx", "512", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["http_5xx"] == 0 and r["requests"] >= 20, r
+    assert r["by_kind"]["prompt_too_long"].get("http_400", 0) >= 1 or not r["by_kind"]["prompt_too_long"], r
+    assert set(r["errors_by_kind"]) <= {"http_400"}, r  # refusals only: no transport failure, no 5xx
+    assert r["server_stats"]["failed"] == 0, r

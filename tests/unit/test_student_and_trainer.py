@@ -49,7 +49,7 @@ def test_narrower_mlps_drop_the_dead_channels_and_export(teacher, tiny_teacher_d
     dropped, so the half-width model computes exactly what the full one did; it saves with
     its new intermediate size and llama.cpp runs its GGUF with the same logits."""
     from edgekit.bench.llama_runner import llama_scorer
-    from edgekit.distill.stage import save_model
+    from edgekit.models.loading import save_model
     from edgekit.export.gguf_write import write_gguf
     from edgekit.models.student import mlp_channel_importance, narrow_mlps, narrow_width
 

@@ -1,11 +1,27 @@
-"""The `report` stage: runs/<name>/report.md from the run's artifacts."""
+"""The run report: report.md (and a self-contained report.html) from the run's artifacts.
+
+`render` reads a `RunView`: the recipe, each finished stage's config, metrics and wall
+time by stage type, and the run's provenance; it never loads a model.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from edgekit.bench.stages import FLOOR
-from edgekit.pipeline import RunContext, machine_description, stage
+# the evaluate stage's parity-floor scorers (their names are in its metrics as "floor")
+FLOOR = ("student_qat_llama_act", "student_qat_llama_act_fp64")
+
+
+@dataclass
+class RunView:
+    recipe: object  # the validated recipe
+    finished: dict  # stage type -> its artifact (.config, .metrics, .wall_s)
+    machine: str
+    teacher: str  # the teacher's file, as the report names it
+    run_dir: Path
+    config_classes: dict = field(default_factory=dict)  # stage type -> its config class (for defaults)
+
 
 LABELS = {"teacher": "teacher (PyTorch fp32)", "student_init": "student before KD (PyTorch)",
           "student": "student after KD (PyTorch)",
@@ -37,12 +53,10 @@ def qat_recovery(m: dict, fmt: str) -> dict | None:
     return {"ppl_fp16": fp16, "ppl_ptq": ptq, "ppl_qat": qat, "recovery": (ptq - qat) / (ptq - fp16) if ptq != fp16 else None}
 
 
-def _settings(config: dict) -> str:
+def _settings(config: dict, classes: dict) -> str:
     """What the recipe set for a stage (values that differ from the defaults), as one table cell;
     recipe.lock.yaml has every value."""
-    from edgekit.recipe.schema import STAGE_CONFIGS
-
-    fields = STAGE_CONFIGS[config["type"]].model_fields if config.get("type") in STAGE_CONFIGS else {}
+    fields = classes[config["type"]].model_fields if config.get("type") in classes else {}
     changed = [f"`{k}: {v}`" for k, v in config.items()
                if k != "type" and (k not in fields or fields[k].is_required() or fields[k].get_default(call_default_factory=True) != v)]
     return "<br>".join(changed) or "defaults"
@@ -54,71 +68,108 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(out)
 
 
-def render(ctx: RunContext, sample: dict) -> str:
-    r = ctx.recipe
-    fin = ctx.finished
+def render(view: RunView, sample: dict) -> str:
+    fin = view.finished
+    lines = _what_was_done(view)
+    lines += _exported_files(fin) + _ptq(fin) + _quality(fin) + _tasks(fin) + _speed(fin)
+    if sample:
+        lines += ["", "## Sample (greedy, llama.cpp)", "", f"Prompt: `{sample['prompt']}`", ""]
+        lines += [f"- {k}: `{v.strip()}`" for k, v in sample["outputs"].items()]
+    lines += provenance(view.run_dir)
+    lines += ["", "Every figure above, per stage: `manifest.json`; the exact recipe with every default filled in: "
+              "`recipe.lock.yaml`.", ""]
+    return "\n".join(lines)
+
+
+def _what_was_done(view: RunView) -> list[str]:
+    r, fin = view.recipe, view.finished
     lines = [f"# edgekit run report: {r.name}", "",
-             f"Machine: {machine_description()}", "",
+             f"Machine: {view.machine}", "",
              "## What was done", "",
-             f"- Teacher: `{r.teacher.model}` ({ctx.teacher_provenance().get('file', ctx.teacher_path().name)})"]
+             f"- Teacher: `{r.teacher.model}` ({view.teacher})"]
     if "distill" in fin:
-        m = fin["distill"]["metrics"]
-        c = fin["distill"]["config"]
+        m = fin["distill"].metrics
+        c = fin["distill"].config
         lines.append(f"- Student: {m.get('init')} {m.get('kept_layers', '')}, {m['student_params'] / 1e6:.1f}M parameters")
         lines.append(f"- Distillation: {c['loss']} (T={c['temperature']}, alpha_ce={c['alpha_ce']}), {c['steps']} steps x "
                      f"{c['batch_size'] * c['grad_accum']} rows of {r.data.seq_len} tokens = {m['tokens_trained']} tokens; "
                      f"final loss {m['final'].get('loss')}, {m['final'].get('tokens_per_s')} tokens/s")
     lines.append(f"- Data: `{r.data.train}`, split by document into train / holdout")
     lines += ["", _table(["stage", "wall time (s)", "settings (changed from the defaults; all in recipe.lock.yaml)"],
-                         [[k, v["wall_s"], _settings({"type": k, **(v.get("config") or {})})] for k, v in fin.items() if k != "report"])]
-    if "export" in fin:
-        lines += ["", "## Exported files", "",
-                  _table(["file", "size (MB)", "tensor types"],
-                         [[v["file"], v["size_mb"], ", ".join(f"{t} {n}" for t, n in v["tensor_types"].items())]
-                          for v in fin["export"]["metrics"].values()])]
-    if "quantize" in fin:
-        q = fin["quantize"]["metrics"]
-        arts = {k: v for k, v in q.items() if isinstance(v, dict) and "vs_source" in v}
-        lines += ["", "## Post-training quantization (GPTQ / AWQ)", "",
-                  f"From `{q['source']}`, calibrated on {q['calibration_rows']} train rows. Each artifact runs in its own "
-                  "runtime and is compared with the float model it came from; a GGUF also with PyTorch computing on "
-                  "the file's own grid (parity: a packing error would show here).", "",
-                  _table(["artifact", "format", "runtime", "size (MB)", "time (s)", "KL vs source", "top-1 vs source",
-                          "parity KL"],
-                         [[v["file"], v["format"], v["runtime"], v["size_mb"], v["seconds"], f"{v['vs_source']['kl']:.4f}",
-                           f"{v['vs_source']['top1']:.1%}",
-                           f"{v['parity_vs_pytorch_grid']['kl']:.5f}" if "parity_vs_pytorch_grid" in v else "-"]
-                          for v in arts.values()])]
-    if "evaluate" in fin:
-        m = fin["evaluate"]["metrics"]
-        names = [k for k in m if isinstance(m[k], dict) and "ppl" in m[k]]
-        lines += ["", "## Quality on held-out text", "",
-                  f"{m['holdout_rows']} holdout rows, {m[names[0]]['tokens']} scored tokens. KL is KL(teacher || model) in nats/token.", "",
-                  _table(["model", "perplexity", "KL to teacher", "top-1 agreement with teacher"],
-                         [[_label(n), f"{m[n]['ppl']:.2f}",
-                           f"{m[f'{n}|teacher']['kl']:.4f}" if f"{n}|teacher" in m else "-",
-                           f"{m[f'{n}|teacher']['top1']:.1%}" if f"{n}|teacher" in m else "-"] for n in names])]
-        parity = [[_label(k.split("|")[0]), _label(k.split("|")[1]), f"{v['kl']:.5f}", f"{v['top1']:.1%}"]
-                  for k, v in m.items() if k.startswith(("gguf_", "onnx_", FLOOR[1]))
-                  and "|" in k and not k.endswith("|teacher")]
-        if parity:
-            lines += ["", "### Parity: exported files vs the PyTorch model they came from", "",
-                      _table(["file", "PyTorch model", "KL (nats/token)", "top-1 agreement"], parity)]
-            if f"{FLOOR[1]}|{FLOOR[0]}" in m:
-                lines += ["", "llama.cpp rounds every quantized matmul's input to 8-bit blocks (Q8_0/Q8_K). The last row "
-                          "is the floor: the same grid and rounding computed in fp32 and in fp64 disagree by that much, "
-                          "because rounding to 8 bits turns tiny float differences into whole code steps."]
-        if "qat" in fin:
-            rec = qat_recovery(m, fin["qat"]["config"]["mix"])
-            q = fin["qat"]["metrics"]
-            lines += ["", "### QAT-KD", "",
-                      f"Fake-quantized on llama.cpp's exact grid: {q['fake_quantized']}; left in float (no exact "
-                      f"quantizer yet): {q['left_in_float']}."]
-            if rec and rec["recovery"] is not None:
-                lines.append(f"Perplexity through llama.cpp: F16 {rec['ppl_fp16']:.2f}, PTQ {rec['ppl_ptq']:.2f}, "
-                             f"QAT-KD {rec['ppl_qat']:.2f}; recovery (PTQ-QAT)/(PTQ-F16) = {rec['recovery']:.0%}.")
-    if "evaluate" in fin and "tasks" in fin["evaluate"]["metrics"]:
-        t = fin["evaluate"]["metrics"]["tasks"]
+                         [[k, v.wall_s, _settings({"type": k, **v.config}, view.config_classes)] for k, v in fin.items() if k != "report"])]
+    return lines
+
+
+def _exported_files(fin: dict) -> list[str]:
+    if "export" not in fin:
+        return []
+    lines = ["", "## Exported files", "",
+              _table(["file", "size (MB)", "tensor types"],
+                     [[v["file"], v["size_mb"], ", ".join(f"{t} {n}" for t, n in v["tensor_types"].items())]
+                      for v in fin["export"].metrics.values()])]
+    return lines
+
+
+def _ptq(fin: dict) -> list[str]:
+    if "quantize" not in fin:
+        return []
+    q = fin["quantize"].metrics
+    arts = {k: v for k, v in q.items() if isinstance(v, dict) and "vs_source" in v}
+    lines = ["", "## Post-training quantization (GPTQ / AWQ)", "",
+              f"From `{q['source']}`, calibrated on {q['calibration_rows']} train rows. Each artifact runs in its own "
+              "runtime and is compared with the float model it came from; a GGUF also with PyTorch computing on "
+              "the file's own grid (parity: a packing error would show here).", "",
+              _table(["artifact", "format", "runtime", "size (MB)", "time (s)", "KL vs source", "top-1 vs source",
+                      "parity KL"],
+                     [[v["file"], v["format"], v["runtime"], v["size_mb"], v["seconds"], f"{v['vs_source']['kl']:.4f}",
+                       f"{v['vs_source']['top1']:.1%}",
+                       f"{v['parity_vs_pytorch_grid']['kl']:.5f}" if "parity_vs_pytorch_grid" in v else "-"]
+                      for v in arts.values()])]
+    return lines
+
+
+def _quality(fin: dict) -> list[str]:
+    if "evaluate" not in fin:
+        return []
+    m = fin["evaluate"].metrics
+    names = [k for k in m if isinstance(m[k], dict) and "ppl" in m[k]]
+    lines = ["", "## Quality on held-out text", "",
+              f"{m['holdout_rows']} holdout rows, {m[names[0]]['tokens']} scored tokens. KL is KL(teacher || model) in nats/token.", "",
+              _table(["model", "perplexity", "KL to teacher", "top-1 agreement with teacher"],
+                     [[_label(n), f"{m[n]['ppl']:.2f}",
+                       f"{m[f'{n}|teacher']['kl']:.4f}" if f"{n}|teacher" in m else "-",
+                       f"{m[f'{n}|teacher']['top1']:.1%}" if f"{n}|teacher" in m else "-"] for n in names])]
+    parity = [[_label(a), _label(b), f"{m[f'{a}|{b}']['kl']:.5f}", f"{m[f'{a}|{b}']['top1']:.1%}"]
+              for a, b in m.get("parity_pairs", [])]
+    if parity:
+        lines += ["", "### Parity: exported files vs the PyTorch model they came from", "",
+                  _table(["file", "PyTorch model", "KL (nats/token)", "top-1 agreement"], parity)]
+        if m.get("floor"):
+            lines += ["", "llama.cpp rounds every quantized matmul's input to 8-bit blocks (Q8_0/Q8_K). The last row "
+                      "is the floor: the same grid and rounding computed in fp32 and in fp64 disagree by that much, "
+                      "because rounding to 8 bits turns tiny float differences into whole code steps."]
+    lines += _qat_recovery(fin, m)
+    return lines
+
+
+def _qat_recovery(fin: dict, m: dict) -> list[str]:
+    lines = []
+    if "qat" in fin:
+        rec = qat_recovery(m, fin["qat"].config["mix"])
+        q = fin["qat"].metrics
+        lines += ["", "### QAT-KD", "",
+                  f"Fake-quantized on llama.cpp's exact grid: {q['fake_quantized']}; left in float (no exact "
+                  f"quantizer yet): {q['left_in_float']}."]
+        if rec and rec["recovery"] is not None:
+            lines.append(f"Perplexity through llama.cpp: F16 {rec['ppl_fp16']:.2f}, PTQ {rec['ppl_ptq']:.2f}, "
+                         f"QAT-KD {rec['ppl_qat']:.2f}; recovery (PTQ-QAT)/(PTQ-F16) = {rec['recovery']:.0%}.")
+    return lines
+
+
+def _tasks(fin: dict) -> list[str]:
+    lines = []
+    if "evaluate" in fin and "tasks" in fin["evaluate"].metrics:
+        t = fin["evaluate"].metrics["tasks"]
         pct = lambda v: "-" if v is None else f"{v:.1%}"  # noqa: E731
         first = next(iter(t["models"].values()))
         lines += ["", "## Task accuracy", "",
@@ -127,8 +178,13 @@ def render(ctx: RunContext, sample: dict) -> str:
                   f"token ids in its own runtime." + (f" Chance on the multiple choice: {t['chance']:.1%}." if t["chance"] else ""), "",
                   _table(["model", "accuracy", "acc_norm", "exact match"],
                          [[_label(n), pct(g["acc"]), pct(g["acc_norm"]), pct(g["exact_match"])] for n, g in t["models"].items()])]
+    return lines
+
+
+def _speed(fin: dict) -> list[str]:
+    lines = []
     if "bench" in fin:
-        rows = fin["bench"]["metrics"]["rows"]
+        rows = fin["bench"].metrics["rows"]
         measured = [x for x in rows if not x.get("predicted")]
         predicted = [x for x in rows if x.get("predicted")]
         lines += ["", "## Speed and memory (measured on this machine)", "",
@@ -147,22 +203,16 @@ def render(ctx: RunContext, sample: dict) -> str:
                       _table(["file", "device", "published bandwidth GB/s", "roofline tok/s", "predicted decode tok/s"],
                              [[x["file"], x["target"], x["bandwidth_gbs"], f"{x['roofline_tps']:.0f}", f"{x['decode_tps']:.0f}"]
                               for x in predicted])]
-    if sample:
-        lines += ["", "## Sample (greedy, llama.cpp)", "", f"Prompt: `{sample['prompt']}`", ""]
-        lines += [f"- {k}: `{v.strip()}`" for k, v in sample["outputs"].items()]
-    lines += provenance(ctx)
-    lines += ["", "Every figure above, per stage: `manifest.json`; the exact recipe with every default filled in: "
-              "`recipe.lock.yaml`.", ""]
-    return "\n".join(lines)
+    return lines
 
 
-def provenance(ctx: RunContext) -> list[str]:
+def provenance(run_dir: Path) -> list[str]:
     """The run's inputs (from manifest.json, written after every stage) and package versions."""
     import json
 
     import yaml
 
-    manifest, lock = ctx.run_dir / "manifest.json", ctx.run_dir / "recipe.lock.yaml"
+    manifest, lock = run_dir / "manifest.json", run_dir / "recipe.lock.yaml"
     if not manifest.is_file():
         return []
     inputs = json.loads(manifest.read_text()).get("inputs", {})
@@ -175,43 +225,6 @@ def provenance(ctx: RunContext) -> list[str]:
             ["seed", str(inputs.get("seed"))],
             ["versions", ", ".join(f"{k} {v}" for k, v in versions.items())]]
     return ["", "## Provenance", "", _table(["input", "value"], rows)]
-
-
-@stage("report")
-def run_report(ctx: RunContext, cfg, out: Path) -> dict:
-    from edgekit.bench.llama_runner import llama_generate
-    from edgekit.bench.stages import gguf_outputs
-
-    sample = {}
-    if "export" in ctx.finished:
-        sample = {"prompt": cfg.sample_prompt, "outputs": {
-            p.name: llama_generate(p, cfg.sample_prompt, cfg.sample_tokens) for p in gguf_outputs(ctx).values()}}
-    plots = make_plots(ctx, out)
-    text = render(ctx, sample)
-    if plots:
-        text += "\n## Plots\n\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n"
-    (out / "report.md").write_text(text)
-    (out / "report.html").write_text(to_html(ctx.recipe.name, text, out))
-    publish = {"report.md": "report.md", "report.html": "report.html"} | {f"plots/{p.name}": f"plots/{p.name}" for p in plots}
-    return {"outputs": {"report": "report.md", "html": "report.html"}, "metrics": {"sample": sample}, "publish": publish}
-
-
-def make_plots(ctx: RunContext, out: Path) -> list[Path]:
-    from edgekit.report.plots import decode_speed, quality_vs_size
-
-    (out / "plots").mkdir(exist_ok=True)
-    plots = []
-    fin = ctx.finished
-    if "evaluate" in fin and "export" in fin:
-        m, files = fin["evaluate"]["metrics"], fin["export"]["metrics"]
-        points = [(v["file"], v["size_mb"], m[f"{k}|teacher"]["kl"]) for k, v in files.items() if f"{k}|teacher" in m]
-        if points:
-            plots.append(quality_vs_size(points, out / "plots" / "quality_vs_size.png"))
-    if "bench" in fin:
-        rows = [r for r in fin["bench"]["metrics"]["rows"] if not r.get("predicted")]
-        if rows:
-            plots.append(decode_speed(rows, out / "plots" / "decode_speed.png"))
-    return plots
 
 
 def to_html(name: str, markdown_text: str, out: Path) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgekit.quant import kquants
+from edgekit.formats import EXACT_TYPES, kquants
 
 BLOCK = 32
 
@@ -120,7 +120,7 @@ def pack(blk: Blocks) -> torch.Tensor:
 # ---------------------------------------------------------------- every exact format, by GGML type
 
 K_FORMATS = ("q4_k", "q6_k")
-GGML_TYPES = {"Q8_0": "q8_0", "Q4_0": "q4_0", "Q5_0": "q5_0", "Q4_1": "q4_1", "Q4_K": "q4_k", "Q6_K": "q6_k"}
+GGML_TYPES = EXACT_TYPES  # GGML type -> exact format, from the one table in edgekit.formats
 
 
 def quantize_exact(w: torch.Tensor, fmt: str):

@@ -11,7 +11,6 @@ memory estimate and the report's settings table are all read from it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 

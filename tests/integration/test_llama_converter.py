@@ -1,7 +1,6 @@
 """Our GGUF writer against llama.cpp's own converter (convert_hf_to_gguf.py, from the
 llama.cpp source of the llama-cpp-python version we pin; fetched at test time, never copied)."""
 
-import json
 import os
 import subprocess
 import sys

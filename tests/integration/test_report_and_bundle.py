@@ -16,6 +16,8 @@ from edgekit.cli import main
 
 from tests.conftest import write_tiny_recipe
 
+pytestmark = pytest.mark.integration  # whole pipelines on tiny models
+
 REPO = Path(__file__).resolve().parents[2]
 
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")

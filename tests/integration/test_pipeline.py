@@ -1,11 +1,12 @@
 """The runner on a tiny recipe: end to end through llama.cpp, cache, rerun from a change, resume."""
 
-import json
 
 import pytest
 
 from edgekit.cli import main
 from edgekit.fsutil import read_json
+
+pytestmark = pytest.mark.integration  # whole pipelines on tiny models
 
 
 def run(recipe, runs, *extra):

@@ -7,6 +7,9 @@ import sys
 import textwrap
 
 from tests.conftest import REPO
+import pytest
+
+pytestmark = pytest.mark.integration  # whole pipelines on tiny models
 
 
 def test_disk_full_during_export(tiny_recipe, tmp_path):

@@ -1,0 +1,44 @@
+"""Whole-pipeline tests of qat on tiny models (moved from tests/unit/test_qat.py, whose
+fixtures they share): each runs `edgekit run` end to end."""
+
+import json
+import pytest
+from edgekit.cli import main
+
+from tests.unit.test_qat import assert_file_holds_the_trained_grid, assert_onnx_holds_the_trained_grid  # noqa: F401  (fixtures and helpers)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("init,scales,activations", [("float", "recompute", "float"), ("gptq", "recompute", "float"),
+                                                     ("float", "learn", "float"), ("float", "recompute", "llama_cpp")])
+def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path, init, scales, activations):
+    text = tiny_recipe.read_text().replace(
+        "  - {type: export, formats: [f16, q8_0, onnx_int4]}",
+        f"  - {{type: qat, steps: 3, batch_size: 2, loss_chunk: 16, lr: 1.0e-3, init: {init}, calibration_rows: 4, "
+        f"scales: {scales}, scale_lr: 0.05, activations: {activations}}}\n"
+        "  - {type: export, formats: [f16, q4_k_m, onnx_int4]}")
+    tiny_recipe.write_text(text)
+    assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path)]) == 0
+    m = json.loads((tmp_path / "tiny" / "manifest.json").read_text())["artifacts"]
+    q = m["qat"]["metrics"]
+    assert q["init"] == init and (q["gptq_init"]["tensors"] > 0 if init == "gptq" else "gptq_init" not in q)
+    assert sum(q["fake_quantized"].values()) > 0
+    assert not q["left_in_float"]  # widths of 64: every tensor falls back to an exact block format
+    assert q["activations"] == activations
+    assert q["scales"] == scales and (q["learned_scale_tensors"] > 10) == (scales == "learn")
+    run_dir = tmp_path / "tiny"
+    qat_dir = next((run_dir / "stages").glob("*-qat"))
+    assert_file_holds_the_trained_grid(run_dir / "export" / "tiny-student-Q4_K_M.gguf", qat_dir)
+    ev = m["evaluate"]["metrics"]
+    # the weights are bit-identical (asserted above); logits differ only by llama.cpp's arithmetic (it
+    # quantizes activations to 8 bits for these dot products): 0.003-0.01 on this tiny random model
+    parity = ev["gguf_q4_k_m|student_qat"]
+    assert parity["kl"] < 0.02 and parity["top1"] > 0.8
+    assert "ptq_gguf_q4_k_m" in ev and "QAT-KD" in (run_dir / "report.md").read_text()
+    # the ONNX folder holds the same grid: ONNX Runtime (int8 activations, accuracy_level 4) agrees as llama.cpp does
+    onnx = m["export"]["metrics"]["onnx_int4"]
+    assert onnx["writer"] == "edgekit (QAT grid)" and onnx["qat_grid_nodes"] == sum(onnx["tensor_types"].values())
+    assert_onnx_holds_the_trained_grid(run_dir / "export" / "tiny-student-int4-onnx", qat_dir)
+    assert ev["onnx_int4|student_qat"]["kl"] < 0.02 and ev["onnx_int4|student_qat"]["top1"] > 0.8
+

@@ -132,3 +132,16 @@ def _isolated_cache(request, _session_cache, monkeypatch):
         if built:
             monkeypatch.setenv("EDGEKIT_LLAMA_TOOLS", str(built[-1]))
     monkeypatch.setenv("EDGEKIT_CACHE", str(_session_cache))
+
+
+def file_rows(model_dir: Path, gguf_path: Path) -> dict:
+    """{HF weight: (GGUF tensor, row order)} of a GGUF written from `model_dir`: the GGUF tensor's
+    row i holds the weight's row order[i] (llama's Q/K rows are permuted by the converter)."""
+    import gguf
+
+    from edgekit.export.gguf_write import write_gguf
+    from edgekit.export.tensor_map import layout
+
+    f16 = write_gguf(model_dir, gguf_path.with_name(gguf_path.stem + ".layout-F16.gguf"), "f16")
+    tensors = {t.name: t for t in gguf.GGUFReader(gguf_path).tensors}
+    return {p.hf: (tensors[name], p.rows) for name, p in layout(model_dir, f16).items() if name in tensors}

@@ -1,199 +1,83 @@
-"""Write a transformers model directory as a GGUF file llama.cpp loads (gguf package).
+"""Write a transformers model directory as a GGUF file: llama.cpp's converter for the float
+file, llama.cpp's quantizer for a mix, edgekit's exact quantizers for a trained grid.
 
-Supported: the llama family (Llama, SmolLM2, and students derived from them), Qwen2 and
-Gemma 3 (text). Tensor names come from gguf's own `TensorNameMap`. For llama, Q and K
-projections are permuted from the HF rotate-half layout back to llama.cpp's interleaved
-rotary layout, as llama.cpp's converter does (Qwen2 and Gemma 3 use rotate-half in
-llama.cpp too); Gemma 3's norms are stored with the +1 its RMSNorm adds. Tokenizer metadata is copied verbatim from the GGUF the model came from
-(`gguf_tokenizer.json`), else built from the HF tokenizer files with gguf's vocab helpers.
+    float (f16/f32)   convert_hf_to_gguf.py (converter.py), then edgekit's metadata fixes
+    a mix (q4_k_m...) the float file through llama_model_quantize: llama.cpp's own file
+    with `types`      ... whose tensors holding a trained weight (a QAT plan) are replaced by
+                      edgekit's exact quantization of the same rows, same GGML type (bit for
+                      bit what llama.cpp writes from those weights), or with `blocks` (learned
+                      scales, GPTQ codes) by those blocks packed as they are
+
+Tensors are matched to transformers weights by their rows (tensor_map.py), so no
+per-architecture naming or rotary-permutation code lives here. Metadata fixes, each a
+listed difference from the converter's file:
+- a model converted from a GGUF (the embedded ones) keeps that GGUF's tokenizer metadata
+  verbatim (`gguf_tokenizer.json`), so tokenization, special ids and chat template are the
+  original file's;
+- Gemma 3: the per-layer sliding-window pattern and local rope base are written from
+  config.json's `layer_types` / `rope_parameters` (the converter leaves llama.cpp's 5:1 default,
+  wrong for students that keep other layers);
+- `general.name` is the name edgekit gives the file.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from edgekit.errors import EdgekitError
+from edgekit.export.converter import convert
 from edgekit.formats import EXACT_TYPES, MIXES
 from edgekit.fsutil import atomic_path
 from edgekit.models.sources import GGUF_TOKENIZER_FILE
 
-SUPPORTED = {"llama": "LLAMA", "qwen2": "QWEN2", "gemma3_text": "GEMMA3"}  # transformers model_type -> gguf arch
-PERMUTE_QK = {"llama"}
-NORM_SHIFT = {"gemma3_text": 1.0}  # Gemma3RMSNorm computes x * (1 + w); llama.cpp multiplies by the stored w
-
-
-def _permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
-    """(n_head*head_dim, in) rotate-half rows -> interleaved pairs, per head."""
-    rows = w.shape[0]
-    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def gguf_name(name_map, key: str, arch: str) -> str:
-    """The GGUF tensor name of a transformers weight name (gguf's own TensorNameMap)."""
-    gname = name_map.get_name(key, try_suffixes=(".weight", ".bias"))
-    if gname is None:
-        raise EdgekitError(f"tensor '{key}' has no GGUF name for {arch}", "is this a plain llama-family model?")
-    return gname
-
-
-def tensor_name_map(cfg: dict):
-    import gguf
-
-    arch = cfg.get("model_type")
-    if arch not in SUPPORTED:
-        raise EdgekitError(f"the GGUF writer does not support model_type '{arch}' yet (supported: {sorted(SUPPORTED)})",
-                           "export a llama-family model, or convert with llama.cpp's convert_hf_to_gguf.py")
-    return gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, SUPPORTED[arch]), cfg["num_hidden_layers"])
-
 
 def write_gguf(model_dir: Path, out: Path, ftype: str = "f16", name: str | None = None,
                types: dict[str, str] | None = None, blocks: dict[str, object] | None = None) -> Path:
-    """Write `model_dir` as GGUF. F32/F16 by default; with `types` ({weight name: GGML type},
-    e.g. a QAT plan) each weight is quantized by edgekit's exact block quantizers into the
-    bytes llama.cpp's own quantizer would write, so a QAT grid reaches the file unchanged.
-    `blocks` ({weight name: quantized blocks}, e.g. from GPTQ on the GGUF grid) are packed
-    as they are, in place of the named weights."""
-    import gguf
+    """Write `model_dir` as GGUF `ftype`. A quantized mix needs `types` ({HF weight name: GGML
+    type}, a QAT plan from `quant.qat.plan_types`): those weights are quantized by edgekit's
+    exact quantizers (or, in `blocks`, packed as given), the rest as llama.cpp quantizes them."""
+    from edgekit.export.llama_quantize import quantize_gguf
+    from edgekit.export.tensor_map import layout
+    from edgekit.formats.gguf_read import open_gguf
 
-    cfg = json.loads((model_dir / "config.json").read_text())
-    arch = cfg.get("model_type")
-    tensor_name_map(cfg)  # refuses an architecture the writer does not know, before anything is written
-    blocks = blocks or {}
+    model_dir, out = Path(model_dir), Path(out)
     if not MIXES[ftype].is_float and types is None:
-        raise EdgekitError(f"write_gguf writes f32/f16 by itself; '{ftype}' needs a per-tensor type plan",
+        raise EdgekitError(f"write_gguf writes a quantized mix ('{ftype}') only with a per-tensor type plan",
                            "quantize the F16 file with llama.cpp (export formats f16 + q4_k_m)")
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    float_type = gguf.GGMLQuantizationType.F32 if ftype == "f32" else gguf.GGMLQuantizationType.F16
-
-    with atomic_path(out) as tmp:
-        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, SUPPORTED[arch])])
-        w.add_name(name or model_dir.name)
-        w.add_type("model")
-        w.add_file_type(gguf.LlamaFileType[MIXES[ftype].file_type])
-        if types is not None:
-            w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _add_hparams(w, cfg, arch, head_dim)
-        _add_tokenizer(w, model_dir, gguf)
-        _add_tensors(w, model_dir, cfg, float_type, types, blocks, gguf)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file(progress=True)
-        w.close()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".gguf-") as tmp:
+        float_file = float_gguf(model_dir, Path(tmp) / "float.gguf", "f32" if ftype == "f32" else "f16", name)
+        if MIXES[ftype].is_float:
+            with atomic_path(out) as dst:
+                Path(float_file).replace(dst)
+            return out
+        theirs = quantize_gguf(float_file, Path(tmp) / "llama.gguf", ftype)
+        planned = {g: p for g, p in layout(model_dir, float_file).items() if p.hf in types or p.hf in (blocks or {})}
+        floats = {t.name: t for t in open_gguf(float_file).tensors}
+        rewrite(theirs, out, tensors=lambda t: _trained_grid(t, floats.get(t.name), planned.get(t.name), types, blocks or {}))
     return out
 
 
-def _add_hparams(w, cfg: dict, arch: str, head_dim: int) -> None:
-    w.add_context_length(cfg.get("max_position_embeddings", 2048))
-    w.add_embedding_length(cfg["hidden_size"])
-    w.add_block_count(cfg["num_hidden_layers"])
-    w.add_feed_forward_length(cfg["intermediate_size"])
-    w.add_head_count(cfg["num_attention_heads"])
-    w.add_head_count_kv(cfg.get("num_key_value_heads", cfg["num_attention_heads"]))
-    w.add_layer_norm_rms_eps(cfg.get("rms_norm_eps", 1e-5))
-    w.add_rope_freq_base(float(_rope_theta(cfg)))
-    if arch != "gemma3_text":
-        w.add_rope_dimension_count(head_dim)
-        w.add_vocab_size(cfg["vocab_size"])
+def float_gguf(model_dir: Path, out: Path, outtype: str, name: str | None) -> Path:
+    """The converter's float file with edgekit's metadata fixes (see the module docstring)."""
+    refuse_inexpressible(json.loads((model_dir / "config.json").read_text()))
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".convert-") as tmp:
+        raw = convert(model_dir, Path(tmp) / "convert.gguf", outtype)
+        return rewrite(raw, out, fields=_metadata_fixes(model_dir, raw, name))
+
+
+def refuse_inexpressible(cfg: dict) -> None:
+    """Models the converter would write into a file that computes something else. Gemma 3:
+    llama.cpp has no key for query_pre_attn_scalar; it scales queries by 1/sqrt(head_dim), or by
+    1/sqrt(hidden/heads) for the 62-layer 27B."""
+    if cfg.get("model_type") not in ("gemma3", "gemma3_text"):
         return
-    _check_gemma3_attention_scale(cfg, head_dim)
-    w.add_key_length(head_dim)
-    w.add_value_length(head_dim)
-    if cfg.get("sliding_window"):
-        w.add_sliding_window(cfg["sliding_window"])
-        # which layers slide, and their rope base, from the config: llama.cpp otherwise assumes
-        # Gemma 3's usual 5-sliding-1-full pattern and base 10000, wrong for students that keep other layers
-        if cfg.get("layer_types"):
-            w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg["layer_types"]])
-        local = ((cfg.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_theta")
-        if local:
-            w.add_rope_freq_base_swa(float(local))
-    if cfg.get("final_logit_softcapping"):
-        w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
-
-
-def _add_tensors(w, model_dir: Path, cfg: dict, float_type, types: dict | None, blocks: dict, gguf) -> None:
-    """Every weight of the safetensors files, renamed to GGUF's names, in its planned type."""
-    from safetensors import safe_open
-
-    arch = cfg["model_type"]
-    name_map = tensor_name_map(cfg)
-    n_head = cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads", n_head)
-    seen = set()
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(f, framework="numpy") as st:
-            for key in st.keys():
-                if key == "lm_head.weight" and cfg.get("tie_word_embeddings"):
-                    continue
-                gname = gguf_name(name_map, key, arch)
-                if gname in seen:
-                    raise EdgekitError(f"duplicated tensor '{gname}'", "the model directory has two weight files for one tensor")
-                seen.add(gname)
-                packed = key in blocks
-                data = _packed(blocks[key]) if packed else _tensor_as_f32(st, key)
-                if arch in PERMUTE_QK and key.endswith("q_proj.weight"):
-                    data = _permute_rotary(data, n_head)  # a row permutation: packed rows move whole
-                elif arch in PERMUTE_QK and key.endswith("k_proj.weight"):
-                    data = _permute_rotary(data, n_kv)
-                elif arch in NORM_SHIFT and key.endswith("norm.weight"):
-                    data = data + np.float32(NORM_SHIFT[arch])
-                if packed:
-                    qtype = gguf.GGMLQuantizationType[_ggml_name(blocks[key].fmt)]
-                elif data.ndim == 1:  # norms stay F32, as llama.cpp's converter does
-                    qtype = gguf.GGMLQuantizationType.F32
-                elif types is not None:
-                    data, qtype = _planned(data, key, types, gguf)
-                else:
-                    qtype = float_type
-                    if qtype == gguf.GGMLQuantizationType.F16:
-                        data = data.astype(np.float16)
-                w.add_tensor(gname, data, raw_dtype=qtype)
-
-
-def _planned(data: np.ndarray, key: str, types: dict[str, str], gguf) -> tuple[np.ndarray, object]:
-    """One weight in its planned GGML type: block bytes from the exact quantizers. The weight
-    is rounded to fp16 first, as llama.cpp quantizes from the F16 file (and QAT trains)."""
-    import torch
-
-    from edgekit.formats.ggml_blocks import GGML_TYPES, to_bytes
-
-    t = types.get(key)
-    if t in ("F32", "F16"):
-        return data.astype(np.float32 if t == "F32" else np.float16), gguf.GGMLQuantizationType[t]
-    if t not in GGML_TYPES:
-        raise EdgekitError(f"no exact quantizer for '{key}' planned as {t}",
-                           f"plans may use {sorted(GGML_TYPES)} + F16/F32; let llama.cpp quantize this file instead")
-    w16 = torch.from_numpy(data.astype(np.float16).astype(np.float32))
-    return to_bytes(w16, GGML_TYPES[t]).numpy(), gguf.GGMLQuantizationType[t]
-
-
-def _packed(blk) -> np.ndarray:
-    """(rows, bytes per row) uint8: the GGUF bytes of already quantized blocks."""
-    from edgekit.formats.ggml_blocks import pack_exact
-
-    return pack_exact(blk).numpy()
-
-
-def _ggml_name(fmt: str) -> str:
-    return {v: k for k, v in EXACT_TYPES.items()}[fmt]
-
-
-def _tensor_as_f32(st, key: str) -> np.ndarray:
-    try:
-        return st.get_tensor(key).astype(np.float32)
-    except TypeError:  # bf16 has no numpy dtype: go through torch
-        from safetensors import safe_open  # noqa: F401
-
-        raise EdgekitError(f"tensor '{key}' is bfloat16", "save the model in float32 or float16 before export") from None
-
-
-def _check_gemma3_attention_scale(cfg: dict, head_dim: int) -> None:
-    """llama.cpp has no key for Gemma 3's query_pre_attn_scalar: it scales queries by
-    1/sqrt(head_dim), or by 1/sqrt(hidden/heads) for the 62-layer 27B. Refuse anything else
-    rather than write a file that computes something different."""
+    cfg = cfg.get("text_config", cfg)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     scalar = cfg.get("query_pre_attn_scalar", head_dim)
     if scalar == head_dim or (cfg["num_hidden_layers"] == 62 and scalar == cfg["hidden_size"] // cfg["num_attention_heads"]):
         return
@@ -201,27 +85,92 @@ def _check_gemma3_attention_scale(cfg: dict, head_dim: int) -> None:
                        "attention differently from this model", "use a model whose query_pre_attn_scalar equals head_dim")
 
 
-def _rope_theta(cfg: dict) -> float:
-    """The rope base; for models with sliding-window layers, that of the full-attention layers."""
-    if "rope_theta" in cfg:
-        return cfg["rope_theta"]
-    params = cfg.get("rope_parameters") or {}
-    return params.get("full_attention", params).get("rope_theta", 10000.0)
+def _metadata_fixes(model_dir: Path, raw: Path, name: str | None) -> dict:
+    """{key: (value, GGUFValueType, sub_type) or None to drop} to apply over the converter's metadata."""
+    import gguf
+
+    from edgekit.formats.gguf_read import read_metadata
+
+    meta = read_metadata(raw)
+    arch = meta["general.architecture"]
+    fixes = {"general.name": (name or model_dir.name, gguf.GGUFValueType.STRING, None)}
+    original = model_dir / GGUF_TOKENIZER_FILE
+    if original.is_file():
+        fixes |= {k: None for k in meta if k.startswith("tokenizer.")}
+        for key, (vtype, sub, value) in json.loads(original.read_text()).items():
+            fixes[key] = (value, gguf.GGUFValueType[vtype], gguf.GGUFValueType[sub] if sub else None)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    if arch == "gemma3" and cfg.get("sliding_window") and cfg.get("layer_types"):
+        pattern = [t == "sliding_attention" for t in cfg["layer_types"]]
+        fixes[f"{arch}.attention.sliding_window_pattern"] = (pattern, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.BOOL)
+        local = ((cfg.get("rope_parameters") or {}).get("sliding_attention") or {}).get("rope_theta")
+        if local:
+            fixes[f"{arch}.rope.freq_base_swa"] = (float(local), gguf.GGUFValueType.FLOAT32, None)
+    return fixes
 
 
-def _add_tokenizer(w, model_dir: Path, gguf) -> None:
-    src = model_dir / GGUF_TOKENIZER_FILE
-    if src.is_file():
-        for key, (vtype, sub, value) in json.loads(src.read_text()).items():
-            w.add_key_value(key, value, gguf.GGUFValueType[vtype], sub_type=gguf.GGUFValueType[sub] if sub else None)
-        return
-    vocab = gguf.vocab.BpeVocab(model_dir)  # tokenizer.json / vocab.json + merges
-    tokens, types = [], []
-    for text, _score, ttype in vocab.all_tokens():
-        tokens.append(text)
-        types.append(ttype)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    gguf.SpecialVocab(model_dir, load_merges=True).add_to_gguf(w)
+def rewrite(src: Path, out: Path, fields: dict | None = None, tensors=None) -> Path:
+    """Copy the GGUF `src` to `out`, with `fields` set over its metadata (None drops a key) and
+    each tensor passed through `tensors(t) -> (data, GGMLQuantizationType) or None` (None: as is)."""
+    import gguf
+
+    from edgekit.formats.gguf_read import open_gguf
+
+    reader = open_gguf(src)
+    fields = dict(fields or {})
+    arch = reader.fields["general.architecture"].contents()
+    with atomic_path(out) as tmp:
+        w = gguf.GGUFWriter(tmp, arch)
+        for key, f in reader.fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture":
+                continue
+            if key in fields:
+                continue
+            w.add_key_value(key, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+        for key, spec in fields.items():
+            if spec is not None:
+                w.add_key_value(key, spec[0], spec[1], sub_type=spec[2])
+        for t in reader.tensors:
+            replaced = tensors(t) if tensors else None
+            data, qtype = replaced if replaced is not None else (np.asarray(t.data), t.tensor_type)
+            w.add_tensor(t.name, data, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file(progress=True)
+        w.close()
+    return out
+
+
+def _trained_grid(t, float_t, p, types: dict, blocks: dict):
+    """A planned tensor's bytes from edgekit's exact quantizers applied to its fp16 rows in the
+    float file (or its packed blocks, rows in the file's order), in the type llama.cpp chose for
+    it; None keeps llama.cpp's own bytes (tensors no trained weight maps to, and floats)."""
+    import torch
+
+    from edgekit.formats.ggml_blocks import pack_exact, to_bytes
+
+    if p is None or t.tensor_type.name in ("F16", "F32"):
+        return None
+    kind = t.tensor_type.name
+    if p.hf in blocks:
+        blk = blocks[p.hf]
+        if blk.fmt != EXACT_TYPES.get(kind):
+            raise EdgekitError(f"{p.hf}: its trained blocks are {blk.fmt} but llama.cpp stores {t.name} as {kind}",
+                               "the QAT plan is stale: rerun the qat stage")
+        return pack_exact(blk).numpy()[p.rows], t.tensor_type
+    planned = types.get(p.hf)
+    if planned not in EXACT_TYPES:  # no exact quantizer for it ("mixed", Q5_K...): QAT left it in float
+        return None
+    if planned != kind:
+        raise EdgekitError(f"{p.hf} is planned as {planned} but llama.cpp stores {t.name} as {kind}",
+                           "the QAT plan is stale: rerun the qat stage")
+    rows = torch.from_numpy(np.asarray(float_t.data).astype(np.float32))  # (R, C): fp16 values, as llama.cpp reads them
+    return to_bytes(rows, EXACT_TYPES[kind]).numpy(), t.tensor_type
+
+
+def gguf_names(model_dir: Path) -> dict[str, str]:
+    """{HF weight name: GGUF tensor name} of this model as llama.cpp's converter writes it."""
+    from edgekit.export.tensor_map import by_hf_name, layout
+
+    with tempfile.TemporaryDirectory(prefix="edgekit-names-") as tmp:
+        return by_hf_name(layout(model_dir, convert(Path(model_dir), Path(tmp) / "f16.gguf", "f16")))

@@ -57,22 +57,25 @@ class Imatrix:
 
 
 def collect(model, model_dir: Path, rows: torch.Tensor, dataset: str) -> Imatrix:
-    """Run `rows` (N, T) through `model` and gather every Linear's input squares, named as the
-    GGUF that our writer makes of `model_dir` names its tensors."""
-    from edgekit.export.gguf_write import gguf_name, tensor_name_map
+    """Run `rows` (N, T) through `model` and gather every Linear's input squares, named as
+    llama.cpp's converter names the tensors of `model_dir`."""
+    from edgekit.export.gguf_write import gguf_names
 
     if rows.numel() == 0:
         raise EdgekitError("no calibration rows for the importance matrix", "give the recipe more training data")
     cfg = json.loads((model_dir / "config.json").read_text())
-    names = tensor_name_map(cfg)
+    names = gguf_names(model_dir)
     tied = cfg.get("tie_word_embeddings", False)
+    embed = next((k for k, g in names.items() if g == "token_embd.weight"), None)
     sums: dict[str, torch.Tensor] = {}
     hooks = []
     for mod_name, mod in model.named_modules():
         if not isinstance(mod, torch.nn.Linear):
             continue
-        key = "model.embed_tokens.weight" if (mod_name == "lm_head" and tied) else f"{mod_name}.weight"
-        target = gguf_name(names, key, cfg["model_type"])
+        key = embed if (mod_name == "lm_head" and tied) else f"{mod_name}.weight"
+        target = names.get(key)
+        if target is None:
+            continue  # no tensor of its own in the file (llama.cpp transforms it): nothing to weight
 
         def hook(_mod, args, target=target):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])

@@ -118,27 +118,27 @@ def learned_blocks(model_dir: Path, plan: dict[str, str], scales: dict[str, torc
 
 
 def plan_types(model_dir: Path, mix: str = "q4_k_m") -> dict[str, str]:
-    """{transformers weight name: GGML type name} as llama.cpp's `mix` quantizes this model."""
-    from edgekit.formats.gguf_read import tensor_table
-    from edgekit.export.gguf_write import gguf_name, tensor_name_map, write_gguf
+    """{transformers weight name: GGML type name} as llama.cpp's `mix` quantizes this model
+    (fallbacks included): the model is converted and quantized by llama.cpp, and each GGUF
+    tensor is traced back to its weight by content (export.tensor_map). A weight llama.cpp
+    splits into tensors of different types is planned as "mixed" (left in float by QAT)."""
+    from edgekit.export.gguf_write import write_gguf
     from edgekit.export.llama_quantize import quantize_gguf
+    from edgekit.export.tensor_map import layout
+    from edgekit.formats.gguf_read import tensor_table
 
-    cfg = json.loads((model_dir / "config.json").read_text())
-    name_map = tensor_name_map(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         f16 = write_gguf(model_dir, Path(tmp) / "plan-F16.gguf", "f16")
         types = {t["name"]: t["type"] for t in tensor_table(quantize_gguf(f16, Path(tmp) / "plan.gguf", mix))}
-    from safetensors import safe_open
-
-    plan = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as st:
-            for key in st.keys():
-                g = gguf_name(name_map, key, cfg["model_type"])
-                if g in types:
-                    plan[key] = types[g]
-    if cfg.get("tie_word_embeddings") and "model.embed_tokens.weight" in plan:
-        plan["lm_head.weight"] = plan["model.embed_tokens.weight"]  # one tensor in the file
+        places = layout(model_dir, f16)
+    plan: dict[str, str] = {}
+    for gname, p in places.items():
+        if gname in types:
+            plan[p.hf] = types[gname] if plan.get(p.hf, types[gname]) == types[gname] else "mixed"
+    cfg = json.loads((model_dir / "config.json").read_text())
+    embed = next((p.hf for g, p in places.items() if g == "token_embd.weight"), None)
+    if cfg.get("tie_word_embeddings") and embed in plan and "lm_head.weight" not in plan:
+        plan["lm_head.weight"] = plan[embed]  # one tensor in the file
     return plan
 
 

@@ -3,7 +3,6 @@
 import collections
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -12,7 +11,7 @@ from edgekit.bench.quality import evaluate, torch_scorer
 from edgekit.cli import main
 from edgekit.errors import EdgekitError
 from edgekit.formats.gguf_read import read_metadata, tensor_table
-from edgekit.export.gguf_write import _permute_rotary, write_gguf
+from edgekit.export.gguf_write import write_gguf
 from edgekit.export.llama_quantize import quantize_gguf
 from edgekit.models.loading import load_causal_lm
 
@@ -34,11 +33,6 @@ def test_metadata_and_tensors(tiny_gguf, tiny_teacher_dir):
     names = {t["name"] for t in tensor_table(tiny_gguf)}
     assert "output.weight" not in names  # tied embeddings are not written twice
     assert {"token_embd.weight", "blk.0.attn_q.weight", "output_norm.weight"} <= names
-
-
-def test_rotary_permutation_is_a_per_head_interleave():
-    w = np.arange(8)[:, None].astype(np.float32)  # 1 head of dim 8: rows [0..3 | 4..7] -> pairs
-    assert _permute_rotary(w, 1)[:, 0].tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
 
 
 def test_llama_cpp_computes_the_pytorch_logits(tiny_gguf, tiny_teacher_dir):

@@ -14,7 +14,7 @@ def test_plan_reads_llama_cpp_choices(tiny_teacher_dir):
     plan = plan_types(tiny_teacher_dir, "q4_k_m")
     # width 64 is not a multiple of 256: llama.cpp falls back from Q4_K for these rows
     assert plan["model.layers.0.self_attn.q_proj.weight"] in ("Q5_0", "Q8_0", "Q4_0", "Q5_1", "Q4_1")
-    assert "model.norm.weight" in plan and plan["model.norm.weight"] == "F32"
+    assert "model.norm.weight" not in plan  # 1-D: llama.cpp keeps norms in F32, nothing to plan
     assert plan["lm_head.weight"] == plan["model.embed_tokens.weight"]
 
 
@@ -54,24 +54,22 @@ def assert_file_holds_the_trained_grid(gguf_path, qat_dir, min_checked=20):
     weight the QAT forward used, bit for bit."""
     import numpy as np
     import torch
-    from gguf import GGUFReader, quants
+    from gguf import quants
     from safetensors.torch import load_file
 
-    from edgekit.export.gguf_write import _permute_rotary, gguf_name, tensor_name_map
     from edgekit.quant.qat import FakeQuant, LearnedScale
+    from tests.conftest import file_rows
 
-    cfg = json.loads((qat_dir / "model" / "config.json").read_text())
     scales = load_file(qat_dir / "qat_scales.safetensors") if (qat_dir / "qat_scales.safetensors").is_file() else {}
     moved = 0
     plan = json.loads((qat_dir / "qat_plan.json").read_text())["fake_quantized"]
     latent = load_file(qat_dir / "model" / "model.safetensors")
-    tensors = {t.name: t for t in GGUFReader(gguf_path).tensors}
-    names = tensor_name_map(cfg)
+    placed = file_rows(qat_dir / "model", gguf_path)
     checked = 0
     for key, fmt in plan.items():
         if key not in latent:
             continue  # lm_head: tied to the embeddings, one tensor in the file
-        t = tensors[gguf_name(names, key, "llama")]
+        t, rows = placed[key]
         got = quants.dequantize(t.data, t.tensor_type).reshape(latent[key].shape)
         if key in scales:  # learned scales: the file holds them and the codes they give
             learned = LearnedScale(latent[key], fmt, scales[key])
@@ -79,11 +77,7 @@ def assert_file_holds_the_trained_grid(gguf_path, qat_dir, min_checked=20):
             moved += int(not torch.equal(scales[key], LearnedScale(latent[key], fmt).scale().half()))
         else:
             want = FakeQuant(fmt)(latent[key]).detach().numpy()
-        if key.endswith("q_proj.weight"):
-            want = _permute_rotary(want, cfg["num_attention_heads"])
-        elif key.endswith("k_proj.weight"):
-            want = _permute_rotary(want, cfg["num_key_value_heads"])
-        assert np.array_equal(got, want), key
+        assert np.array_equal(got, want[rows]), key
         checked += 1
     assert checked >= min_checked
     assert not scales or moved > 0.5 * len(scales)  # the scales did train away from llama.cpp's own choice

@@ -1,0 +1,188 @@
+"""llama.cpp's own `convert_hf_to_gguf.py`, at the llama.cpp version our runtime runs.
+
+It knows ~125 architectures (tensor names, rotary layouts, rope scaling, pre-tokenizers,
+chat templates), so edgekit writes no per-architecture GGUF code: every float GGUF is the
+converter's, and edgekit's exact quantizers repack its tensors where a trained grid must
+reach the file (gguf_write.py).
+
+The converter ships in llama-cpp-python's source distribution on PyPI (vendor/llama.cpp),
+not in its wheel. `make setup` fetches it once (`converter_dir()`, into
+~/.cache/edgekit/llama.cpp-src-<version>, `$EDGEKIT_LLAMA_SRC` to move it), so runs and tests
+stay offline afterwards; a first use without it fetches it then, with progress.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import re
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from edgekit.errors import EdgekitError
+from edgekit.fsutil import atomic_path, sha256_tree
+
+CONVERTER = "convert_hf_to_gguf.py"
+
+
+def converter_dir() -> Path:
+    """The llama.cpp source tree holding the converter, fetched when missing."""
+    version = md.version("llama-cpp-python")
+    default = Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit")) / f"llama.cpp-src-{version}"
+    dest = Path(os.environ.get("EDGEKIT_LLAMA_SRC") or default)
+    if not (dest / CONVERTER).is_file():
+        fetch(version, dest)
+    return dest
+
+
+def fetch(version: str, dest: Path) -> None:
+    """llama-cpp-python's sdist from PyPI -> its vendor/llama.cpp at `dest` (whole or absent)."""
+    import shutil
+    import tarfile
+    import tempfile
+
+    from edgekit.progress import status
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with status(f"fetching llama.cpp's converter (llama-cpp-python=={version} source, ~75 MB) from PyPI"):
+            got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                                  "-d", tmp, f"llama-cpp-python=={version}"], capture_output=True, text=True)
+        archives = list(Path(tmp).glob("*.tar.gz"))
+        if got.returncode != 0 or not archives:
+            raise EdgekitError(f"could not fetch llama.cpp's converter (llama-cpp-python=={version} source from PyPI): "
+                               f"{(got.stderr or '').strip().splitlines()[-1:] or ['no archive']}",
+                               "connect to PyPI once (make setup does it), or point $EDGEKIT_LLAMA_SRC at a llama.cpp "
+                               "checkout of that version")
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        with tarfile.open(archives[0]) as tar:
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            tar.extractall(tmp, members=members, filter="data")  # "data": no links out, no devices
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        partial = dest.with_name(dest.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.move(str(Path(tmp) / prefix), partial)
+        partial.rename(dest)
+
+
+@lru_cache(maxsize=1)
+def supported_architectures() -> frozenset[str]:
+    """The transformers architectures (config.json `architectures`) the converter registers,
+    read from its source without importing it (validate stays fast)."""
+    src = converter_dir()
+    files = [src / CONVERTER, *sorted((src / "conversion").glob("*.py"))]
+    names = set()
+    for f in files:
+        for args in re.findall(r"@ModelBase\.register\(([^)]*)\)", f.read_text(encoding="utf-8")):
+            names.update(re.findall(r"[\"']([A-Za-z0-9_]+)[\"']", args))
+    return frozenset(names)
+
+
+# Run the converter with TextModel.get_vocab_base_pre answering `pre`: for a BPE tokenizer the
+# converter does not recognise (it knows tokenizers by the hash of their output on a test text,
+# so any newly trained one is unknown), once edgekit has identified its pre-tokenizer.
+_WITH_PRE = """import sys
+sys.path.insert(0, sys.argv.pop(1))
+pre = sys.argv.pop(1)
+sys.argv[0] = "convert_hf_to_gguf.py"
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+import convert_hf_to_gguf
+convert_hf_to_gguf.main()
+"""
+PROBE = ("def f(x):\n    return x**2  # 12,345.67 ≠ 3e-5\n\tTab & \"quotes\" <tags>\n"
+         "Ünïcödé: naïve café, 日本語, emoji 🙂; numbers 1234567890; CamelCase snake_case URL https://a.b/c?d=e\n"
+         "User: hi!\nAssistant: Hello, how can I help?   ")
+
+
+def convert(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
+    """`model_dir` (config.json + safetensors + tokenizer) as a float GGUF by llama.cpp's converter.
+    A BPE tokenizer the converter does not recognise gets the pre-tokenizer edgekit identifies
+    from tokenizer.json, and is then checked: llama.cpp must tokenize a mixed probe text exactly
+    as transformers does, or the conversion is refused."""
+    import shutil
+
+    src = converter_dir()
+    key = (sha256_tree(model_dir), outtype)
+    if key in _CONVERTED and _CONVERTED[key].is_file():  # the same model converted before, in this process
+        with atomic_path(out) as tmp:
+            shutil.copyfile(_CONVERTED[key], tmp)
+        return out
+    tokenizer = sha256_tree(model_dir / "tokenizer.json") if (model_dir / "tokenizer.json").is_file() else None
+    with atomic_path(out) as tmp:
+        pre = _PRE.get(tokenizer)  # identified and checked before, in this process
+        proc = _run(src, [str(model_dir), "--outfile", str(tmp), "--outtype", outtype], pre)
+        fresh = None
+        if proc.returncode != 0 and pre is None and "pre-tokenizer was not recognized" in proc.stderr:
+            pre = fresh = identify_pre_tokenizer(model_dir)
+            proc = _run(src, [str(model_dir), "--outfile", str(tmp), "--outtype", outtype], pre)
+        if proc.returncode != 0 or not Path(tmp).is_file():
+            tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
+            raise EdgekitError(f"llama.cpp's converter could not convert {model_dir.name}: {' | '.join(tail)[:600]}",
+                               "check that the model's architecture is one llama.cpp supports (edgekit validate says "
+                               "so) and that its directory has config.json, safetensors weights and tokenizer files")
+        if fresh is not None:
+            check_tokenization(model_dir, Path(tmp), f"pre-tokenizer '{pre}' identified by edgekit")
+            _PRE[tokenizer] = pre
+        _remember(key, Path(tmp))
+    return out
+
+
+_CONVERTED: dict[tuple, Path] = {}  # (model directory hash, outtype) -> a copy of its conversion
+_PRE: dict[str, str] = {}  # tokenizer.json hash -> the pre-tokenizer identified and checked for it
+_MEMO_BYTES = 512 << 20  # small models only: tests and small students convert the same model repeatedly
+
+
+def _remember(key: tuple, converted: Path) -> None:
+    import shutil
+    import tempfile
+
+    if converted.stat().st_size > _MEMO_BYTES:
+        return
+    memo = Path(tempfile.gettempdir()) / f"edgekit-converted-{os.getpid()}"
+    if not memo.is_dir():
+        import atexit
+
+        memo.mkdir()
+        atexit.register(shutil.rmtree, memo, True)
+    target = memo / f"{key[0][:32]}-{key[1]}.gguf"
+    shutil.copyfile(converted, target)
+    _CONVERTED[key] = target
+
+
+def _run(src: Path, args: list[str], pre: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(src / CONVERTER), *args] if pre is None else [sys.executable, "-c", _WITH_PRE, str(src), pre, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=src)
+
+
+def identify_pre_tokenizer(model_dir: Path) -> str:
+    """llama.cpp's name for the pre-tokenizer in tokenizer.json, for the shapes edgekit knows."""
+    from edgekit.bounded import read_json
+
+    path = model_dir / "tokenizer.json"
+    pre = read_json(path, "tokenizer").get("pre_tokenizer") if path.is_file() else None
+    parts = pre.get("pretokenizers", [pre]) if isinstance(pre, dict) else []
+    if len(parts) == 1 and parts[0].get("type") == "ByteLevel" and parts[0].get("use_regex", True):
+        return "gpt-2"  # byte-level BPE with GPT-2's split regex
+    raise EdgekitError(f"llama.cpp's converter does not recognise the BPE tokenizer of {model_dir.name}, and its "
+                       f"pre-tokenizer ({str(pre)[:200]}) is not one edgekit can name for it",
+                       "use a tokenizer llama.cpp knows (those of published model families), or add it to llama.cpp's "
+                       "convert_hf_to_gguf_update.py")
+
+
+def check_tokenization(model_dir: Path, gguf_path: Path, what: str) -> None:
+    """llama.cpp's tokenization of PROBE must equal transformers'."""
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    from edgekit.fsutil import quiet_stderr
+
+    ours = AutoTokenizer.from_pretrained(model_dir)(PROBE, add_special_tokens=False)["input_ids"]
+    with quiet_stderr():
+        llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
+    theirs = llm.tokenize(PROBE.encode(), add_bos=False, special=False)
+    if list(theirs) != list(ours):
+        raise EdgekitError(f"{model_dir.name}: with the {what}, llama.cpp tokenizes text differently from transformers "
+                           f"(first difference at token {next(i for i, (a, b) in enumerate(zip(theirs, ours + [-1])) if a != b)})",
+                           "use a tokenizer llama.cpp knows, or add it to llama.cpp's convert_hf_to_gguf_update.py")

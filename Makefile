@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# llama-cpp-python compiles llama.cpp (~7 min on 2 cores, once; pip caches the wheel)
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -c constraints.txt -e ".[embedded,onnx,lean,ptq,serve,dev]"
 	$(PY) -m pip check
+	# llama.cpp's convert_hf_to_gguf.py (from the pinned llama-cpp-python sdist): every GGUF export uses it
+	$(PY) -c "from edgekit.export.converter import converter_dir; print('llama.cpp converter:', converter_dir())"
 	touch $(STAMP)
 
 # A real headless browser for the report test: Debian's chromium-headless-shell, installed when

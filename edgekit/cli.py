@@ -134,9 +134,23 @@ def cmd_validate(args) -> int:
     from edgekit.stages import load_recipe
 
     recipe, base = load_recipe(args.recipe, args.overrides)
+    check_support(args.recipe, recipe, base)
     print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {' -> '.join(s.type for s in recipe.stages)})")
     print_memory_estimates(recipe, base, args.nproc_per_node)
     return 0
+
+
+def check_support(source: str, recipe, base, quiet: bool = False) -> None:
+    """The teacher's architecture and tokenizer against every stage asked for, before any work."""
+    from edgekit.errors import RecipeError
+    from edgekit.stages.support import support_problems
+
+    problems, notes = support_problems(recipe, base)
+    if problems:
+        raise RecipeError(source, problems)
+    if not quiet:
+        for note in notes:
+            print(note)
 
 
 def print_memory_estimates(recipe, base, processes: int = 1) -> None:
@@ -161,6 +175,7 @@ def cmd_run(args) -> int:
     from edgekit.stages import load_recipe
 
     recipe, base = load_recipe(args.recipe, args.overrides)
+    check_support(args.recipe, recipe, base, quiet=True)
     run_dir = run_recipe(recipe, base, Path(args.runs_dir), force=args.force, from_stage=args.from_stage)
     print(f"done: {run_dir}")
     for f in sorted((run_dir / "export").glob("*")) if (run_dir / "export").is_dir() else []:

@@ -145,3 +145,15 @@ def file_rows(model_dir: Path, gguf_path: Path) -> dict:
     f16 = write_gguf(model_dir, gguf_path.with_name(gguf_path.stem + ".layout-F16.gguf"), "f16")
     tensors = {t.name: t for t in gguf.GGUFReader(gguf_path).tensors}
     return {p.hf: (tensors[name], p.rows) for name, p in layout(model_dir, f16).items() if name in tensors}
+
+
+def other_vocab_student(folder: Path) -> Path:
+    """A tiny student whose tokenizer (trained on reversed text) shares no vocabulary with the teacher's."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok_dir = folder / "other-tok"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([t[::-1] for t in corpus_texts()], vocab_size=300, special_tokens=["<|endoftext|>"])
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>").save_pretrained(tok_dir)
+    return make_tiny_llama(folder / "other-student", tok_dir, layers=2)

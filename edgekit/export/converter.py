@@ -14,6 +14,7 @@ stay offline afterwards; a first use without it fetches it then, with progress.
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import re
 import subprocess
@@ -27,13 +28,21 @@ from edgekit.fsutil import atomic_path, sha256_tree
 CONVERTER = "convert_hf_to_gguf.py"
 
 
+def converter_path() -> Path:
+    """Where the llama.cpp source tree holding the converter lives (fetched or not)."""
+    default = Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit")) / f"llama.cpp-src-{_version()}"
+    return Path(os.environ.get("EDGEKIT_LLAMA_SRC") or default)
+
+
+def _version() -> str:
+    return md.version("llama-cpp-python")
+
+
 def converter_dir() -> Path:
     """The llama.cpp source tree holding the converter, fetched when missing."""
-    version = md.version("llama-cpp-python")
-    default = Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit")) / f"llama.cpp-src-{version}"
-    dest = Path(os.environ.get("EDGEKIT_LLAMA_SRC") or default)
+    dest = converter_path()
     if not (dest / CONVERTER).is_file():
-        fetch(version, dest)
+        fetch(_version(), dest)
     return dest
 
 
@@ -109,7 +118,7 @@ def convert(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
         with atomic_path(out) as tmp:
             shutil.copyfile(_CONVERTED[key], tmp)
         return out
-    tokenizer = sha256_tree(model_dir / "tokenizer.json") if (model_dir / "tokenizer.json").is_file() else None
+    tokenizer = _tokenizer_key(model_dir)
     with atomic_path(out) as tmp:
         pre = _PRE.get(tokenizer)  # identified and checked before, in this process
         proc = _run(src, [str(model_dir), "--outfile", str(tmp), "--outtype", outtype], pre)
@@ -151,20 +160,47 @@ def _remember(key: tuple, converted: Path) -> None:
     _CONVERTED[key] = target
 
 
+def _tokenizer_key(model_dir: Path) -> str:
+    """What decides how transformers tokenizes with this directory: its tokenizer files and the
+    model type (transformers 5 forces some families' pre-tokenizers by model type)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (model_dir / name).is_file():
+            h.update(sha256_tree(model_dir / name).encode())
+    config = model_dir / "config.json"
+    h.update(str(json.loads(config.read_text()).get("model_type") if config.is_file() else None).encode())
+    return h.hexdigest()
+
+
 def _run(src: Path, args: list[str], pre: str | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(src / CONVERTER), *args] if pre is None else [sys.executable, "-c", _WITH_PRE, str(src), pre, *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=src)
 
 
-def identify_pre_tokenizer(model_dir: Path) -> str:
-    """llama.cpp's name for the pre-tokenizer in tokenizer.json, for the shapes edgekit knows."""
-    from edgekit.bounded import read_json
+# llama.cpp's pre-tokenizer names for the split regexes it implements, as transformers' tokenizers write them
+KNOWN_SPLITS = {
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "qwen2",
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""": "llama-bpe",
+}
 
-    path = model_dir / "tokenizer.json"
-    pre = read_json(path, "tokenizer").get("pre_tokenizer") if path.is_file() else None
+
+def identify_pre_tokenizer(model_dir: Path) -> str:
+    """llama.cpp's name for the pre-tokenizer transformers actually uses with this directory
+    (transformers 5 may impose a family's own by model type), for the shapes edgekit knows."""
+    from transformers import AutoTokenizer
+
+    backend = getattr(AutoTokenizer.from_pretrained(model_dir), "backend_tokenizer", None)
+    pre = json.loads(backend.to_str()).get("pre_tokenizer") if backend is not None else None
     parts = pre.get("pretokenizers", [pre]) if isinstance(pre, dict) else []
     if len(parts) == 1 and parts[0].get("type") == "ByteLevel" and parts[0].get("use_regex", True):
         return "gpt-2"  # byte-level BPE with GPT-2's split regex
+    if (len(parts) == 2 and parts[0].get("type") == "Split" and parts[1].get("type") == "ByteLevel"
+            and not parts[1].get("use_regex", True)):
+        name = KNOWN_SPLITS.get((parts[0].get("pattern") or {}).get("Regex"))
+        if name:
+            return name
     raise EdgekitError(f"llama.cpp's converter does not recognise the BPE tokenizer of {model_dir.name}, and its "
                        f"pre-tokenizer ({str(pre)[:200]}) is not one edgekit can name for it",
                        "use a tokenizer llama.cpp knows (those of published model families), or add it to llama.cpp's "

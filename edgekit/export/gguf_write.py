@@ -73,7 +73,15 @@ def float_gguf(model_dir: Path, out: Path, outtype: str, name: str | None) -> Pa
 def refuse_inexpressible(cfg: dict) -> None:
     """Models the converter would write into a file that computes something else. Gemma 3:
     llama.cpp has no key for query_pre_attn_scalar; it scales queries by 1/sqrt(head_dim), or by
-    1/sqrt(hidden/heads) for the 62-layer 27B."""
+    1/sqrt(hidden/heads) for the 62-layer 27B. SmolLM3: llama.cpp skips rope on every 4th layer,
+    whatever `no_rope_layers` says (a student keeping other layers moves them)."""
+    if cfg.get("model_type") == "smollm3" and cfg.get("no_rope_layers") is not None:
+        fixed = [int((i + 1) % 4 != 0) for i in range(cfg["num_hidden_layers"])]
+        if list(cfg["no_rope_layers"]) != fixed:
+            raise EdgekitError(f"SmolLM3 no_rope_layers is {cfg['no_rope_layers']} but llama.cpp applies rope to every "
+                               f"layer except every 4th ({fixed}): the GGUF would compute something else",
+                               "keep the teacher's NoPE pattern (keep every layer of each group of 4), or export ONNX only")
+        return
     if cfg.get("model_type") not in ("gemma3", "gemma3_text"):
         return
     cfg = cfg.get("text_config", cfg)

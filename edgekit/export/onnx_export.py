@@ -19,6 +19,37 @@ from edgekit.fsutil import atomic_path
 from edgekit.progress import status
 
 
+# onnxruntime-genai 0.18's builder reads transformers 4's config layout. Under transformers 5 it
+# fails on Gemma 3 (rope parameters nested per layer type: KeyError 'rope_type') and on Phi-3
+# configs without original_max_position_embeddings. The one place that adapts them: the builder
+# runs with AutoConfig.from_pretrained wrapped to put the old attributes back.
+_ADAPTED_BUILDER = """import runpy, sys
+import transformers
+
+_load = transformers.AutoConfig.from_pretrained.__func__
+
+
+def _adapted(cls, *args, **kwargs):
+    loaded = _load(cls, *args, **kwargs)
+    config = loaded[0] if isinstance(loaded, tuple) else loaded  # (config, unused kwargs) when asked for
+    target = getattr(config, "text_config", None) or config
+    rope = getattr(target, "rope_parameters", None)
+    if isinstance(rope, dict) and "full_attention" in rope:  # per layer type -> global + local base
+        local = rope.get("sliding_attention") or {}
+        target.rope_parameters = dict(rope["full_attention"])
+        if "rope_theta" in local:
+            target.rope_local_base_freq = local["rope_theta"]
+    if target.model_type == "phi3" and getattr(target, "original_max_position_embeddings", None) is None:
+        target.original_max_position_embeddings = target.max_position_embeddings
+    return loaded
+
+
+transformers.AutoConfig.from_pretrained = classmethod(_adapted)
+sys.argv[0] = "builder"
+runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
+"""
+
+
 def export_onnx_int4(model_dir: Path, out: Path, block_size: int = 32, qat_grid: tuple[dict, dict | None] | None = None) -> Path:
     """Build the folder; `qat_grid` ((plan, learned blocks) of a QAT student) then replaces the
     builder's int4 weights with the trained grid (edgekit.export.onnx_grid) and records which
@@ -28,7 +59,7 @@ def export_onnx_int4(model_dir: Path, out: Path, block_size: int = 32, qat_grid:
     except ImportError:
         raise EdgekitError("the onnx_int4 export needs onnxruntime-genai", "pip install 'edgekit[onnx]'") from None
     with atomic_path(out) as tmp:
-        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model_dir), "-o", str(tmp),
+        cmd = [sys.executable, "-c", _ADAPTED_BUILDER, "-i", str(model_dir), "-o", str(tmp),
                "-p", "int4", "-e", "cpu", "--extra_options", f"int4_block_size={block_size}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not (tmp / "model.onnx").is_file():
@@ -87,3 +118,17 @@ def check_tokenizer(folder: Path, model_dir: Path) -> None:
         raise EdgekitError(f"ONNX Runtime tokenizes differently from the model {model_dir.name} "
                            f"(first difference at token {next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))})",
                            "the tokenizer.json is not one onnxruntime-extensions reads; report it with the model id")
+
+
+def builder_architectures() -> frozenset[str]:
+    """The transformers architectures onnxruntime-genai's builder dispatches on, read from its
+    source without importing it (validate stays fast)."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("onnxruntime_genai")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    source = Path(spec.submodule_search_locations[0]) / "models" / "builder.py"
+    text = source.read_text(encoding="utf-8") if source.is_file() else ""
+    return frozenset(re.findall(r'architectures\[0\] == "([A-Za-z0-9_]+)"', text))

@@ -112,16 +112,9 @@ def test_bad_file(case, tmp_path, tiny_gguf_file, capsys):
 
 def test_teacher_student_vocabulary_mismatch(tiny_teacher_dir, tmp_path, capsys):
     """A student with another tokenizer cannot learn from the teacher's logits: named, with the way out."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
+    from tests.conftest import other_vocab_student
 
-    from tests.conftest import corpus_texts, make_tiny_llama
-
-    tok_dir = tmp_path / "other-tok"
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([t[::-1] for t in corpus_texts()], vocab_size=300, special_tokens=["<|endoftext|>"])
-    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>").save_pretrained(tok_dir)
-    student = make_tiny_llama(tmp_path / "other-student", tok_dir, layers=2)
+    student = other_vocab_student(tmp_path)
     (tmp_path / "d.jsonl").write_text(DOCS)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(BASE.replace("{teacher}", str(tiny_teacher_dir)).replace(

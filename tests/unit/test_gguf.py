@@ -184,3 +184,11 @@ def test_llama_cpp_extra_buffers_are_off_only_on_amx_cpus(monkeypatch):
         with llama_runner.amx_off():
             assert api.llama_model_default_params().use_extra_bufts is (not amx)
         assert api.llama_model_default_params is original and api.llama_model_default_params().use_extra_bufts
+
+
+def test_a_smollm3_nope_pattern_llama_cpp_cannot_express_is_refused():
+    from edgekit.export.gguf_write import refuse_inexpressible
+
+    refuse_inexpressible({"model_type": "smollm3", "num_hidden_layers": 8, "no_rope_layers": [1, 1, 1, 0, 1, 1, 1, 0]})
+    with pytest.raises(EdgekitError, match="every 4th"):  # a student that kept layers 0, 3, 4, 7 of its teacher
+        refuse_inexpressible({"model_type": "smollm3", "num_hidden_layers": 4, "no_rope_layers": [1, 0, 1, 0]})

@@ -167,11 +167,11 @@ def create_app(model, model_id: str, default_max_tokens: int = 256, queue_size: 
         job = Job(work, asyncio.get_running_loop(), time.monotonic() + request_timeout)
         if not worker.submit(job):
             return error(503, "the server is busy (its queue is full) or stopping; retry shortly")
-        return await respond(job, req, kind, request, model_id, error)
+        return await respond(job, req, kind, request, model_id, error, worker)
 
     @app.get("/health")
     def health():
-        return {"status": "ok", "model": model_id, "backend": model.backend, "queued": worker.jobs.qsize(),
+        return {"status": "ok", "model": model_id, "backend": model.backend, "queued": worker.queued(),
                 "generating": worker.current is not None, **worker.stats}
 
     @app.get("/v1/models")
@@ -195,30 +195,30 @@ def create_app(model, model_id: str, default_max_tokens: int = 256, queue_size: 
     return Guard(app, MAX_BODY, api_key)
 
 
-async def next_event(job: Job, request) -> tuple:
+async def next_event(job: Job, request, worker: Worker) -> tuple:
     """The job's next event; while waiting, a client that disconnects cancels the job."""
     while True:
         try:
             return await asyncio.wait_for(job.events.get(), timeout=0.2)
         except asyncio.TimeoutError:
             if await request.is_disconnected():
-                job.cancelled.set()
+                worker.cancel(job)
                 return ("error", 499, "the client went away")
 
 
-async def respond(job: Job, req: _Sampling, kind: str, request, model_id: str, error):
+async def respond(job: Job, req: _Sampling, kind: str, request, model_id: str, error, worker: Worker):
     """The job's answer: one JSON body, or (stream) server-sent events once the first piece
     (or an error, as its HTTP status) has arrived."""
     from fastapi.responses import JSONResponse, StreamingResponse
 
-    first = await next_event(job, request)
+    first = await next_event(job, request, worker)
     if first[0] == "error":
         return error(first[1], first[2])
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if not req.stream:
         _, text, finish, usage = first
         return JSONResponse(whole_body(rid, kind, model_id, text, finish, usage))
-    return StreamingResponse(sse_events(job, first, rid, kind, model_id), media_type="text/event-stream")
+    return StreamingResponse(sse_events(job, first, rid, kind, model_id, worker), media_type="text/event-stream")
 
 
 def whole_body(rid: str, kind: str, model_id: str, text: str, finish: str, usage: dict) -> dict:
@@ -233,7 +233,7 @@ def whole_body(rid: str, kind: str, model_id: str, text: str, finish: str, usage
     return body
 
 
-async def sse_events(job: Job, first: tuple, rid: str, kind: str, model_id: str) -> AsyncIterator[str]:
+async def sse_events(job: Job, first: tuple, rid: str, kind: str, model_id: str, worker: Worker) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format. If the client disconnects, Starlette
     cancels this generator and `finally` stops the job within a token."""
     head = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
@@ -261,7 +261,7 @@ async def sse_events(job: Job, first: tuple, rid: str, kind: str, model_id: str)
             yield chunk(None, event[2])
         yield "data: [DONE]\n\n"
     finally:
-        job.cancelled.set()  # a no-op for a finished job
+        worker.cancel(job)  # a no-op for a finished job
 
 
 def serve(path: str, host: str, port: int, threads: int | None, n_ctx: int, max_tokens: int,

@@ -11,9 +11,9 @@ Events cross from the worker thread to the event loop through `loop.call_soon_th
 from __future__ import annotations
 
 import asyncio
-import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -44,46 +44,60 @@ class Job:
 
 class Worker:
     def __init__(self, model, queue_size: int):
-        self.model = model
-        self.jobs: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.model, self.size = model, queue_size
+        self.pending: deque[Job] = deque()  # waiting jobs, first come first served
+        self.cond = threading.Condition()
         self.current: Job | None = None
         self.stopping = threading.Event()
         self.stats = {"done": 0, "cancelled": 0, "timed_out": 0, "failed": 0, "tokens": 0}  # for /health
         self.thread = threading.Thread(target=self._loop, name="edgekit-generate", daemon=True)
         self.thread.start()
 
+    def queued(self) -> int:
+        with self.cond:
+            return len(self.pending)
+
     def submit(self, job: Job) -> bool:
-        """Queue the job; False when the queue is full or the server is stopping."""
-        if self.stopping.is_set():
-            return False
-        try:
-            self.jobs.put_nowait(job)
+        """Queue the job; False when `queue_size` jobs already wait or the server is stopping."""
+        with self.cond:
+            if self.stopping.is_set() or len(self.pending) >= self.size:
+                return False
+            self.pending.append(job)
+            self.cond.notify()
             return True
-        except queue.Full:
-            return False
+
+    def cancel(self, job: Job) -> None:
+        """The job's client is gone: a waiting job gives its place up at once; a running one
+        stops within a token."""
+        job.cancelled.set()
+        with self.cond:
+            if job in self.pending:
+                self.pending.remove(job)
+                self.stats["cancelled"] += 1
 
     def stop(self) -> None:
-        """Shutdown: the running generation stops within a token, queued jobs fail with 503."""
+        """Shutdown: the running generation stops within a token, waiting jobs fail with 503."""
         self.stopping.set()
-        if self.current is not None:
-            self.current.cancelled.set()
-        while True:
-            try:
-                self.jobs.get_nowait().emit("error", 503, "the server is shutting down")
-            except queue.Empty:
-                break
+        with self.cond:
+            if self.current is not None:
+                self.current.cancelled.set()
+            while self.pending:
+                self.pending.popleft().emit("error", 503, "the server is shutting down")
+            self.cond.notify_all()
 
     def _loop(self) -> None:
-        while not self.stopping.is_set():
-            try:
-                job = self.jobs.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            self.current = job
+        while True:
+            with self.cond:
+                while not self.pending and not self.stopping.is_set():
+                    self.cond.wait()
+                if self.stopping.is_set():
+                    return
+                job = self.current = self.pending.popleft()
             try:
                 self._run(job)
             finally:
-                self.current = None
+                with self.cond:
+                    self.current = None
 
     def _run(self, job: Job) -> None:
         if job.should_stop():  # its client left, or its time ran out, while it waited

@@ -95,6 +95,9 @@ def test_gguf_truncated_at_many_offsets(tiny_gguf_path, tmp_path, capsys):
     # one key whose string length claims 2**60 bytes
     (struct.pack("<4sIQQ", b"GGUF", 3, 0, 1) + struct.pack("<Q", 4) + b"name" + struct.pack("<IQ", 8, 2**60),
      "corrupt or truncated"),
+    # one tensor of an unknown GGML type code (99)
+    (struct.pack("<4sIQQ", b"GGUF", 3, 1, 0) + struct.pack("<Q", 1) + b"t" + struct.pack("<IQIQ", 1, 32, 99, 0),
+     "corrupt or truncated"),
     # one key of an unknown value type
     (struct.pack("<4sIQQ", b"GGUF", 3, 0, 1) + struct.pack("<Q", 4) + b"name" + struct.pack("<I", 99) + b"\0" * 16,
      "corrupt or truncated"),

@@ -26,6 +26,7 @@ weights plus two gathered layers, its embeddings and head whole.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from edgekit.recipe.schema import TrainSettings
@@ -130,6 +131,7 @@ def machine_memory_mb() -> float:
     return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / MB
 
 
+@functools.lru_cache(maxsize=8)  # validate reads the teacher's config twice (support, memory); from a GGUF that takes seconds
 def model_config(spec: str, base, trust_remote_code: bool = False, revision: str | None = None):
     """A model's transformers config without loading weights; None for a hub id whose config
     is not in the local cache (validate never downloads)."""

@@ -127,6 +127,7 @@ def convert(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
             pre = fresh = identify_pre_tokenizer(model_dir)
             proc = _run(src, [str(model_dir), "--outfile", str(tmp), "--outtype", outtype], pre)
         if proc.returncode != 0 or not Path(tmp).is_file():
+            _raise_disk_full(proc.stderr, Path(tmp))
             tail = [line for line in proc.stderr.strip().splitlines() if line.strip()][-3:]
             raise EdgekitError(f"llama.cpp's converter could not convert {model_dir.name}: {' | '.join(tail)[:600]}",
                                "check that the model's architecture is one llama.cpp supports (edgekit validate says "
@@ -158,6 +159,18 @@ def _remember(key: tuple, converted: Path) -> None:
     target = memo / f"{key[0][:32]}-{key[1]}.gguf"
     shutil.copyfile(converted, target)
     _CONVERTED[key] = target
+
+
+def _raise_disk_full(stderr: str, path: Path) -> None:
+    """The converter ran out of room (disk full, file size limit, quota): the same OSError as
+    edgekit's own writes raise, so the CLI reports it the same way."""
+    import errno
+
+    for code in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        if f"[Errno {code}]" in stderr:
+            raise OSError(code, os.strerror(code), str(path))
+    if re.search(r"OSError: \d+ requested and \d+ written", stderr):  # numpy's tofile on a short write
+        raise OSError(errno.ENOSPC, "a write came up short (disk full or file size limit)", str(path))
 
 
 def _tokenizer_key(model_dir: Path) -> str:

@@ -105,11 +105,13 @@ PROBE = ("def f(x):\n    return x**2  # 12,345.67 ≠ 3e-5\n\tTab & \"quotes\" <
          "User: hi!\nAssistant: Hello, how can I help?   ")
 
 
-def convert(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
+def convert(model_dir: Path, out: Path, outtype: str = "f16", tokenizer_replaced: bool = False) -> Path:
     """`model_dir` (config.json + safetensors + tokenizer) as a float GGUF by llama.cpp's converter.
     A BPE tokenizer the converter does not recognise gets the pre-tokenizer edgekit identifies
-    from tokenizer.json, and is then checked: llama.cpp must tokenize a mixed probe text exactly
-    as transformers does, or the conversion is refused."""
+    from what transformers loads, and is then checked: llama.cpp must tokenize a mixed probe text
+    exactly as transformers does, or the conversion is refused. With `tokenizer_replaced` (the
+    caller writes the original GGUF's tokenizer metadata over the converter's) neither matters:
+    an unrecognised one gets llama.cpp's "default" placeholder."""
     import shutil
 
     src = converter_dir()
@@ -120,11 +122,12 @@ def convert(model_dir: Path, out: Path, outtype: str = "f16") -> Path:
         return out
     tokenizer = _tokenizer_key(model_dir)
     with atomic_path(out) as tmp:
-        pre = _PRE.get(tokenizer)  # identified and checked before, in this process
+        pre = _PRE.get(tokenizer) if not tokenizer_replaced else None  # identified and checked before, in this process
         proc = _run(src, [str(model_dir), "--outfile", str(tmp), "--outtype", outtype], pre)
         fresh = None
         if proc.returncode != 0 and pre is None and "pre-tokenizer was not recognized" in proc.stderr:
-            pre = fresh = identify_pre_tokenizer(model_dir)
+            pre = "default" if tokenizer_replaced else identify_pre_tokenizer(model_dir)
+            fresh = None if tokenizer_replaced else pre
             proc = _run(src, [str(model_dir), "--outfile", str(tmp), "--outtype", outtype], pre)
         if proc.returncode != 0 or not Path(tmp).is_file():
             _raise_disk_full(proc.stderr, Path(tmp))

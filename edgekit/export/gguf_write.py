@@ -66,7 +66,8 @@ def float_gguf(model_dir: Path, out: Path, outtype: str, name: str | None) -> Pa
     """The converter's float file with edgekit's metadata fixes (see the module docstring)."""
     refuse_inexpressible(json.loads((model_dir / "config.json").read_text()))
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".convert-") as tmp:
-        raw = convert(model_dir, Path(tmp) / "convert.gguf", outtype)
+        raw = convert(model_dir, Path(tmp) / "convert.gguf", outtype,
+                      tokenizer_replaced=(model_dir / GGUF_TOKENIZER_FILE).is_file())
         return rewrite(raw, out, fields=_metadata_fixes(model_dir, raw, name))
 
 

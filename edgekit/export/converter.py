@@ -115,10 +115,10 @@ def convert(model_dir: Path, out: Path, outtype: str = "f16", tokenizer_replaced
     import shutil
 
     src = converter_dir()
-    key = (sha256_tree(model_dir), outtype)
-    if key in _CONVERTED and _CONVERTED[key].is_file():  # the same model converted before, in this process
+    memo = _memo_path(sha256_tree(model_dir), outtype)
+    if memo.is_file():  # this very model converted before (small models only)
         with atomic_path(out) as tmp:
-            shutil.copyfile(_CONVERTED[key], tmp)
+            shutil.copyfile(memo, tmp)
         return out
     tokenizer = _tokenizer_key(model_dir)
     with atomic_path(out) as tmp:
@@ -138,30 +138,32 @@ def convert(model_dir: Path, out: Path, outtype: str = "f16", tokenizer_replaced
         if fresh is not None:
             check_tokenization(model_dir, Path(tmp), f"pre-tokenizer '{pre}' identified by edgekit")
             _PRE[tokenizer] = pre
-        _remember(key, Path(tmp))
+        _remember(memo, Path(tmp))
     return out
 
 
-_CONVERTED: dict[tuple, Path] = {}  # (model directory hash, outtype) -> a copy of its conversion
-_PRE: dict[str, str] = {}  # tokenizer.json hash -> the pre-tokenizer identified and checked for it
-_MEMO_BYTES = 512 << 20  # small models only: tests and small students convert the same model repeatedly
+_PRE: dict[str, str] = {}  # tokenizer key -> the pre-tokenizer identified and checked for it, in this process
+_MEMO_BYTES = 64 << 20  # only small models' conversions are kept: tests and small students convert them again and again
+_MEMO_FILES = 32
 
 
-def _remember(key: tuple, converted: Path) -> None:
+def _memo_path(model_hash: str, outtype: str) -> Path:
+    cache = Path(os.environ.get("EDGEKIT_CACHE", Path.home() / ".cache" / "edgekit")) / "converted"
+    return cache / f"{model_hash[:32]}-{outtype}-llama.cpp-{_version()}.gguf"
+
+
+def _remember(memo: Path, converted: Path) -> None:
+    """Keep a small conversion for the next identical request; the newest _MEMO_FILES stay."""
     import shutil
-    import tempfile
 
     if converted.stat().st_size > _MEMO_BYTES:
         return
-    memo = Path(tempfile.gettempdir()) / f"edgekit-converted-{os.getpid()}"
-    if not memo.is_dir():
-        import atexit
-
-        memo.mkdir()
-        atexit.register(shutil.rmtree, memo, True)
-    target = memo / f"{key[0][:32]}-{key[1]}.gguf"
-    shutil.copyfile(converted, target)
-    _CONVERTED[key] = target
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(memo) as tmp:
+        shutil.copyfile(converted, tmp)
+    kept = sorted(memo.parent.glob("*.gguf"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in kept[_MEMO_FILES:]:
+        old.unlink(missing_ok=True)
 
 
 def _raise_disk_full(stderr: str, path: Path) -> None:

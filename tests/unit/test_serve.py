@@ -126,13 +126,12 @@ def test_max_tokens_is_capped_by_the_context_and_a_long_prompt_is_a_400(bundle):
 
 
 @pytest.fixture(scope="module")
-def long_onnx(tmp_path_factory, tiny_tokenizer_dir):
-    """An ONNX folder with an 8k context whose end-of-text token's (tied) embedding is zero, so its
+def long_model(tmp_path_factory, tiny_tokenizer_dir):
+    """A model with an 8k context whose end-of-text token's (tied) embedding is zero, so its
     logit is 0 and greedy decoding never ends early: a generation long enough to hang up in."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from edgekit.export.onnx_export import export_onnx_int4
     from tests.conftest import make_tiny_llama
 
     out = tmp_path_factory.mktemp("long")
@@ -141,15 +140,28 @@ def long_onnx(tmp_path_factory, tiny_tokenizer_dir):
     with torch.no_grad():
         model.get_input_embeddings().weight[model.config.eos_token_id] = 0
     model.save_pretrained(path)
-    export_onnx_int4(path, out / "long-int4-onnx")
-    return out / "long-int4-onnx"
+    return path
+
+
+@pytest.fixture(scope="module")
+def long_onnx(long_model):
+    from edgekit.export.onnx_export import export_onnx_int4
+
+    return export_onnx_int4(long_model, long_model.parent / "long-int4-onnx")
+
+
+@pytest.fixture(scope="module")
+def long_gguf(long_model):
+    from edgekit.export.gguf_write import write_gguf
+
+    return write_gguf(long_model, long_model.parent / "long-F16.gguf", "f16")
 
 
 @pytest.mark.parametrize("how", ["gives up waiting", "gives up on a stream", "hangs up mid-stream"])
-def test_a_client_that_disconnects_stops_its_generation(bundle, long_onnx, how):
+def test_a_client_that_disconnects_stops_its_generation(long_gguf, long_onnx, how):
     """The tiny random model's llama.cpp stream holds its pieces back (its bytes are rarely
     whole UTF-8 characters), so mid-stream hang-ups are tested on an ONNX folder."""
-    model = long_onnx if how == "hangs up mid-stream" else bundle / "tiny-F16.gguf"
+    model = long_onnx if how == "hangs up mid-stream" else long_gguf
     with server(model, "--ctx", "4096") as (base, _client):
         if how == "hangs up mid-stream":  # reads a few pieces, then hangs up
             with httpx.stream("POST", f"{base}/v1/completions", json={**LONG, "stream": True}, timeout=10) as r:

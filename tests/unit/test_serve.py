@@ -178,8 +178,9 @@ def test_a_client_that_disconnects_stops_its_generation(long_gguf, long_onnx, ho
         assert small.status_code == 200 and stopped < 3.0
 
 
-def test_a_full_queue_is_a_503_with_retry_after_and_requests_are_served_in_order(bundle):
-    with server(bundle / "tiny-F16.gguf", "--ctx", "4096", "--queue", "1") as (base, _client):
+def test_a_full_queue_is_a_503_with_retry_after_and_requests_are_served_in_order(long_gguf):
+    """On a model that cannot end early, so the first request is still generating."""
+    with server(long_gguf, "--ctx", "4096", "--queue", "1") as (base, _client):
         import concurrent.futures as cf
 
         def post(body):

@@ -162,6 +162,14 @@ class TrainSettings(Closed):
         return self
 
 
+def student_needs_training(stage: str, model: str, recipe) -> list[str]:
+    """A stage that takes 'the student' needs a stage that made one (or a student model)."""
+    if model == "student" and recipe.stage("distill") is None and recipe.stage("qat") is None \
+            and recipe.student.init == "teacher_layers":
+        return [f"{stage}.model is 'student' but no distill stage trains one; add a distill stage or set {stage}.model: teacher"]
+    return []
+
+
 class StageConfig(Closed):
     """The base of every stage's config (edgekit/stages/<type>.py)."""
 

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from edgekit.formats import EXPORT_FORMATS
-from edgekit.recipe.schema import StageConfig
+from edgekit.recipe.schema import StageConfig, student_needs_training
 from edgekit.stages.context import RunContext
 from edgekit.stages.outputs import DistillOutput, ExportOutput, QATOutput, QuantizeOutput
 from edgekit.stages.registry import StageResult, register
@@ -39,10 +39,7 @@ class ExportConfig(StageConfig):
         return v
 
     def recipe_problems(self, recipe) -> list[str]:
-        if self.model == "student" and recipe.stage("distill") is None and recipe.stage("qat") is None \
-                and recipe.student.init == "teacher_layers":
-            return ["export.model is 'student' but no distill stage trains one; add a distill stage or set export.model: teacher"]
-        return []
+        return student_needs_training("export", self.model, recipe)
 
 
 def onnx_weights(folder: Path) -> dict:

@@ -10,7 +10,7 @@ from typing import Literal
 from pydantic import Field
 
 from edgekit.formats import EXACT_MIXES
-from edgekit.recipe.schema import StageConfig
+from edgekit.recipe.schema import StageConfig, student_needs_training
 from edgekit.stages.context import RunContext
 from edgekit.stages.outputs import DistillOutput, QATOutput, QuantizeOutput
 from edgekit.stages.registry import StageResult, register
@@ -33,14 +33,6 @@ class QuantizeConfig(StageConfig):
 
     def recipe_problems(self, recipe) -> list[str]:
         return student_needs_training("quantize", self.model, recipe)
-
-
-def student_needs_training(stage: str, model: str, recipe) -> list[str]:
-    """A stage that takes 'the student' needs a stage that made one (or a student model)."""
-    if model == "student" and recipe.stage("distill") is None and recipe.stage("qat") is None \
-            and recipe.student.init == "teacher_layers":
-        return [f"{stage}.model is 'student' but no distill stage trains one; add a distill stage or set {stage}.model: teacher"]
-    return []
 
 
 def model_to_quantize(ctx: RunContext, which: str) -> Path:

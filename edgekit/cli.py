@@ -96,6 +96,15 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="folder for bench.json, bench.md and decode_speed.png")
     b.add_argument("--llama-bench", action="store_true",
                    help="cross-check each GGUF row with llama.cpp's own llama-bench (bash third_party/build_llama_tools.sh)")
+    b.add_argument("--emulate", action="store_true",
+                   help="also run each GGUF on the ARM kernels of the device targets (raspberry-pi-5, snapdragon-8-gen-3): "
+                        "llama.cpp cross-built for aarch64 under qemu (bash third_party/build_llama_aarch64.sh MARCH); "
+                        "KL/top-1 vs x86 llama.cpp and perplexity on --data; speed is not emulated")
+    b.add_argument("--data", help="held-out text for --emulate (JSONL with 'text', or plain text)")
+    b.add_argument("--reference", help="with --emulate: the PyTorch model the files hold (directory, embedded:NAME or hub id), "
+                                       "for KL vs PyTorch and the x86 floor")
+    b.add_argument("--ctx", type=int, default=256, help="with --emulate: llama-perplexity's chunk length")
+    b.add_argument("--chunks", type=int, default=8, help="with --emulate: chunks scored (the second half of each)")
     b.set_defaults(fn=cmd_bench)
     e = sub.add_parser("eval", help="quality of GGUF files (llama.cpp) and ONNX folders (ONNX Runtime): perplexity, "
                                     "KL/top-1 against a reference, task accuracy")
@@ -312,6 +321,28 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _bench_emulated(args, paths: list[Path]) -> int:
+    from edgekit.bench.emulate import emulate_files
+    from edgekit.fsutil import write_json
+
+    if not args.data:
+        raise EdgekitError("--emulate needs --data: the held-out text the ARM kernels are checked on",
+                           "pass a JSONL file with 'text' fields or a plain text file")
+    rows = emulate_files(paths, args.target or ["raspberry-pi-5"], args.data, args.reference, args.ctx, args.chunks)
+    if args.out:
+        write_json(Path(args.out) / "emulated.json", rows)
+        print(f"wrote {Path(args.out) / 'emulated.json'}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for r in rows:
+        print(f"{r['file']} [{r['target']}, EMULATED {r['kernels']} under qemu {r['qemu_cpu']}; speed not measured]: "
+              f"KL vs x86 llama.cpp {r['kl_vs_x86']:.2e}, top-1 {r['top1_vs_x86']:.2%}, perplexity {r['ppl']:.3f} "
+              f"(x86 {r['ppl_x86']:.3f})" + (f"; KL vs PyTorch {r['kl_vs_torch']:.2e} (x86 floor {r['floor_kl']:.2e})"
+                                             if "kl_vs_torch" in r else ""))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from edgekit.bench.suite import bench_files, write_outputs
 
@@ -319,6 +350,8 @@ def cmd_bench(args) -> int:
     for p in paths:
         if not p.exists():
             raise EdgekitError(f"{p} does not exist", "pass .gguf files or onnxruntime-genai model folders")
+    if args.emulate:
+        return _bench_emulated(args, paths)
     rows = bench_files(paths, args.target or ["laptop"], args.prompt_tokens, args.gen_tokens, args.repeats,
                        cross_check=args.llama_bench)
     if args.out:
@@ -329,8 +362,8 @@ def cmd_bench(args) -> int:
         return 0
     for r in rows:
         if r["predicted"]:
-            print(f"{r['file']} [{r['target']}] PREDICTED decode {r['decode_tps']:.1f} tok/s "
-                  f"({r['roofline_share']:.0%} of its {r['roofline_tps']:.0f} tok/s roofline at {r['bandwidth_gbs']} GB/s)")
+            print(f"{r['file']} [{r['target']}] PREDICTED decode {r['decode_tps']:.1f} tok/s ({r['bound']}-bound; "
+                  f"{r['roofline_share']:.0%} of its {r['roofline_tps']:.0f} tok/s roofline at {r['bandwidth_gbs']} GB/s peak)")
         else:
             print(f"{r['file']} [{r['target']}, {r['threads']} threads]: prefill {r['prefill_tps']:.0f} tok/s, decode "
                   f"{r['decode_tps']:.1f} tok/s ({r['roofline_share']:.0%} of the {r['roofline_tps']:.0f} tok/s roofline"

@@ -2,8 +2,9 @@
 
 Decoding one token reads every weight once (the KV cache is small at short context), so
 tokens/s <= bandwidth / weight bytes. We measure this machine's bandwidth, report each
-model's ceiling and the measured share of it, and predict other devices from their
-published bandwidth times the share measured here (labelled a prediction).
+model's ceiling and the measured share of it. Devices that cannot run here are predicted
+(`predict_decode`) from bounds calibrated on published measurements on each device, never from
+the share measured here: a model that fits this CPU's cache reaches shares a device's DRAM cannot.
 """
 
 from __future__ import annotations
@@ -58,6 +59,42 @@ def bytes_per_token(gguf: Path) -> int:
         else:
             total += t["bytes"]
     return total
+
+
+def weights_per_token(gguf: Path) -> int:
+    """Weights one decode step multiplies (2 FLOPs each): every matrix but the token embedding,
+    which is only looked up, unless it is tied and so also the output layer. For an ONNX folder
+    the int4 estimate 2 x weight bytes (an upper bound where some nodes are 8-bit)."""
+    from edgekit.formats.gguf_read import tensor_table
+
+    if gguf.is_dir():
+        return 2 * bytes_per_token(gguf)
+    tensors = tensor_table(gguf)
+    names = {t["name"] for t in tensors}
+    total = 0
+    for t in tensors:
+        if len(t["shape"]) < 2 or (t["name"] == "token_embd.weight" and "output.weight" in names):
+            continue
+        total += int(np.prod(t["shape"]))
+    return total
+
+
+def predict_decode(profile: dict, bytes_per_tok: float, weights: float) -> dict:
+    """A device's decode tokens/s from its calibrated bounds (targets.yaml): the lower of the
+    memory bound (effective bandwidth / bytes read) and the compute bound (effective int8 rate /
+    2 ops per weight). A model whose weights fit the device's last-level cache is not held by
+    DRAM bandwidth: the compute bound alone predicts it. The roofline is the same pair of bounds
+    at the device's peaks (peak bandwidth, peak int8 rate); the prediction never exceeds it."""
+    in_cache = bytes_per_tok <= profile["cache_mb"] * 2**20
+    compute = profile["effective_gops"] * 1e9 / (2 * weights)
+    memory = float("inf") if in_cache else profile["effective_bandwidth_gbs"] * 1e9 / bytes_per_tok
+    roof = min(profile["peak_gops"] * 1e9 / (2 * weights),
+               float("inf") if in_cache else profile["bandwidth_gbs"] * 1e9 / bytes_per_tok)
+    tps = min(memory, compute)
+    return {"decode_tps": tps, "roofline_tps": roof, "roofline_share": tps / roof, "cache_resident": in_cache,
+            "bound": "compute" if compute < memory else "memory", "bandwidth_gbs": profile["bandwidth_gbs"],
+            "effective_bandwidth_gbs": profile["effective_bandwidth_gbs"], "effective_gops": profile["effective_gops"],
+            "calibration": [m["source"] for m in profile.get("measured", [])]}
 
 
 def roofline(decode_tps: float, gguf: Path, bandwidth_gbs: float) -> dict:

@@ -200,9 +200,22 @@ def _speed(fin: dict) -> list[str]:
                   "(\"in cache\") is not bound by memory bandwidth and can pass 100%."]
         if predicted:
             lines += ["", "### Predicted for devices not run here (PREDICTIONS, not measurements)", "",
-                      _table(["file", "device", "published bandwidth GB/s", "roofline tok/s", "predicted decode tok/s"],
-                             [[x["file"], x["target"], x["bandwidth_gbs"], f"{x['roofline_tps']:.0f}", f"{x['decode_tps']:.0f}"]
-                              for x in predicted])]
+                      _table(["file", "device", "peak bandwidth GB/s", "roofline tok/s", "predicted decode tok/s", "bound"],
+                             [[x["file"], x["target"], x["bandwidth_gbs"], f"{x['roofline_tps']:.0f}", f"{x['decode_tps']:.0f}",
+                               x.get("bound", "-")] for x in predicted]),
+                      "", "Each prediction is the lower of a memory bound (the device's effective decode bandwidth) and a "
+                      "compute bound, both calibrated on a published measurement of a real model on that device "
+                      "(edgekit/bench/targets.yaml cites each); neither can exceed the device's roofline."]
+        emulated = [x for x in fin["bench"].metrics.get("emulated", [])]
+        if emulated:
+            lines += ["", "### On the devices' ARM kernels (EMULATED: llama.cpp cross-built for aarch64, run under qemu; "
+                      "arithmetic exact, speed not measured)", "",
+                      _table(["file", "device", "kernels", "KL vs x86 llama.cpp", "top-1 vs x86", "KL vs PyTorch",
+                              "floor (x86 vs PyTorch)", "perplexity (ARM)", "perplexity (x86)"],
+                             [[x["file"], x["target"], x["kernels"], f"{x['kl_vs_x86']:.2e}", f"{x['top1_vs_x86']:.2%}",
+                               f"{x['kl_vs_torch']:.2e}" if "kl_vs_torch" in x else "-",
+                               f"{x['floor_kl']:.2e}" if "floor_kl" in x else "-", f"{x['ppl']:.3f}", f"{x['ppl_x86']:.3f}"]
+                              for x in emulated])]
     return lines
 
 

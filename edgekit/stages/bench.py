@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 
 from edgekit.recipe.schema import StageConfig
 from edgekit.stages.context import RunContext
-from edgekit.stages.outputs import ExportOutput
+from edgekit.stages.outputs import DistillOutput, ExportOutput, QATOutput
 from edgekit.stages.registry import StageResult, register
 
 
@@ -20,6 +20,11 @@ class BenchConfig(StageConfig):
     prompt_tokens: int = Field(64, ge=1)
     gen_tokens: int = Field(32, ge=1)
     repeats: int = Field(3, ge=1)
+    # run every GGUF on the ARM kernels of each target that has an `emulate` build (targets.yaml):
+    # llama.cpp cross-built for aarch64 under qemu; parity vs x86 llama.cpp and PyTorch, perplexity
+    emulate: bool = False
+    emulate_ctx: int = Field(256, ge=32)
+    emulate_chunks: int = Field(8, ge=1)  # chunks of emulate_ctx holdout tokens; the second half of each is scored
 
     @field_validator("targets")
     @classmethod
@@ -33,10 +38,59 @@ class BenchConfig(StageConfig):
         return v
 
 
-@register("bench", BenchConfig, consumes=(ExportOutput,), requires=("export",))
+    def recipe_problems(self, recipe) -> list[str]:
+        from edgekit.bench.targets import PROFILES
+
+        if self.emulate and not any(PROFILES[t].get("emulate") for t in self.targets):
+            return ["bench: emulate is on but none of its targets has an ARM build: add "
+                    + " or ".join(k for k, v in PROFILES.items() if v.get("emulate")) + " to targets"]
+        return []
+
+
+@register("bench", BenchConfig, consumes=(DistillOutput, QATOutput, ExportOutput), requires=("export",))
 def run(ctx: RunContext, cfg: BenchConfig, out: Path) -> StageResult:
     from edgekit.bench.suite import bench_files
 
     export = ctx.get(ExportOutput)
     files = list(export.gguf.values()) + ([export.onnx_int4] if export.onnx_int4 is not None else [])
-    return StageResult(None, {"rows": bench_files(files, cfg.targets, cfg.prompt_tokens, cfg.gen_tokens, cfg.repeats)})
+    metrics = {"rows": bench_files(files, cfg.targets, cfg.prompt_tokens, cfg.gen_tokens, cfg.repeats)}
+    if cfg.emulate:
+        metrics["emulated"] = emulated_rows(ctx, cfg, export)
+    return StageResult(None, metrics)
+
+
+def emulated_rows(ctx: RunContext, cfg: BenchConfig, export: ExportOutput) -> list[dict]:
+    """Every GGUF (and the PTQ baseline's) on each emulated target's ARM kernels, against x86
+    llama.cpp and the PyTorch model it holds, on the holdout."""
+    from edgekit.bench.emulate import emulated_parity, emulator
+    from edgekit.bench.quality import torch_scorer
+    from edgekit.bench.targets import target
+
+    profiles = [target(t) for t in cfg.targets if target(t).get("emulate")]
+    for prof in profiles:
+        emulator(prof)  # not built: fail before anything runs, saying how to build it
+    ids = ctx.rows("holdout").reshape(-1).tolist()
+    rows = []
+    for label, path, model in _files_and_models(ctx, export):
+        reference = torch_scorer(model) if model is not None else None
+        for prof in profiles:
+            rows.append({"variant": label, **emulated_parity(path, prof, ids, cfg.emulate_ctx, cfg.emulate_chunks, reference)})
+        del reference, model
+    return rows
+
+
+def _files_and_models(ctx: RunContext, export: ExportOutput):
+    """(label, GGUF, the PyTorch model it holds) for every GGUF the run exported."""
+    qat = ctx.get(QATOutput)
+    if export.source == "teacher":
+        source = ctx.reference_teacher()
+    elif qat is not None:
+        source = ctx.load_model(qat.model)  # the latent weights the float files hold
+    else:
+        distill = ctx.get(DistillOutput)
+        source = ctx.load_model(distill.model if distill else ctx.student_path())
+    for fmt, path in export.gguf.items():
+        on_grid = qat is not None and fmt not in ("f16", "f32")
+        yield (f"qat_{fmt}" if on_grid else fmt), path, (ctx.qat_student(qat) if on_grid else source)
+    for fmt, path in export.ptq_gguf.items():  # the float twin through llama.cpp's own quantizer
+        yield f"ptq_{fmt}", path, ctx.load_model(qat.float_model) if qat and qat.float_model else None

@@ -60,6 +60,16 @@ class RunContext:
         distilled = self.artifact(outputs_mod.DistillOutput)
         return distilled.outputs.model if distilled else self.teacher_path()
 
+    def qat_student(self, qat: "outputs_mod.QATOutput"):
+        """The QAT student as it trained: what the fake quantizers make of the latent weights,
+        computed once (the same forward as in training), as a plain model on its grid."""
+        from edgekit.quant.qat import prepare, strip
+
+        model = self.load_model(qat.model)
+        learned = qat.learned_scales()
+        prepare(model, qat.plan_data()["plan"], "learn" if learned else "recompute", learned)
+        return strip(model, on_grid=True)
+
     # --- inputs shared by stages -------------------------------------------------
     def teacher_path(self) -> Path:
         if "teacher" not in self._cache:

@@ -28,17 +28,6 @@ class EvaluateConfig(StageConfig):
     parity_floor: bool = True  # with a qat stage: also score its model with llama.cpp's activation rounding in fp32 and fp64
 
 
-def qat_model(ctx: RunContext, qat: QATOutput):
-    """The QAT student as it trained: what the fake quantizers make of the latent weights,
-    computed once (the same forward as in training)."""
-    from edgekit.quant.qat import prepare, strip
-
-    model = ctx.load_model(qat.model)
-    learned = qat.learned_scales()
-    prepare(model, qat.plan_data()["plan"], "learn" if learned else "recompute", learned)
-    return strip(model, on_grid=True)
-
-
 def parity_floor_scorers(qat: QATOutput, student_qat) -> dict:
     """Copies of the QAT student on its grid with llama.cpp's 8-bit activation rounding
     (`quant.act_rounding`), one in fp32 and one in fp64. Their disagreement is the parity
@@ -72,7 +61,7 @@ def pytorch_scorers(ctx: RunContext, cfg: EvaluateConfig, export: ExportOutput) 
             scorers["student_sft"] = torch_scorer(ctx.load_model(distill.sft_model))
     qat = ctx.get(QATOutput)
     if qat is not None:
-        student_qat = qat_model(ctx, qat)
+        student_qat = ctx.qat_student(qat)
         scorers["student_qat"] = torch_scorer(student_qat)
         if cfg.parity_floor and export.gguf:
             scorers.update(parity_floor_scorers(qat, student_qat))

@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgekit-installed
 
-.PHONY: setup browser lint run test test-unit clean-runs
+.PHONY: setup browser aarch64 lint run test test-unit clean-runs
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ browser:
 	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	  chromium-headless-shell >/dev/null; } || echo "note: no Chromium installed; the report browser test will skip"
 
+# llama.cpp cross-built for aarch64 (Raspberry Pi 5's armv8.2-a+dotprod) and Debian's qemu-user, for
+# the emulated ARM-kernel test: built once into ~/.cache/edgekit (~6 min) when root + apt, else that test skips.
+aarch64: setup
+	@bash third_party/build_llama_aarch64.sh armv8.2-a+dotprod 2>$(VENV)/aarch64-build.log >/dev/null || \
+	  echo "note: llama.cpp for aarch64 not built (see $(VENV)/aarch64-build.log); the emulation test will skip"
+
 run: setup
 	$(VENV)/bin/edgekit run recipes/quickstart.yaml
 
@@ -38,7 +44,7 @@ run: setup
 lint: setup
 	$(VENV)/bin/lint-imports
 
-test: setup browser lint
+test: setup browser aarch64 lint
 	$(PY) -m pytest -q
 
 test-unit: setup

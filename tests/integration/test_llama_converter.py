@@ -84,12 +84,22 @@ def test_gemma3_f16_gguf_matches_the_shipped_gguf(tmp_path):
         else:
             assert np.abs(a - b).max() <= 1e-3 * np.abs(a).max(), name
 
-    # token ids from llama.cpp's reading of the shipped file (transformers' GGUF import of this
-    # SentencePiece vocabulary splits text into single characters: a known gap, see issue 5's note)
+    # the converted directory's tokenizer (SentencePiece BPE rebuilt from the GGUF's scores:
+    # transformers' GGUF import made it a Unigram that split text into characters) tokenizes as
+    # llama.cpp does, on prose, chat, code and odd whitespace
+    import json
+
+    from transformers import AutoTokenizer
+
     from edgekit.bench.llama_runner import load_llama
 
     shipped = load_llama(get_embedded("gemma3-270m").gguf_path(cache_dir()), n_ctx=256)
-    ids = torch.tensor([shipped.tokenize(corpus_texts(45)[-1].encode(), add_bos=True)[:128]])
+    hf = AutoTokenizer.from_pretrained(src)
+    general = REPO / "recipes" / "data" / "general"
+    texts = [corpus_texts(45)[-1]] + [json.loads(f.read_text().splitlines()[0])["text"][:4000] for f in sorted(general.glob("*.jsonl"))]
+    for text in texts:
+        assert hf(text, add_special_tokens=False)["input_ids"] == shipped.tokenize(text.encode(), add_bos=False, special=True)
+    ids = torch.tensor([[hf.bos_token_id] + hf(corpus_texts(45)[-1], add_special_tokens=False)["input_ids"][:127]])
     del shipped
     res = evaluate({"llama": llama_scorer(ours, ctx=128), "torch": torch_scorer(load_causal_lm(src))}, ids,
                    [("llama", "torch")])

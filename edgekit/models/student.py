@@ -169,6 +169,10 @@ def copy_tokenizer_files(src: Path, dst: Path) -> None:
     for name in TOKENIZER_FILES + (GGUF_TOKENIZER_FILE,):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+    if not any((dst / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        raise EdgekitError(f"{src} has no tokenizer files to give the student",
+                           "the model directory is incomplete (or its cache entry was being rebuilt by another "
+                           "edgekit process): rerun; if it persists, delete it and let edgekit convert it again")
 
 
 def check_same_vocab(teacher_tok, student_tok, teacher_name: str, student_name: str) -> None:

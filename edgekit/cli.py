@@ -292,13 +292,20 @@ def cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
-    for r in results:
+    def text_quality(r: dict, label: str = "") -> list[str]:
         parts = []
         if "ppl" in r:
-            parts.append(f"perplexity {r['ppl']:.3f} on {r['tokens']} tokens (ctx {r['ctx']})")
+            parts.append(f"{label}perplexity {r['ppl']:.3f} on {r['tokens']} tokens (ctx {r['ctx']})")
         if "kl_vs_reference" in r:
-            parts.append(f"reference perplexity {r['reference_ppl']:.3f}; KL(reference || file) {r['kl_vs_reference']:.5f} "
-                         f"nats/token; top-1 agreement {r['top1_vs_reference']:.1%}")
+            parts.append(f"reference perplexity {r['reference_ppl']:.3f}; KL(reference || file) mean {r['kl_vs_reference']:.5f}, "
+                         f"median {r['kld_median']:.5f}, p99 {r['kld_p99']:.4f}, p99.9 {r['kld_p999']:.4f}, max {r['kld_max']:.3f} "
+                         f"nats/token; same top token {r['top1_vs_reference']:.1%}; perplexity ratio {r['ppl_ratio']:.4f}")
+        return parts
+
+    for r in results:
+        parts = text_quality(r)
+        for name, sub in (r.get("subsets") or {}).items():
+            parts += text_quality(sub, f"[{name}] ")
         if "tasks" in r:
             t = r["tasks"]
             for who in ("file", "reference"):

@@ -110,13 +110,14 @@ def run_eval(file: Path, data: str | None, reference: str | None, ctx: int, max_
         scorers["reference"] = reference_scorer(reference, window, m.n_vocab)
         out["reference"] = reference
     if data:
-        rows, _ = pack(load_documents(data, Path.cwd()), _PackTokenizer(m.encode, min(m.stop_ids, default=0)), ctx, "evaluation")
-        rows = rows[: max(1, max_tokens // ctx)]
-        r = evaluate(scorers, rows, [("file", "reference")] if reference else [], desc=f"eval {Path(file).name}")
-        out.update({"data": data, "ctx": ctx, "tokens": r["file"]["tokens"], "ppl": r["file"]["ppl"]})
-        if reference:
-            out.update({"reference_ppl": r["reference"]["ppl"], "kl_vs_reference": r["file|reference"]["kl"],
-                        "top1_vs_reference": r["file|reference"]["top1"]})
+        subsets = data_subsets(data)
+        for subset, spec in subsets.items():
+            r = _text_quality(m, scorers, spec, ctx, max_tokens, bool(reference), f"eval {Path(file).name}" + (f" [{subset}]" if subset else ""))
+            if subset is None:
+                out.update({"data": data, **r})
+            else:
+                out["data"] = data
+                out.setdefault("subsets", {})[subset] = {"data": spec, **r}
     if items:
         check_fits(items, m.encode, MAX_NEW_TOKENS, window, "raise --ctx to at least {longest}, or shorten the prompts")
         g = grade(items, scorers, m.encode, m.decode, m.stop_ids, MAX_NEW_TOKENS, desc=f"tasks {Path(file).name}")
@@ -124,17 +125,47 @@ def run_eval(file: Path, data: str | None, reference: str | None, ctx: int, max_
     return out
 
 
+def data_subsets(data: str) -> dict:
+    """{subset name: file} for a folder of JSONL files (e.g. recipes/data/general: one subset per
+    genre), or {None: data} for one file or hf: dataset."""
+    path = Path.cwd() / data
+    if path.is_dir():
+        files = sorted(path.glob("*.jsonl"))
+        if not files:
+            raise EdgekitError(f"{path} holds no .jsonl files", "give a JSONL file, or a folder of them (one subset each)")
+        return {f.stem: str(f) for f in files}
+    return {None: data}
+
+
+def _text_quality(m: Opened, scorers: dict, data: str, ctx: int, max_tokens: int, with_reference: bool, desc: str) -> dict:
+    """Perplexity on `data` (and against the reference: KL statistics as llama-perplexity reports them)."""
+    rows, _ = pack(load_documents(data, Path.cwd()), _PackTokenizer(m.encode, min(m.stop_ids, default=0)), ctx, "evaluation")
+    rows = rows[: max(1, max_tokens // ctx)]
+    r = evaluate(scorers, rows, [("file", "reference")] if with_reference else [], desc=desc)
+    out = {"ctx": ctx, "tokens": r["file"]["tokens"], "ppl": r["file"]["ppl"]}
+    if with_reference:
+        pair = r["file|reference"]
+        out.update({"reference_ppl": r["reference"]["ppl"], "kl_vs_reference": pair["kl"], "top1_vs_reference": pair["top1"],
+                    **{k: pair[k] for k in ("kld_median", "kld_p99", "kld_p999", "kld_max", "ppl_ratio")}})
+    return out
+
+
 def markdown(results: list[dict]) -> str:
-    """A table of `run_eval` results."""
+    """A table of `run_eval` results: one row per file and text subset."""
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    lines = ["| file | backend | size MB | ppl | KL vs reference | top-1 | task acc | task acc (reference) | exact match |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| file | text | backend | size MB | ppl | KL mean | KL p99 | KL p99.9 | same top | task acc | task acc (reference) "
+             "| exact match |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         t = r.get("tasks") or {}
         f, ref = t.get("file") or {}, t.get("reference") or {}
-        lines.append(f"| {Path(r['file']).name} | {r['backend']} | {r['size_mb']:.1f} | {fmt(r.get('ppl'), '.3f')} | "
-                     f"{fmt(r.get('kl_vs_reference'), '.4f')} | {fmt(r.get('top1_vs_reference'), '.1%')} | "
-                     f"{fmt(f.get('acc'), '.1%')} | {fmt(ref.get('acc'), '.1%')} | {fmt(f.get('exact_match'), '.1%')} |")
+        texts = [("", r)] + list((r.get("subsets") or {}).items())
+        for name, q in texts:
+            if name == "" and "ppl" not in q and len(texts) > 1:
+                continue
+            lines.append(f"| {Path(r['file']).name} | {name or '-'} | {r['backend']} | {r['size_mb']:.1f} | {fmt(q.get('ppl'), '.3f')} | "
+                         f"{fmt(q.get('kl_vs_reference'), '.4f')} | {fmt(q.get('kld_p99'), '.4f')} | {fmt(q.get('kld_p999'), '.4f')} | "
+                         f"{fmt(q.get('top1_vs_reference'), '.1%')} | {fmt(f.get('acc'), '.1%')} | {fmt(ref.get('acc'), '.1%')} | "
+                         f"{fmt(f.get('exact_match'), '.1%')} |")
     chance = next((r["tasks"]["chance"] for r in results if r.get("tasks") and r["tasks"]["chance"] is not None), None)
     if chance is not None:
         lines.append(f"\nMultiple-choice chance level: {chance:.1%}.")

@@ -36,10 +36,13 @@ def evaluate(scorers: dict[str, Scorer], rows: torch.Tensor, pairs: list[tuple[s
     KL(reference || candidate) and top-1 agreement, in one pass over the rows.
 
     Positions 0..T-2 predict tokens 1..T-1; KL and agreement use the same positions.
-    Returns {name: {"ppl", "nll", "tokens"}, "candidate|reference": {"kl", "top1"}}.
+    Returns {name: {"ppl", "nll", "tokens"}, "candidate|reference": {"kl", "top1", "kld_median",
+    "kld_p99", "kld_p999", "kld_max", "ppl_ratio"}}: the KL statistics llama.cpp's
+    `llama-perplexity --kl-divergence` reports (mean, median, tail percentiles, max, same top
+    token, perplexity ratio), over every scored position.
     """
     nll = {k: 0.0 for k in scorers}
-    kl = {p: 0.0 for p in pairs}
+    kl = {p: [] for p in pairs}  # per-position KL, for the median and tail
     agree = {p: 0.0 for p in pairs}
     count = 0
     progress = bar(rows.shape[0] * len(scorers), desc, unit="row")
@@ -56,11 +59,15 @@ def evaluate(scorers: dict[str, Scorer], rows: torch.Tensor, pairs: list[tuple[s
         for cand, ref in pairs:
             vocab = min(logp[cand].shape[-1], logp[ref].shape[-1])  # llama.cpp may pad the vocabulary
             lc, lr = logp[cand][:, :vocab], logp[ref][:, :vocab]
-            kl[(cand, ref)] += float((lr.exp() * (lr - lc)).sum())
+            kl[(cand, ref)].append((lr.exp() * (lr - lc)).sum(-1).double())
             agree[(cand, ref)] += float((lr.argmax(-1) == lc.argmax(-1)).sum())
         count += row.numel() - 1
     progress.close()
     out: dict = {k: {"ppl": math.exp(v / count), "nll": v / count, "tokens": count} for k, v in nll.items()}
     for p in pairs:
-        out[f"{p[0]}|{p[1]}"] = {"kl": kl[p] / count, "top1": agree[p] / count}
+        values = torch.cat(kl[p]) if kl[p] else torch.zeros(1, dtype=torch.float64)
+        q = torch.quantile(values, torch.tensor([0.5, 0.99, 0.999], dtype=torch.float64)).tolist()
+        out[f"{p[0]}|{p[1]}"] = {"kl": float(values.sum()) / count, "top1": agree[p] / count, "kld_median": q[0],
+                                 "kld_p99": q[1], "kld_p999": q[2], "kld_max": float(values.max()),
+                                 "ppl_ratio": math.exp(out[p[0]]["nll"] - out[p[1]]["nll"])}
     return out

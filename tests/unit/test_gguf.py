@@ -99,6 +99,18 @@ def test_eval_cli_against_a_reference(tiny_gguf, tmp_path, capsys):
     [r] = json.loads(capsys.readouterr().out)
     assert r["tokens"] == 62 and r["kl_vs_reference"] < 1e-6 and r["top1_vs_reference"] == 1.0
     assert r["ppl"] == pytest.approx(r["reference_ppl"])
+    # a folder of JSONL files: one subset each, with llama-perplexity's KL statistics
+    general = tmp_path / "general"
+    general.mkdir()
+    for i, name in enumerate(["prose", "more"]):
+        (general / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in corpus_texts(6)[3 * i:3 * i + 3]))
+    assert main(["eval", str(tiny_gguf), "--data", str(general), "--reference", str(tiny_gguf), "--ctx", "32",
+                 "--max-tokens", "64", "--json"]) == 0
+    [r] = json.loads(capsys.readouterr().out)
+    assert set(r["subsets"]) == {"prose", "more"} and "ppl" not in r
+    for sub in r["subsets"].values():
+        assert sub["tokens"] == 62 and sub["kl_vs_reference"] < 1e-6 and sub["kld_max"] < 1e-5 and sub["ppl_ratio"] == pytest.approx(1)
+    assert r["subsets"]["prose"]["ppl"] != pytest.approx(r["subsets"]["more"]["ppl"])
 
 
 def test_bench_cli_measures_and_labels_predictions(tiny_gguf, capsys):

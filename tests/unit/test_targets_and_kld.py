@@ -102,3 +102,30 @@ def test_emulation_names_what_is_missing(tmp_path, monkeypatch):
         emulator(target("raspberry-pi-5"))
     with pytest.raises(EdgekitError, match="no ARM build"):
         emulator(target("laptop"))
+
+
+def test_the_evaluate_statistics_match_llama_perplexitys_arithmetic(tmp_path):
+    """quality.evaluate (edgekit eval, the evaluate stage) and kld.KLDStats (llama-perplexity's
+    formulas on its packed base file) give the same KL statistics for the same two models."""
+    import torch
+
+    from edgekit.bench.quality import evaluate
+
+    rng = np.random.default_rng(2)
+    ref_table = rng.normal(0, 2, size=(60, 80)).astype(np.float32)
+    cand_table = ref_table + rng.normal(0, 0.4, size=ref_table.shape).astype(np.float32)
+    tokens = kld.chunks(rng.integers(0, 60, size=6 * 40).tolist(), 40)
+    base = tmp_path / "ref.kld"
+    kld.write_logits_file(base, tokens, 80, bos=None, logits_of=lambda ids: ref_table[ids])
+    theirs = kld.compare_to_file(base, lambda ids: cand_table[ids], bos=None)
+    # evaluate() scores every position; restrict it to the ones llama-perplexity scores
+    half = tokens[:, 40 // 2:]
+    ours = evaluate({"c": lambda row: torch.from_numpy(np.vstack([cand_table[row.numpy()]])),
+                     "r": lambda row: torch.from_numpy(ref_table[row.numpy()])}, torch.from_numpy(half.astype(np.int64)),
+                    [("c", "r")])["c|r"]
+    assert ours["kl"] == pytest.approx(theirs["kld_mean"], rel=1e-3, abs=2e-6)
+    assert ours["kld_median"] == pytest.approx(theirs["kld_median"], rel=1e-2)
+    assert ours["kld_p99"] == pytest.approx(theirs["kld_p99"], rel=1e-2)
+    assert ours["kld_max"] == pytest.approx(theirs["kld_max"], rel=1e-2)
+    assert ours["top1"] == pytest.approx(theirs["same_top"])
+    assert ours["ppl_ratio"] == pytest.approx(theirs["ppl_ratio"], rel=1e-3)

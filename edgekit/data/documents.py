@@ -16,7 +16,6 @@ from pathlib import Path
 from edgekit.bounded import jsonl_lines
 from edgekit.errors import EdgekitError
 
-NGRAM = 13  # word n-gram for contamination checks (the GPT-3 paper's choice)
 
 
 @dataclass(frozen=True)
@@ -142,12 +141,8 @@ def split_documents(docs: list[Document], fraction: float, seed: int) -> tuple[l
     return [d for d in docs if id(d) not in holdout], [d for d in docs if id(d) in holdout]
 
 
-def ngram_overlap(train: list[str], holdout: list[str], n: int = NGRAM) -> float:
-    """Share of holdout word n-grams that also occur in training text (0 = clean)."""
-    def grams(text: str) -> set[tuple[str, ...]]:
-        w = text.lower().split()
-        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
+def ngram_overlap(train: list[str], holdout: list[str]) -> float:
+    """Share of holdout word 13-grams that also occur in training text (0 = clean)."""
+    from edgekit.data.contamination import grams_of, overlap
 
-    train_grams = set().union(*(grams(t) for t in train)) if train else set()
-    hold = [g for t in holdout for g in grams(t)]
-    return sum(g in train_grams for g in hold) / len(hold) if hold else 0.0
+    return overlap(holdout, grams_of(train))

@@ -135,10 +135,10 @@ def _quality(fin: dict) -> list[str]:
     names = [k for k in m if isinstance(m[k], dict) and "ppl" in m[k]]
     lines = ["", "## Quality on held-out text", "",
               f"{m['holdout_rows']} holdout rows, {m[names[0]]['tokens']} scored tokens. KL is KL(teacher || model) in nats/token.", "",
-              _table(["model", "perplexity", "KL to teacher", "top-1 agreement with teacher"],
-                     [[_label(n), f"{m[n]['ppl']:.2f}",
-                       f"{m[f'{n}|teacher']['kl']:.4f}" if f"{n}|teacher" in m else "-",
-                       f"{m[f'{n}|teacher']['top1']:.1%}" if f"{n}|teacher" in m else "-"] for n in names])]
+              _kl_table(m, names)]
+    for subset, g in (m.get("general") or {}).items():
+        subnames = [k for k in g if isinstance(g[k], dict) and "ppl" in g[k]]
+        lines += ["", f"### General text: {subset} ({g[subnames[0]]['tokens']} tokens, never trained on)", "", _kl_table(g, subnames)]
     parity = [[_label(a), _label(b), f"{m[f'{a}|{b}']['kl']:.5f}", f"{m[f'{a}|{b}']['top1']:.1%}"]
               for a, b in m.get("parity_pairs", [])]
     if parity:
@@ -150,6 +150,17 @@ def _quality(fin: dict) -> list[str]:
                       "because rounding to 8 bits turns tiny float differences into whole code steps."]
     lines += _qat_recovery(fin, m)
     return lines
+
+
+def _kl_table(m: dict, names: list[str]) -> str:
+    """Perplexity and the KL statistics llama-perplexity reports, each model against the teacher."""
+    def kl(n, key, f):
+        pair = m.get(f"{n}|teacher")
+        return format(pair[key], f) if pair and key in pair else "-"
+
+    return _table(["model", "perplexity", "KL to teacher (mean)", "KL p99", "KL p99.9", "KL max", "same top token"],
+                  [[_label(n), f"{m[n]['ppl']:.2f}", kl(n, "kl", ".4f"), kl(n, "kld_p99", ".4f"), kl(n, "kld_p999", ".3f"),
+                    kl(n, "kld_max", ".2f"), kl(n, "top1", ".1%")] for n in names])
 
 
 def _qat_recovery(fin: dict, m: dict) -> list[str]:

@@ -26,6 +26,9 @@ class EvaluateConfig(StageConfig):
     tasks: str | None = None  # JSONL task set (edgekit.bench.tasks), relative to the recipe; every model is graded on it
     task_max_new_tokens: int = Field(8, ge=1)  # greedy answer length for exact-match items
     parity_floor: bool = True  # with a qat stage: also score its model with llama.cpp's activation rounding in fp32 and fp64
+    # a folder of JSONL files (e.g. data/general: narrative, expository, dialogue, code), relative to the
+    # recipe: every model is also scored on each, against the teacher, beside the in-domain holdout
+    general: str | None = None
 
 
 def parity_floor_scorers(qat: QATOutput, student_qat) -> dict:
@@ -120,9 +123,29 @@ def run(ctx: RunContext, cfg: EvaluateConfig, out: Path) -> StageResult:
     result = evaluate(scorers, rows, to_teacher + parity, desc="evaluate")
     metrics = {"holdout_rows": int(rows.shape[0]), "exported_from": export.source, **result,
                "parity_pairs": [list(p) for p in parity], "floor": list(FLOOR) if FLOOR[0] in scorers else []}
+    if cfg.general:
+        metrics["general"] = general_quality(ctx, cfg, {k: v for k, v in scorers.items() if k not in FLOOR})
     if cfg.tasks:
         metrics["tasks"] = grade_tasks(ctx, cfg, {k: v for k, v in scorers.items() if k not in FLOOR}, window=rows.shape[1])
     return StageResult(None, metrics)
+
+
+def general_quality(ctx: RunContext, cfg: EvaluateConfig, scorers: dict) -> dict:
+    """Every model on each subset of the general set (text no recipe trains on), `max_tokens`
+    tokens each in windows of `ctx`: perplexity and KL statistics against the teacher."""
+    from edgekit.bench.eval_cmd import data_subsets
+    from edgekit.bench.quality import evaluate
+    from edgekit.data.documents import load_documents
+    from edgekit.data.tokens import pack
+
+    folder = ctx.base / cfg.general
+    out = {}
+    for name, file in data_subsets(str(folder)).items():
+        rows, _ = pack(load_documents(file, ctx.base), ctx.tokenizer(), cfg.ctx, f"general/{name}")
+        rows = rows[: max(1, cfg.max_tokens // cfg.ctx)]
+        out[name or folder.stem] = evaluate(scorers, rows, [(k, "teacher") for k in scorers if k != "teacher"],
+                                            desc=f"general [{name}]")
+    return out
 
 
 def grade_tasks(ctx: RunContext, cfg: EvaluateConfig, scorers: dict, window: int) -> dict:

@@ -78,13 +78,6 @@ def run_kld(profile: dict, gguf: Path, base_file: Path, threads: int = 2) -> dic
     return kld.parse_llama_perplexity(out.stdout + out.stderr)
 
 
-def _bos_of(llm) -> int | None:
-    import llama_cpp
-
-    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
-    return int(llama_cpp.llama_vocab_bos(vocab)) if llama_cpp.llama_vocab_get_add_bos(vocab) else None
-
-
 def emulated_parity(gguf: Path, profile: dict, text_ids: list[int], ctx: int, max_chunks: int = 8,
                     reference=None) -> dict:
     """One file on one target's ARM kernels: KL, top-1 and perplexity against the x86 llama.cpp
@@ -92,11 +85,11 @@ def emulated_parity(gguf: Path, profile: dict, text_ids: list[int], ctx: int, ma
     `text_ids`: the text in the file's own token ids."""
     import torch
 
-    from edgekit.bench.llama_runner import llama_scorer, load_llama
+    from edgekit.bench.llama_runner import bos_to_prepend, llama_scorer, load_llama
 
     tokens = kld.chunks(text_ids, ctx, max_chunks)
     llm = load_llama(gguf, n_ctx=ctx)
-    bos, vocab = _bos_of(llm), llm.n_vocab()
+    bos, vocab = bos_to_prepend(llm), llm.n_vocab()
     del llm
     x86 = llama_scorer(gguf, ctx)
 

@@ -60,6 +60,15 @@ def load_llama(path: Path, n_ctx: int, threads: int | None = None, logits_all: b
         raise EdgekitError(f"llama.cpp could not load {path}: {e}", "check the file is a complete GGUF of an architecture llama.cpp supports") from None
 
 
+def bos_to_prepend(llm) -> int | None:
+    """The BOS id where the file's vocabulary asks for one at the start of a text (Gemma, Llama;
+    not SmolLM2): llama-perplexity puts it first in every chunk it scores."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
+    return int(llama_cpp.llama_vocab_bos(vocab)) if llama_cpp.llama_vocab_get_add_bos(vocab) else None
+
+
 def llama_scorer(path: Path, ctx: int, threads: int | None = None):
     """Scorer (T,) -> (T, V) logits from llama.cpp, for `quality.evaluate`."""
     import torch

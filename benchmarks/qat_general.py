@@ -1,0 +1,148 @@
+"""QAT-KD on general text: every variant of each embedded model, through llama.cpp, on every subset
+of the general evaluation set and on the recipe's own holdout, with llama-perplexity's KL statistics.
+
+    .venv/bin/python benchmarks/qat_general.py [smollm2-135m] [gemma3-270m] [--ptq-only] [key.path=value ...]
+
+Per model it runs recipes/qat-<model>.yaml (QAT-KD on data/general_train.jsonl, GPTQ on the Q4_K_M
+grid, export; finished stages are reused), then scores, against the F16 file of the untouched model
+(the reference llama.cpp's KLD table uses):
+  f16             the model itself (F16 GGUF)
+  q4_k_m          llama.cpp's post-training Q4_K_M
+  q4_k_m_imatrix  the same with an importance matrix measured on 32 rows of the general training text
+  q5_k_m, q6_k    llama.cpp's larger mixes
+  gptq_q4_k_m     GPTQ run on the Q4_K_M grid (the quantize stage)
+  qat_q4_k_m      QAT-KD trained on the Q4_K_M grid, at Q4_K_M's size
+each with perplexity, mean / p99 / p99.9 KLD, same-top-token share and file bytes; recovery =
+(ppl PTQ - ppl QAT) / (ppl PTQ - ppl F16) per subset. --ptq-only skips the training stages (the
+llama.cpp variants only). Results: benchmarks/results/qat_general.json.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from common import REPO, run_recipe, write_result
+
+from edgekit.machine import machine_description
+
+MODELS = {"smollm2-135m": "qat-smollm2", "gemma3-270m": "qat-gemma3"}
+CTX, MAX_TOKENS = 256, 4096
+
+
+def stage_file(run: Path, art: dict, stage: str, *keys: str) -> Path:
+    entry = art[stage]["outputs"]
+    for k in keys:
+        entry = entry[k]
+    return run / "stages" / art[stage]["stage"] / entry["path"]
+
+
+def ptq_variants(f16: Path, out: Path, model_dir: Path, calib_rows) -> dict:
+    """llama.cpp's own mixes of the F16 file, and Q4_K_M with an importance matrix measured on
+    `calib_rows` of the general training text (edgekit.quant.imatrix, handed to llama.cpp)."""
+    from edgekit.export.llama_quantize import quantize_gguf
+    from edgekit.models.loading import load_causal_lm
+    from edgekit.quant.imatrix import collect
+
+    stem = f16.stem.removesuffix("-F16")
+    files = {fmt: quantize_gguf(f16, out / f"{stem}-{fmt.upper()}.gguf", fmt) for fmt in ("q4_k_m", "q5_k_m", "q6_k")}
+    im = collect(load_causal_lm(model_dir), model_dir, calib_rows, "general_train.jsonl")
+    files["q4_k_m_imatrix"] = quantize_gguf(f16, out / f"{stem}-Q4_K_M-imatrix.gguf", "q4_k_m", imatrix=im.means())
+    return files
+
+
+def score(files: dict, texts: dict) -> dict:
+    """{subset: {variant: {ppl, kld_mean, kld_p99, kld_p999, same_top, bytes}}}, all vs f16."""
+    from edgekit.bench.llama_runner import llama_scorer
+    from edgekit.bench.quality import evaluate
+
+    out = {}
+    for subset, rows in texts.items():
+        scorers = {k: llama_scorer(p, ctx=CTX) for k, p in files.items()}
+        r = evaluate(scorers, rows, [(k, "f16") for k in files if k != "f16"], desc=f"qat_general [{subset}]")
+        out[subset] = {k: {"ppl": r[k]["ppl"], "tokens": r[k]["tokens"], "bytes": files[k].stat().st_size,
+                           **({"kld_mean": r[f"{k}|f16"]["kl"], "kld_median": r[f"{k}|f16"]["kld_median"],
+                               "kld_p99": r[f"{k}|f16"]["kld_p99"], "kld_p999": r[f"{k}|f16"]["kld_p999"],
+                               "kld_max": r[f"{k}|f16"]["kld_max"], "same_top": r[f"{k}|f16"]["top1"]} if k != "f16" else {})}
+                       for k in files}
+        del scorers
+    return out
+
+
+def teacher_dir(run: Path) -> Path:
+    import yaml
+
+    from edgekit.models.sources import resolve_model
+
+    return resolve_model(yaml.safe_load((run / "recipe.lock.yaml").read_text())["teacher"]["model"], REPO).path
+
+
+def texts_of(run: Path, f16: Path) -> dict:
+    """Token rows (N, CTX) of every general subset and of the recipe's holdout, in the model's
+    tokens; each row starts with BOS where the vocabulary asks for one (as llama-perplexity feeds
+    its chunks: Gemma 3 is far off without it)."""
+    from transformers import AutoTokenizer
+
+    from edgekit.bench.llama_runner import bos_to_prepend, load_llama
+    from edgekit.data.documents import load_documents
+    from edgekit.data.tokens import pack
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir(run))
+    bos = bos_to_prepend(load_llama(f16, n_ctx=16))
+
+    def rows(docs, what, n):
+        r = pack(docs, tok, CTX, what)[0][:n]
+        if bos is not None:
+            r[:, 0] = bos
+        return r
+
+    texts = {"train_calibration": rows(load_documents("train.jsonl", run / "data"), "train", 32)}
+    for f in sorted((REPO / "recipes" / "data" / "general").glob("*.jsonl")):
+        texts[f.stem] = rows(load_documents(str(f), REPO), f.stem, MAX_TOKENS // CTX)
+    texts["in_domain"] = rows(load_documents("holdout.jsonl", run / "data"), "holdout", MAX_TOKENS // CTX)
+    return texts
+
+
+def run_model(model: str, ptq_only: bool, overrides: list[str]) -> dict:
+    name = MODELS[model]
+    t0 = time.time()
+    if ptq_only:  # no training: export the untouched model only
+        art = run_recipe(f"{name}.yaml", f"{name}-ptq", "stages=[{type: export, model: teacher, formats: [f16]}]", *overrides)
+    else:
+        art = run_recipe(f"{name}.yaml", name, *overrides)
+    run = REPO / "runs" / (f"{name}-ptq" if ptq_only else name)
+    f16 = stage_file(run, art, "export", "ptq_gguf" if "qat" in art else "gguf", "f16")
+    out = run / "qat_general"
+    out.mkdir(exist_ok=True)
+    texts = texts_of(run, f16)
+    files = {"f16": f16, **ptq_variants(f16, out, teacher_dir(run), texts.pop("train_calibration"))}
+    if not ptq_only:
+        files["gptq_q4_k_m"] = next(stage_file(run, art, "quantize", "files", k) for k in art["quantize"]["outputs"]["files"]
+                                    if k.endswith("q4_k_m"))
+        files["qat_q4_k_m"] = stage_file(run, art, "export", "gguf", "q4_k_m")
+    result = score(files, texts)
+    summary = {}
+    if "qat_q4_k_m" in files:
+        for subset, v in result.items():
+            f, p, q = v["f16"]["ppl"], v["q4_k_m"]["ppl"], v["qat_q4_k_m"]["ppl"]
+            summary[subset] = {"recovery": (p - q) / (p - f) if p != f else None,
+                               "kld_ratio_qat_vs_q4_k_m": v["qat_q4_k_m"]["kld_mean"] / v["q4_k_m"]["kld_mean"]}
+    qat_s = art.get("qat", {}).get("wall_s")
+    qat_cfg = art.get("qat", {}).get("config", {})
+    tokens = qat_cfg.get("steps", 0) * qat_cfg.get("batch_size", 0) * qat_cfg.get("grad_accum", 1) * 256
+    return {**result, "_summary": summary, "_qat": {"wall_s": qat_s, "train_tokens": tokens,
+                                                    "s_per_million_tokens": qat_s / tokens * 1e6 if qat_s and tokens else None},
+            "_wall_s": time.time() - t0}
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if not a.startswith("--") and "=" not in a] or list(MODELS)
+    overrides = [a for a in sys.argv[1:] if "=" in a]
+    ptq_only = "--ptq-only" in sys.argv
+    sys.argv = sys.argv[:1]  # common.run_recipe passes sys.argv[1:] on to the recipe
+    path = REPO / "benchmarks" / "results" / "qat_general.json"
+    result = json.loads(path.read_text()) if path.is_file() else {"models": {}}
+    for model in args:
+        result["models"][model] = run_model(model, ptq_only, overrides)
+    result["machine"] = machine_description()
+    write_result("qat_general.json", result)

@@ -1,0 +1,122 @@
+"""Speculative decoding in llama.cpp with a distilled draft: acceptance, speed, identical output.
+
+    bash third_party/build_llama_tools.sh          # llama-speculative, llama-bench (once, ~7 min)
+    .venv/bin/python benchmarks/speculative.py [key.path=value ...]
+
+Runs recipes/draft-smollm2.yaml (finished stages are reused), exports the target (the embedded
+SmolLM2-135M-Instruct) at Q4_K_M and two same-size drafts that were not distilled (the pruned
+student before distillation, and a plain truncation: the same 5 layers at full MLP width), then for
+each draft runs llama.cpp's own `llama-speculative` greedily on 8 prompts none of the recipe trained
+on, at draft lengths 2, 4 and 8: acceptance (accepted / drafted tokens), decode tokens/s, and whether
+the text equals the target's own greedy text (llama-cpp-python, same prompt and length). Target
+alone: `llama-bench` decode at the same depth. Results: benchmarks/results/speculative.json.
+"""
+
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from common import REPO, run_recipe, write_result
+
+from edgekit.machine import machine_description
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how photosynthesis works to a ten-year-old.",
+    "What are three tips for staying focused while studying?",
+    "Describe the water cycle in a few sentences.",
+    "Give me a recipe for a simple tomato soup.",
+    "Why is the sky blue?",
+    "Write a polite email asking a colleague to review a document.",
+    "What is the difference between weather and climate?",
+]
+N_PREDICT, THREADS = 128, 2
+
+
+def tools() -> Path:
+    from edgekit.bench.llama_bench import llama_bench_bin
+
+    exe = llama_bench_bin()
+    if exe is None or not (exe.parent / "llama-speculative").is_file():
+        sys.exit("run `bash third_party/build_llama_tools.sh` first (builds llama-speculative and llama-bench)")
+    return exe.parent
+
+
+def undistilled_drafts(run: Path, out: Path) -> dict:
+    """The recipe's student before distillation, and the same layers at full MLP width, as Q8_0."""
+    from edgekit.export.files import export_files
+    from edgekit.models.student import copy_tokenizer_files
+    from edgekit.stages import load_recipe
+    from edgekit.stages.context import RunContext
+
+    files = {}
+    for label, overrides in (("undistilled", []), ("truncated", ["student.mlp_keep=null"])):
+        recipe, base = load_recipe(REPO / "recipes" / "draft-smollm2.yaml", overrides)
+        ctx = RunContext(recipe, base, run)
+        model, tok_dir, _ = ctx.initial_student()
+        d = out / label
+        model.save_pretrained(d, safe_serialization=True)
+        copy_tokenizer_files(tok_dir, d)
+        files[label] = out / export_files(d, out, f"draft-{label}", ["q8_0"])["q8_0"]
+    return files
+
+
+def speculate(bin_dir: Path, target: Path, draft: Path, prompt: str, n_draft: int) -> dict:
+    cmd = [str(bin_dir / "llama-speculative"), "-m", str(target), "-md", str(draft), "-p", prompt, "-n", str(N_PREDICT),
+           "--draft-max", str(n_draft), "--draft-min", "0", "--temp", "0", "-t", str(THREADS), "-c", "1024", "--seed", "0",
+           "-no-cnv"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    log = out.stdout + out.stderr
+    grab = lambda pat: float(re.search(pat, log).group(1))  # noqa: E731
+    return {"text": out.stdout.split(prompt, 1)[-1].strip(), "decode_tps": grab(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+)"),
+            "drafted": grab(r"n_drafted = (\d+)"), "accepted": grab(r"n_accept\s+= (\d+)")}
+
+
+def target_text(target: Path, prompt: str) -> str:
+    from edgekit.bench.llama_runner import llama_generate
+
+    return llama_generate(target, prompt, N_PREDICT, threads=THREADS).strip()
+
+
+def run() -> dict:
+    bin_dir = tools()
+    art = run_recipe("draft-smollm2.yaml", "draft-smollm2")
+    run_dir = REPO / "runs" / "draft-smollm2"
+    out = run_dir / "speculative"
+    out.mkdir(exist_ok=True)
+    from edgekit.export.files import export_files
+    from edgekit.models.sources import resolve_model
+
+    target = out / export_files(resolve_model("embedded:smollm2-135m-instruct", REPO).path, out, "target", ["q4_k_m"])["q4_k_m"]
+    drafts = {"distilled": run_dir / "stages" / art["export"]["stage"] / art["export"]["outputs"]["gguf"]["q8_0"]["path"],
+              **undistilled_drafts(run_dir, out)}
+    from edgekit.bench.llama_bench import llama_bench
+
+    alone = statistics.median(llama_bench(target, THREADS, 32, N_PREDICT, 3)["decode_tps"] for _ in range(3))
+    reference = {p: target_text(target, p) for p in PROMPTS}
+    results = {}
+    for label, draft in drafts.items():
+        for n_draft in (2, 4, 8):
+            rows = [speculate(bin_dir, target, draft, p, n_draft) for p in PROMPTS]
+            results[f"{label}@{n_draft}"] = {
+                "acceptance": sum(r["accepted"] for r in rows) / max(1, sum(r["drafted"] for r in rows)),
+                "decode_tps": statistics.median(r["decode_tps"] for r in rows),
+                "identical": sum(r["text"] == reference[p] for r, p in zip(rows, PROMPTS)),
+                "draft_bytes": draft.stat().st_size}
+    best = max((k for k in results if k.startswith("distilled@")), key=lambda k: results[k]["decode_tps"])
+    n_best = int(best.split("@")[1])
+    result = {"target": f"SmolLM2-135M-Instruct Q4_K_M ({target.stat().st_size} bytes)",
+              "draft": f"draft-smollm2 Q8_0, 5 layers, MLP x0.5 ({drafts['distilled'].stat().st_size} bytes)",
+              "speedup": results[best]["decode_tps"] / alone, "identical_output": results[best]["identical"] == len(PROMPTS),
+              "acceptance_distilled": results[best]["acceptance"], "acceptance_undistilled": results[f"undistilled@{n_best}"]["acceptance"],
+              "acceptance_truncated": results[f"truncated@{n_best}"]["acceptance"], "draft_len": n_best,
+              "target_alone_decode_tps": alone, "runs": results, "prompts": len(PROMPTS), "n_predict": N_PREDICT,
+              "threads": THREADS, "machine": machine_description()}
+    write_result("speculative.json", result)
+    return result
+
+
+if __name__ == "__main__":
+    run()

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="require Authorization: Bearer KEY (default $EDGEKIT_API_KEY); needed to bind beyond 127.0.0.1")
     sv.add_argument("--queue", type=int, default=8, help="requests that may wait for the model (more: 503)")
     sv.add_argument("--timeout", type=float, default=300.0, help="seconds a request may take, queue included")
+    sv.add_argument("--draft", help="a small GGUF with the model's tokenizer for speculative decoding (recipes/draft-smollm2.yaml)")
+    sv.add_argument("--draft-tokens", type=int, default=4, help="tokens the draft proposes per step")
     sv.set_defaults(fn=cmd_serve)
     for sp in (r, v, m, i, b, e, c, sv):
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
@@ -324,7 +326,7 @@ def cmd_serve(args) -> int:
     from edgekit.serve import serve
 
     serve(args.model, args.host, args.port, args.threads, args.ctx, args.max_tokens, args.api_key, args.queue,
-          args.timeout)
+          args.timeout, args.draft, args.draft_tokens)
     return 0
 
 

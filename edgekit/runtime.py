@@ -21,7 +21,11 @@ from typing import Iterator
 from edgekit.errors import EdgekitError
 
 
-def load(path: str | Path, threads: int | None = None, n_ctx: int = 2048):
+def load(path: str | Path, threads: int | None = None, n_ctx: int = 2048, draft: str | Path | None = None,
+         draft_tokens: int = 4):
+    """`draft`: a small GGUF with the same vocabulary (e.g. from recipes/draft-smollm2.yaml) for
+    speculative decoding: it proposes `draft_tokens` tokens, the model checks them in one pass;
+    greedy output stays the model's own, token for token (GGUF only)."""
     path = Path(path)
     if path.is_dir() and not (path / "genai_config.json").is_file():
         ggufs = sorted(path.glob("*Q4_K_M.gguf")) or sorted(path.glob("*.gguf"))
@@ -33,22 +37,30 @@ def load(path: str | Path, threads: int | None = None, n_ctx: int = 2048):
         else:
             raise EdgekitError(f"{path} holds no .gguf file or ONNX model folder", "pass runs/<name>/export or a model file")
     if path.is_dir():
+        if draft is not None:
+            raise EdgekitError("a draft model speeds up GGUF files (llama.cpp); this is an ONNX folder",
+                               "pass the bundle's .gguf file, or drop the draft")
         return OrtModel(path)
     if path.suffix == ".gguf":
-        return LlamaModel(path, threads, n_ctx)
+        return LlamaModel(path, threads, n_ctx, Path(draft) if draft else None, draft_tokens)
     raise EdgekitError(f"{path} is neither a .gguf file nor an ONNX model folder", "pass runs/<name>/export or a model file")
 
 
 class LlamaModel:
     backend = "llama.cpp"
 
-    def __init__(self, path: Path, threads: int | None, n_ctx: int):
-        from edgekit.bench.llama_runner import load_llama
+    def __init__(self, path: Path, threads: int | None, n_ctx: int, draft: Path | None = None, draft_tokens: int = 4):
+        from edgekit.bench.llama_runner import gguf_draft, load_llama
 
         self.path = path
         # llama.cpp pads the context to a multiple of 256; llama-cpp-python sizes its token buffer
         # by the number asked for, and the two disagree past it: ask for the padded size
-        self.llm = load_llama(path, n_ctx=-(-n_ctx // 256) * 256, threads=threads)
+        n_ctx = -(-n_ctx // 256) * 256
+        self.draft = gguf_draft(draft, n_ctx, draft_tokens, threads) if draft is not None else None
+        self.llm = load_llama(path, n_ctx=n_ctx, threads=threads, draft_model=self.draft)
+        if self.draft is not None and self.draft.llm.n_vocab() != self.llm.n_vocab():
+            raise EdgekitError(f"the draft {draft.name} has {self.draft.llm.n_vocab()} tokens, the model {self.llm.n_vocab()}",
+                               "a draft must share the model's tokenizer: distill one from it (recipes/draft-smollm2.yaml)")
         self.last_finish_reason: str | None = None  # "stop" or "length", once a generation has ended
         self.last_usage: dict | None = None  # {"prompt_tokens", "completion_tokens"} of the last generation
 

@@ -48,14 +48,14 @@ def amx_off():
         api.llama_model_default_params = defaults
 
 
-def load_llama(path: Path, n_ctx: int, threads: int | None = None, logits_all: bool = False):
+def load_llama(path: Path, n_ctx: int, threads: int | None = None, logits_all: bool = False, draft_model=None):
     import llama_cpp
 
     open_gguf(path)  # clear errors for missing, non-GGUF or truncated files
     try:
         with quiet_stderr(), amx_off():
             return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_batch=min(512, n_ctx), logits_all=logits_all,
-                                   n_threads=threads or os.cpu_count(), verbose=False)
+                                   n_threads=threads or os.cpu_count(), verbose=False, draft_model=draft_model)
     except Exception as e:
         raise EdgekitError(f"llama.cpp could not load {path}: {e}", "check the file is a complete GGUF of an architecture llama.cpp supports") from None
 
@@ -67,6 +67,38 @@ def bos_to_prepend(llm) -> int | None:
 
     vocab = llama_cpp.llama_model_get_vocab(llm._model.model)
     return int(llama_cpp.llama_vocab_bos(vocab)) if llama_cpp.llama_vocab_get_add_bos(vocab) else None
+
+
+def gguf_draft(path: Path, n_ctx: int, tokens: int = 4, threads: int | None = None):
+    """A draft model for llama-cpp-python's speculative decoding (`Llama(draft_model=...)`): a second
+    GGUF with the target's vocabulary proposes `tokens` greedy tokens after the target's text, which
+    the target then checks in one batched pass. Greedy output is the target's own, token for token;
+    only the speed depends on how often the draft guesses right. The draft keeps its KV cache across
+    calls and re-evaluates only where its text and the target's part."""
+    import llama_cpp.llama_speculative as spec
+
+    llm = load_llama(path, n_ctx=n_ctx, threads=threads)
+
+    class GGUFDraft(spec.LlamaDraftModel):
+        def __init__(self):
+            self.llm, self.tokens, self.proposed = llm, tokens, 0
+
+        def __call__(self, input_ids, /, **kwargs):
+            ids = [int(t) for t in input_ids]
+            have = self.llm.input_ids[: self.llm.n_tokens].tolist()
+            same = 0
+            while same < min(len(have), len(ids) - 1) and have[same] == ids[same]:
+                same += 1
+            self.llm.n_tokens = same  # eval() drops the cache past this point
+            self.llm.eval(ids[same:])
+            out = []
+            for _ in range(min(self.tokens, self.llm.n_ctx() - self.llm.n_tokens - 1)):
+                out.append(_greedy_next(self.llm))
+                self.llm.eval(out[-1:])
+            self.proposed += len(out)
+            return np.array(out, dtype=np.intc)
+
+    return GGUFDraft()
 
 
 def llama_scorer(path: Path, ctx: int, threads: int | None = None):

@@ -265,7 +265,8 @@ async def sse_events(job: Job, first: tuple, rid: str, kind: str, model_id: str,
 
 
 def serve(path: str, host: str, port: int, threads: int | None, n_ctx: int, max_tokens: int,
-          api_key: str | None = None, queue_size: int = 8, request_timeout: float = 300.0) -> None:
+          api_key: str | None = None, queue_size: int = 8, request_timeout: float = 300.0, draft: str | None = None,
+          draft_tokens: int = 4) -> None:
     import sys
     from pathlib import Path
 
@@ -277,7 +278,7 @@ def serve(path: str, host: str, port: int, threads: int | None, n_ctx: int, max_
     if host not in LOOPBACK and not api_key:
         raise EdgekitError(f"serving on {host} would let anyone who can reach this machine use the model",
                            "pass --api-key KEY (clients send Authorization: Bearer KEY), or keep the default 127.0.0.1")
-    model = runtime.load(path, threads=threads, n_ctx=n_ctx)
+    model = runtime.load(path, threads=threads, n_ctx=n_ctx, draft=draft, draft_tokens=draft_tokens)
     model_id = Path(model.path).name
     worker = Worker(model, queue_size)
     app = create_app(model, model_id, max_tokens, queue_size, request_timeout, api_key, worker)

@@ -46,3 +46,20 @@ def test_chat_cli_streams_a_reply(bundle):
                           input="hello there\n\n", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "on llama.cpp" in proc.stderr
+
+
+def test_a_draft_model_speculates_and_the_output_stays_the_models_own(bundle, tiny_tokenizer_dir, tmp_path):
+    """Speculative decoding (llama-cpp-python's draft_model): a 1-layer draft with the same
+    tokenizer proposes tokens, the model checks them; greedy text is unchanged, token for token."""
+    from edgekit.export.gguf_write import write_gguf
+    from tests.conftest import make_tiny_llama
+
+    draft = write_gguf(make_tiny_llama(tmp_path / "draft", tiny_tokenizer_dir, layers=1, seed=3), tmp_path / "draft-F16.gguf", "f16")
+    gguf = bundle / "tiny-F16.gguf"
+    plain = runtime.load(gguf, n_ctx=256).generate("The module", max_tokens=40)
+    fast = runtime.load(gguf, n_ctx=256, draft=draft, draft_tokens=3)
+    assert fast.generate("The module", max_tokens=40) == plain
+    assert fast.draft.proposed > 0  # the draft was asked for tokens
+    assert "".join(fast.generate("The module", max_tokens=40, stream=True)) == plain  # again, on a warm draft cache
+    with pytest.raises(EdgekitError, match="ONNX folder"):
+        runtime.load(bundle / "tiny-int4-onnx", draft=draft)

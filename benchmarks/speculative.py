@@ -3,8 +3,9 @@
     bash third_party/build_llama_tools.sh          # llama-speculative, llama-bench (once, ~7 min)
     .venv/bin/python benchmarks/speculative.py [key.path=value ...]
 
-Runs recipes/draft-smollm2.yaml (finished stages are reused), exports the target (the embedded
-SmolLM2-135M-Instruct) at Q4_K_M and two same-size drafts that were not distilled (the pruned
+Runs recipes/draft-smollm2.yaml (finished stages are reused; its export holds the target, the
+embedded SmolLM2-135M-Instruct, at Q4_K_M beside the distilled draft), exports two same-size drafts
+that were not distilled (the pruned
 student before distillation, and a plain truncation: the same 5 layers at full MLP width), then for
 each draft runs llama.cpp's own `llama-speculative` greedily on 8 prompts none of the recipe trained
 on, at draft lengths 2, 4 and 8: acceptance (accepted / drafted tokens), decode tokens/s, and whether
@@ -82,16 +83,15 @@ def target_text(target: Path, prompt: str) -> str:
 
 def run() -> dict:
     bin_dir = tools()
-    art = run_recipe("draft-smollm2.yaml", "draft-smollm2")
+    run_recipe("draft-smollm2.yaml", "draft-smollm2")
     run_dir = REPO / "runs" / "draft-smollm2"
     out = run_dir / "speculative"
     out.mkdir(exist_ok=True)
-    from edgekit.export.files import export_files
-    from edgekit.models.sources import resolve_model
+    import json
 
-    target = out / export_files(resolve_model("embedded:smollm2-135m-instruct", REPO).path, out, "target", ["q4_k_m"])["q4_k_m"]
-    drafts = {"distilled": run_dir / "stages" / art["export"]["stage"] / art["export"]["outputs"]["gguf"]["q8_0"]["path"],
-              **undistilled_drafts(run_dir, out)}
+    pair = json.loads((run_dir / "export" / "draft.json").read_text())  # the pair the recipe exported
+    target = run_dir / "export" / pair["target"]
+    drafts = {"distilled": run_dir / "export" / pair["draft"], **undistilled_drafts(run_dir, out)}
     from edgekit.bench.llama_bench import llama_bench
 
     alone = statistics.median(llama_bench(target, THREADS, 32, N_PREDICT, 3)["decode_tps"] for _ in range(3))

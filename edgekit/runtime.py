@@ -27,6 +27,11 @@ def load(path: str | Path, threads: int | None = None, n_ctx: int = 2048, draft:
     speculative decoding: it proposes `draft_tokens` tokens, the model checks them in one pass;
     greedy output stays the model's own, token for token (GGUF only)."""
     path = Path(path)
+    if path.is_dir() and (path / "draft.json").is_file() and draft is None:  # a target exported with its draft
+        import json
+
+        pair = json.loads((path / "draft.json").read_text())
+        path, draft, draft_tokens = path / pair["target"], path / pair["draft"], pair.get("draft_tokens", draft_tokens)
     if path.is_dir() and not (path / "genai_config.json").is_file():
         ggufs = sorted(path.glob("*Q4_K_M.gguf")) or sorted(path.glob("*.gguf"))
         onnx = [p for p in sorted(path.iterdir()) if (p / "genai_config.json").is_file()]

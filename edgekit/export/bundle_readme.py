@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def bundle_readme(name: str, files: dict[str, str], ptq: dict[str, str] | None = None) -> str:
-    """`files`: {format: file} of the export stage; `ptq`: {artifact: file} of a quantize stage."""
+def bundle_readme(name: str, files: dict[str, str], ptq: dict[str, str] | None = None, pair: dict | None = None) -> str:
+    """`files`: {format: file} of the export stage; `ptq`: {artifact: file} of a quantize stage;
+    `pair`: {"target", "draft"} when the student is a draft for speculative decoding."""
     gguf = next((f for k, f in files.items() if k == "q4_k_m"), None) or next((f for f in files.values() if f.endswith(".gguf")), None)
     onnx = files.get("onnx_int4")
     lines = [f"# {name}: exported model bundle", "",
@@ -27,6 +28,17 @@ def bundle_readme(name: str, files: dict[str, str], ptq: dict[str, str] | None =
                   "tokenize, `llama_decode` and sample as in llama.cpp's `examples/simple`.",
                   "Android and iOS: llama.cpp's own Android (`examples/llama.android`) and SwiftUI",
                   "(`examples/llama.swiftui`) examples load a GGUF the same way; ship this file in the app's assets.", ""]
+    if pair:
+        t, d = pair["target"], pair["draft"]
+        lines += ["## Speculative decoding: the target and its draft", "",
+                  f"`{d}` is a draft for `{t}`: it shares its tokenizer and was distilled on the target's own answers.",
+                  "It proposes a few tokens, the target checks them in one batched pass: greedy output is the target's",
+                  "own, token for token, faster when the draft guesses right (`draft.json` names the pair).", "",
+                  "```sh", f"llama-server -m {t} -md {d} --draft-max 4     # OpenAI-compatible server",
+                  f"llama-speculative -m {t} -md {d} -p 'Hello' -n 128 --temp 0   # prints the acceptance rate",
+                  "```", "", "```python", "import edgekit.runtime",
+                  "m = edgekit.runtime.load('.')   # reads draft.json: the target with its draft",
+                  "```", "", "`edgekit serve .` serves the pair the same way.", ""]
     if onnx:
         lines += ["## ONNX Runtime (onnxruntime-genai)", "", "```python", "import onnxruntime_genai as og",
                   f'model = og.Model("{onnx}")', "tokenizer = og.Tokenizer(model)",

@@ -9,7 +9,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from edgekit.formats import EXPORT_FORMATS
+from edgekit.formats import EXPORT_FORMATS, MIXES
+from edgekit.fsutil import write_json
 from edgekit.recipe.schema import StageConfig, student_needs_training
 from edgekit.stages.context import RunContext
 from edgekit.stages.outputs import DistillOutput, ExportOutput, QATOutput, QuantizeOutput
@@ -30,6 +31,9 @@ class ExportConfig(StageConfig):
     # A QAT grid file is written exactly as trained and does not use it.
     imatrix: bool = False
     imatrix_rows: int = Field(64, ge=1)
+    # the student is a draft for speculative decoding of the teacher: also export the teacher (the
+    # target) in this GGUF format, and draft.json naming the pair (edgekit.runtime / serve load both)
+    draft_target: Literal[tuple(MIXES)] | None = None
 
     @field_validator("formats")
     @classmethod
@@ -108,9 +112,19 @@ def run(ctx: RunContext, cfg: ExportConfig, out: Path) -> StageResult:
         outputs.ptq_gguf = {f: out / p for f, p in base.items()}
         metrics |= {f"ptq_gguf_{f}": file_metrics(p, "edgekit" if f in ("f16", "f32") else "llama.cpp")
                     for f, p in outputs.ptq_gguf.items()}
+    pair = None
+    if cfg.draft_target:
+        target = export_files(ctx.teacher_path(), out, f"{ctx.recipe.name}-target", [cfg.draft_target])[cfg.draft_target]
+        draft = next(f for f in files.values() if f.endswith(".gguf"))
+        pair = {"target": target, "draft": draft, "draft_tokens": 4}
+        write_json(out / "draft.json", pair)
+        files[f"target_{cfg.draft_target}"] = target
+        metrics[f"target_{cfg.draft_target}"] = file_metrics(out / target, "llama.cpp")
     ptq = ctx.get(QuantizeOutput)
-    (out / "README.md").write_text(bundle_readme(name, files, {k: p.name for k, p in ptq.files.items()} if ptq else None))
+    (out / "README.md").write_text(bundle_readme(name, files, {k: p.name for k, p in ptq.files.items()} if ptq else None, pair))
     publish = {f: f"export/{f}" for f in files.values()} | {"README.md": "export/README.md"}
+    if pair:
+        publish["draft.json"] = "export/draft.json"
     if imatrix:
         outputs.imatrix = out / f"{name}.imatrix.gguf"
         publish[outputs.imatrix.name] = f"export/{outputs.imatrix.name}"

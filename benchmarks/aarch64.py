@@ -37,7 +37,8 @@ def run() -> dict:
             fp16, ptq, qat = f["ptq_f16"]["ppl"], f["ptq_q4_k_m"]["ppl"], f["qat_q4_k_m"]["ppl"]
             prof["qat_vs_ptq"] = {"ppl_f16": fp16, "ppl_ptq_q4_k_m": ptq, "ppl_qat_q4_k_m": qat,
                                   "recovery": (ptq - qat) / (ptq - fp16) if ptq != fp16 else None}
-    result = {"profiles": profiles, "holdout": "quickstart holdout (stdlib docs), ctx 256, second half of each chunk scored",
+    result = {"profiles": profiles, "holdout": f"quickstart holdout (stdlib docs): {rows[0]['chunks']} chunks of {rows[0]['ctx']} tokens, "
+                                               "the second half of each scored (llama-perplexity's way)",
               "note": "emulated: llama.cpp cross-built for aarch64 (Debian gcc-aarch64-linux-gnu), run under qemu-user; "
                       "kernels exact, speed not measured", "machine": machine_description()}
     write_result("aarch64.json", result)

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="held-out text for --emulate (JSONL with 'text', or plain text)")
     b.add_argument("--reference", help="with --emulate: the PyTorch model the files hold (directory, embedded:NAME or hub id), "
                                        "for KL vs PyTorch and the x86 floor")
-    b.add_argument("--ctx", type=int, default=256, help="with --emulate: llama-perplexity's chunk length")
+X
     b.add_argument("--chunks", type=int, default=8, help="with --emulate: chunks scored (the second half of each)")
     b.set_defaults(fn=cmd_bench)
     e = sub.add_parser("eval", help="quality of GGUF files (llama.cpp) and ONNX folders (ONNX Runtime): perplexity, "

@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--data", help="held-out text for --emulate (JSONL with 'text', or plain text)")
     b.add_argument("--reference", help="with --emulate: the PyTorch model the files hold (directory, embedded:NAME or hub id), "
                                        "for KL vs PyTorch and the x86 floor")
-X
-    b.add_argument("--chunks", type=int, default=8, help="with --emulate: chunks scored (the second half of each)")
+    b.add_argument("--ctx", type=int, default=128, help="with --emulate: llama-perplexity's chunk length")
+    b.add_argument("--chunks", type=int, default=4,
+                   help="with --emulate: chunks scored (the second half of each); qemu runs ARM code ~50-100x slower")
     b.set_defaults(fn=cmd_bench)
     e = sub.add_parser("eval", help="quality of GGUF files (llama.cpp) and ONNX folders (ONNX Runtime): perplexity, "
                                     "KL/top-1 against a reference, task accuracy")

@@ -141,8 +141,14 @@ def split_documents(docs: list[Document], fraction: float, seed: int) -> tuple[l
     return [d for d in docs if id(d) not in holdout], [d for d in docs if id(d) in holdout]
 
 
-def ngram_overlap(train: list[str], holdout: list[str]) -> float:
-    """Share of holdout word 13-grams that also occur in training text (0 = clean)."""
-    from edgekit.data.contamination import grams_of, overlap
+def ngram_overlap(train: list[str], holdout: list[str], n: int = 13) -> float:
+    """Share of holdout word n-grams (whitespace words, counted with repeats) that also occur in
+    training text (0 = clean). Its value is part of every run's stage keys: kept as it was, so
+    finished runs stay cached (edgekit.data.contamination measures the general set)."""
+    def grams(text: str) -> set[tuple[str, ...]]:
+        w = text.lower().split()
+        return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
 
-    return overlap(holdout, grams_of(train))
+    train_grams = set().union(*(grams(t) for t in train)) if train else set()
+    hold = [g for t in holdout for g in grams(t)]
+    return sum(g in train_grams for g in hold) / len(hold) if hold else 0.0

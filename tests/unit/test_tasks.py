@@ -102,7 +102,7 @@ def test_eval_cli_on_gguf_and_onnx_with_tasks_and_reference(files, tmp_path, cap
     assert 0 < onnx_r["kl_vs_reference"] < 5 and onnx_r["tokens"] == same["tokens"]  # the same ids from both tokenizers
     assert onnx_r["tasks"]["file"]["mc_items"] == 2 and onnx_r["tasks"]["file"]["em_items"] == 1
     assert {p.name for p in (tmp_path / "out").iterdir()} == {"eval.json", "eval.md", "quality_vs_size.png"}
-    assert "tiny-int4-onnx | onnxruntime" in (tmp_path / "out" / "eval.md").read_text()
+    assert "tiny-int4-onnx | - | onnxruntime" in (tmp_path / "out" / "eval.md").read_text()  # "-": the whole --data file, no subset
 
 
 def test_eval_needs_data_or_tasks(files, capsys):

@@ -60,12 +60,6 @@ def emulator(profile: dict) -> list[str]:
     return [qemu, "-cpu", emu["qemu_cpu"], str(exe)]
 
 
-def cpu_flags(profile: dict) -> str:
-    """The ARM features the emulated CPU reports, as llama.cpp's system info prints them."""
-    out = subprocess.run(emulator(profile) + ["--version"], capture_output=True, text=True, timeout=120)
-    return out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ""
-
-
 def run_kld(profile: dict, gguf: Path, base_file: Path, threads: int = 2) -> dict:
     """llama-perplexity --kl-divergence on the target's kernels against `base_file`."""
     n_ctx = kld.read_logits_file(base_file)[0].shape[1]

@@ -1,10 +1,16 @@
-"""KD training-step throughput and peak memory: edgekit's chunked step vs a naive one.
+"""KD training-step throughput and peak memory: edgekit's chunked step vs a naive one and TRL,
+at a 49k and a 262k vocabulary.
 
-    .venv/bin/python benchmarks/kd_step.py [--steps 4] [--batch 4] [--seq-len 256]
+    .venv/bin/python benchmarks/kd_step.py [--pair smollm2|gemma3] [--steps 3] [--batch 4] [--seq-len 256]
 
-Same pair as the quickstart (SmolLM2-135M teacher, its 11-layer student), same batch.
+Pairs: smollm2 = the quickstart's (SmolLM2-135M-Instruct teacher, vocab 49,152, its 11-layer
+student: every 3rd layer) -> kd_step.json; gemma3 = Gemma 3 270M (embedded, vocab 262,144) and
+its 6-layer student (every 3rd of 18) -> kd_step_gemma3.json. Same batch for every variant.
 - edgekit: hidden states from both trunks, loss and its gradient over position chunks
-  fused with the output projection (edgekit.distill.trainer.chunked_loss);
+  fused with the output projection (edgekit.distill.trainer.chunked_loss: closed-form
+  forward-KL gradient in place, chunk lowered at large vocabularies);
+- offline_topk: the same step against the teacher's top-64 cached once (logit_cache; the
+  cache is built before the timed steps, as a recipe's `teacher_logits: offline` does);
 - naive: both models' full (B, T, V) logits materialised, forward KL on all of them,
   as a straightforward implementation does;
 - trl_gkd: TRL's GKDTrainer (trl.experimental.gkd, TRL 1.16) in its offline setting
@@ -13,7 +19,14 @@ Same pair as the quickstart (SmolLM2-135M teacher, its 11-layer student), same b
   TRL's SFT-family defaults bf16 autocast and gradient checkpointing are turned off, so all
   three variants compute in fp32 without recomputation (bf16 is ~25x slower on this CPU).
 Each variant runs in its own process; the peak RSS is reset after the models load, so
-`peak_mem_mb` is the training steps' peak (weights, optimizer state, activations, logits).
+`peak_mem_mb` is the training steps' peak (weights, optimizer state, activations, logits)
+and `step_peak_over_base_mb` what the step adds to the loaded models. Also:
+- loss_only: the output heads + loss + its gradients alone, from fixed hidden states (B*T, H):
+  edgekit's fused loss vs the naive full-logits forward KL + autograd; ms and memory above
+  the hidden states;
+- profile: where edgekit's step goes (student trunk forward, teacher trunk forward, heads +
+  loss with gradients, trunk backward, optimizer), median seconds over the timed steps;
+- estimate_mb: what `edgekit validate` predicts for the same settings, beside the measured peak.
 TRL's newer DistillationTrainer (chunked loss too) is on-policy only: it generates every
 completion, so it does not measure the same step and is not run here.
 Writes
@@ -28,9 +41,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+PAIRS = {"smollm2": ("embedded:smollm2-135m-instruct", "kd_step.json"),
+         "gemma3": ("embedded:gemma3-270m", "kd_step_gemma3.json")}
+TOP_K = 64
 
 
-def step_fn(variant: str):
+def step_fn(variant: str, profile: dict):
     import torch
 
     from edgekit.distill.losses import forward_kl
@@ -38,13 +54,25 @@ def step_fn(variant: str):
 
     st = KDSettings(temperature=2.0, loss_chunk=128)
 
-    def edgekit_step(student, teacher, x):
+    def timed(part, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        profile.setdefault(part, []).append(time.perf_counter() - t0)
+        return out
+
+    def edgekit_step(student, teacher, x, cache=None):
         inputs, labels = x[:, :-1], x[:, 1:].reshape(-1)
-        s_h = hidden_and_head(student)[0](input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
-        with torch.no_grad():
-            t_h = hidden_and_head(teacher)[0](input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
-        loss, _ = chunked_loss(s_h, t_h, labels, student, teacher, st)
-        loss.backward()
+        s_h = timed("student_forward", lambda: hidden_and_head(student)[0](input_ids=inputs)
+                    .last_hidden_state.reshape(labels.numel(), -1))
+        t_h = None
+        if cache is None:
+            with torch.no_grad():  # as the trainer does
+                t_h = timed("teacher_forward", lambda: hidden_and_head(teacher)[0](input_ids=inputs)
+                            .last_hidden_state.reshape(labels.numel(), -1))
+        sparse = cache.batch(torch.arange(x.shape[0])) if cache is not None else None
+        loss, _ = timed("heads_and_loss", lambda: chunked_loss(s_h, t_h, labels, student, None if cache else teacher,
+                                                               st, sparse))
+        timed("trunk_backward", loss.backward)
         return loss
 
     def naive_step(student, teacher, x):
@@ -56,10 +84,43 @@ def step_fn(variant: str):
         loss.backward()
         return loss
 
-    return {"edgekit": edgekit_step, "naive": naive_step}[variant]
+    return {"edgekit": edgekit_step, "offline_topk": edgekit_step, "naive": naive_step}[variant]
 
 
-def trl_gkd_times(student, teacher, x, steps: int) -> list[float]:
+def loss_only(variant: str, student, teacher, x, repeats: int = 3) -> dict:
+    """The heads + loss + gradients from fixed hidden states: median ms, peak memory above them."""
+    import torch
+
+    from edgekit.distill.losses import forward_kl
+    from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head
+    from edgekit.bench.worker import peak_rss_kb
+
+    st = KDSettings(temperature=2.0, loss_chunk=128)
+    inputs, labels = x[:, :-1], x[:, 1:].reshape(-1)
+    with torch.no_grad():
+        s_h0 = hidden_and_head(student)[0](input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
+        t_h = hidden_and_head(teacher)[0](input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)
+    s_head, t_head = student.get_output_embeddings(), teacher.get_output_embeddings()
+    times, base = [], rss_mb()
+    reset_peak()
+    for _ in range(repeats + 1):
+        s_h = s_h0.clone().requires_grad_()
+        student.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        if variant == "edgekit":
+            loss, _ = chunked_loss(s_h, t_h, labels, student, teacher, st)
+        else:
+            with torch.no_grad():
+                t = t_head(t_h)
+            loss = forward_kl(s_head(s_h), t, st.temperature).mean()
+        loss.backward()
+        times.append(time.perf_counter() - t0)
+        del loss
+    ms = sorted(times[1:])[len(times[1:]) // 2] * 1000
+    return {"ms": round(ms, 1), "mem_mb": round(peak_rss_kb() / 1024 - base, 1)}
+
+
+def trl_gkd_times(student, teacher, x, steps: int, model: str) -> list[float]:
     """Per-step seconds of TRL's GKDTrainer training `student` on the fixed batch `x`."""
     import tempfile
 
@@ -82,7 +143,7 @@ def trl_gkd_times(student, teacher, x, steps: int) -> list[float]:
     def collate(_rows):  # every step trains on the same (B, T+1) rows as the other variants
         return {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()}
 
-    tok = AutoTokenizer.from_pretrained(resolve_model("embedded:smollm2-135m-instruct", REPO).path)
+    tok = AutoTokenizer.from_pretrained(resolve_model(model, REPO).path)
     args = GKDConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=x.shape[0], max_steps=steps,
                      learning_rate=1e-4, lr_scheduler_type="constant", lmbda=0.0, beta=0.0, seq_kd=False,
                      temperature=2.0, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", logging_strategy="no",
@@ -94,7 +155,11 @@ def trl_gkd_times(student, teacher, x, steps: int) -> list[float]:
     return times
 
 
-def worker(variant: str, steps: int, batch: int, seq_len: int) -> None:
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
+def worker(pair: str, variant: str, steps: int, batch: int, seq_len: int) -> None:
     import torch
 
     from edgekit.bench.worker import peak_rss_kb
@@ -103,27 +168,51 @@ def worker(variant: str, steps: int, batch: int, seq_len: int) -> None:
     from edgekit.models.student import init_from_teacher_layers, layers_to_keep
 
     torch.manual_seed(0)
-    teacher = load_causal_lm(resolve_model("embedded:smollm2-135m-instruct", REPO).path)
+    teacher = load_causal_lm(resolve_model(PAIRS[pair][0], REPO).path)
     student = init_from_teacher_layers(teacher, layers_to_keep(teacher.config.num_hidden_layers, 3, None)).train()
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
     x = torch.randint(0, teacher.config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    for p in teacher.parameters():  # touch the memory-mapped teacher: its pages count before the steps, as after
+        p.data.sum()
+    if variant.startswith("loss_"):
+        print(json.dumps(loss_only(variant.removeprefix("loss_"), student, teacher, x)))
+        return
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    cache = None
+    if variant == "offline_topk":
+        from edgekit.distill.logit_cache import load_or_build
+
+        cache = load_or_build(teacher, {"benchmark": pair}, x, k=TOP_K, temperature=2.0)
+        del teacher
+        teacher = None
+        from edgekit.fsutil import release_memory
+
+        release_memory()
     base_mb = rss_mb()
+    profile = {}
     if variant == "trl_gkd":
-        times = trl_gkd_times(student, teacher, x, steps + 1)
+        times = trl_gkd_times(student, teacher, x, steps + 1, PAIRS[pair][0])
     else:
-        fn = step_fn(variant)
+        fn = step_fn(variant, profile)
         reset_peak()  # from here VmHWM is the training steps' own peak
         times = []
         for i in range(steps + 1):  # the first step warms up
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            fn(student, teacher, x)
+            if variant == "naive":
+                fn(student, teacher, x)
+            else:
+                fn(student, teacher, x, cache)
+            t1 = time.perf_counter()
             opt.step()
+            profile.setdefault("optimizer", []).append(time.perf_counter() - t1)
             times.append(time.perf_counter() - t0)
-    step_s = sorted(times[1:])[len(times[1:]) // 2]
+    step_s = median(times[1:])
     peak = peak_rss_kb() / 1024
-    print(json.dumps({"tokens_per_s": batch * seq_len / step_s, "step_s": step_s, "peak_mem_mb": peak,
-                      "rss_before_steps_mb": base_mb, "step_peak_over_base_mb": peak - base_mb}))
+    out = {"tokens_per_s": batch * seq_len / step_s, "step_s": step_s, "peak_mem_mb": peak,
+           "rss_before_steps_mb": base_mb, "step_peak_over_base_mb": peak - base_mb}
+    if variant == "edgekit":
+        out["profile"] = {k: round(median(v[1:]), 3) for k, v in profile.items()}
+    print(json.dumps(out))
 
 
 def rss_mb() -> float:
@@ -143,28 +232,51 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
+    ap.add_argument("--variants", default="edgekit,naive,trl_gkd,offline_topk,loss_edgekit,loss_naive")
     ap.add_argument("--worker")
     a = ap.parse_args()
     if a.worker:
-        return worker(a.worker, a.steps, a.batch, a.seq_len)
+        return worker(a.pair, a.worker, a.steps, a.batch, a.seq_len)
+    from edgekit.distill.memory import counts, estimate, model_config
     from edgekit.machine import machine_description
 
     result = {}
-    for variant in ("edgekit", "naive", "trl_gkd"):
-        out = subprocess.run([sys.executable, __file__, "--worker", variant, "--steps", str(a.steps), "--batch",
-                              str(a.batch), "--seq-len", str(a.seq_len)], capture_output=True, text=True, check=True)
-        result[variant] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(variant, result[variant], flush=True)
+    for variant in a.variants.split(","):
+        out = subprocess.run([sys.executable, __file__, "--worker", variant, "--pair", a.pair, "--steps", str(a.steps),
+                              "--batch", str(a.batch), "--seq-len", str(a.seq_len)], stdout=subprocess.PIPE, text=True,
+                             check=True)
+        row = json.loads(out.stdout.strip().splitlines()[-1])
+        if variant.startswith("loss_"):
+            result.setdefault("loss_only", {})[variant.removeprefix("loss_")] = row
+        else:
+            result[variant] = row
+        print(variant, row, flush=True)
     import trl
 
     e = result["edgekit"]
-    result.update({"batch": a.batch, "seq_len": a.seq_len, "vocab": 49152, "trl_version": trl.__version__,
-                   "machine": machine_description(),
+    result["profile"] = e.pop("profile")
+    import copy
+
+    from edgekit.models.student import layers_to_keep
+
+    cfg = model_config(PAIRS[a.pair][0], REPO)
+    student_cfg = copy.deepcopy(cfg)
+    student_cfg.num_hidden_layers = len(layers_to_keep(cfg.num_hidden_layers, 3, None))
+    est = estimate(counts(cfg), counts(student_cfg), teacher_load=None, optimizer="adamw", batch=a.batch,
+                   seq_len=a.seq_len + 1, loss_chunk=128)
+    result.update({"batch": a.batch, "seq_len": a.seq_len, "vocab": cfg.vocab_size, "trl_version": trl.__version__,
+                   "machine": machine_description(), "estimate_mb": est["total_mb"],
+                   "estimate_error": round(est["total_mb"] / e["peak_mem_mb"] - 1, 3),
                    "speedup_vs_naive": e["tokens_per_s"] / result["naive"]["tokens_per_s"],
                    "memory_ratio_vs_naive": e["peak_mem_mb"] / result["naive"]["peak_mem_mb"],
                    "speedup_vs_trl_gkd": e["tokens_per_s"] / result["trl_gkd"]["tokens_per_s"],
                    "memory_ratio_vs_trl_gkd": e["peak_mem_mb"] / result["trl_gkd"]["peak_mem_mb"]})
-    (REPO / "benchmarks" / "results" / "kd_step.json").write_text(json.dumps(result, indent=2) + "\n")
+    if "loss_only" in result:
+        lo = result["loss_only"]
+        result["loss_only"]["speedup"] = lo["naive"]["ms"] / lo["edgekit"]["ms"]
+        result["loss_only"]["memory_ratio"] = lo["edgekit"]["mem_mb"] / lo["naive"]["mem_mb"]
+    (REPO / "benchmarks" / "results" / PAIRS[a.pair][1]).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

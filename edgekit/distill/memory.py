@@ -3,16 +3,17 @@
 Counts come from the models' configs (a meta-device instance: exact parameter counts,
 no weights read). Bytes per parameter:
     teacher weights   fp32 4, fp16 2; int8: Linear 1 (+ fp32 row scales), nf4: Linear 0.5
-                      + double-quantized absmax (~0.02); embeddings, norms and the output
-                      head stay fp32 (bitsandbytes quantizes only the Linear layers inside
-                      the blocks)
+                      + double-quantized absmax (~0.02) (bitsandbytes quantizes the Linear
+                      layers inside the blocks); with either, the embeddings and output head
+                      are int8 rows + a fp32 scale each (models.int8_rows), norms fp32
     student weights   4 (fp32 training; bf16 is ~25x slower on CPUs)
     gradients         4 per trainable parameter (all of them, or the LoRA adapters)
     optimizer states  AdamW 8 per trainable parameter; 8-bit AdamW 2 (+ fp32 absmax per 256)
 Activations kept for backward, per token and student layer, in fp32 floats: ~10 H
 (norms, q/k/v, attention output, residual inputs) + 4 I (gate, up, act, product), measured
-on the quickstart pair and checked by a test. The fused loss adds ~6 chunk x V logits-sized
-buffers (student and teacher logits, softmaxes, gradient) and a (V, H) head-gradient
+on the quickstart pair and checked by a test. The fused loss adds ~4 chunk x V logits-sized
+buffers (student and teacher logits, a softmax or log-sum-exp temporary, its gradient;
+the chunk is lowered at large vocabularies to keep them within 256 MB) and a (V, H) head-gradient
 buffer; the optimizer step adds temporaries (see `estimate`). The Python + torch +
 transformers runtime itself is ~350 MB on Linux. Measured peaks are process RSS: a
 teacher memory-mapped from safetensors counts once its pages are touched (every step).
@@ -31,10 +32,19 @@ from dataclasses import dataclass
 
 from edgekit.recipe.schema import TrainSettings
 
+
 MB = 2**20
 RUNTIME_MB = 350.0
 ACT_FLOATS_H, ACT_FLOATS_I = 10, 4  # floats kept per token per layer, per hidden / intermediate unit
-LOGIT_BUFFERS = 6
+LOGIT_BUFFERS = 4
+LOGITS_BUDGET = 256 * MB  # bytes of (C, V) fp32 buffers one loss chunk may hold
+
+
+def loss_chunk_rows(requested: int, vocab: int) -> int:
+    """Positions per loss chunk: the recipe's `loss_chunk`, lowered so a chunk's ~4 (C, V) fp32
+    buffers stay within LOGITS_BUDGET (128 at SmolLM2's 49k vocabulary, 64 at Gemma 3's 262k)."""
+    fits = LOGITS_BUDGET // (4 * LOGIT_BUFFERS * vocab)
+    return max(8, min(requested, 1 << max(3, fits.bit_length() - 1)))
 
 
 @dataclass
@@ -73,7 +83,7 @@ def held_blocks(m: ModelCounts, processes: int, sharded: bool) -> float:
 def teacher_bytes(t: ModelCounts, load: str | None, processes: int = 1, sharded: bool = False) -> float:
     other = t.params - t.block_linear
     per_linear = {None: 4.0, "fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4.0 / t.hidden, "nf4": 0.5 + 0.02}[load]
-    per_other = 2.0 if load == "fp16" else 4.0
+    per_other = {"fp16": 2.0, "int8": 1.0 + 4.0 / t.hidden, "nf4": 1.0 + 4.0 / t.hidden}.get(load, 4.0)
     return held_blocks(t, processes, sharded) * per_linear + other * per_other
 
 
@@ -104,16 +114,12 @@ def estimate(teacher: ModelCounts | None, student: ModelCounts, *, teacher_load:
     parts = {
         "runtime": RUNTIME_MB * MB,
         "teacher_weights": teacher_bytes(teacher, teacher_load, n, shard_teacher) if teacher else 0.0,
-        # measured on CPU: loading through bitsandbytes leaves the fp32 block weights it read to
-        # quantize resident (RSS), so an NF4/int8 teacher saves far less than its footprint says
-        "teacher_load_residue": (4.0 * teacher.block_linear if teacher and teacher_load in ("nf4", "int8") and not on_gpu
-                                 else 0.0),
         "student_weights": 4.0 * held,
         # sharded: the shard's gradients + the gathered root unit's, until they are reduce-scattered
         "gradients": 4.0 * (trained + (student.params - student.block_linear if sharded else 0)),
         "optimizer_states": opt_bytes * trained,
         "activations": 4.0 * tokens * student.layers * (ACT_FLOATS_H * student.hidden + ACT_FLOATS_I * student.intermediate),
-        "logits_chunk": 4.0 * LOGIT_BUFFERS * min(loss_chunk, tokens) * student.vocab,
+        "logits_chunk": 4.0 * LOGIT_BUFFERS * min(loss_chunk_rows(loss_chunk, student.vocab), tokens) * student.vocab,
         # the fused loss accumulates the output head's gradient in its own (V, H) buffer
         "head_grad_buffer": 4.0 * student.vocab * student.hidden if trainable == student.params else 0.0,
         # the step's temporaries: torch's foreach AdamW ~one parameter-sized list; bitsandbytes'

@@ -20,6 +20,7 @@ from torch.nn.utils import parametrize
 
 from edgekit.distill.hidden import capture
 from edgekit.distill.lean import make_optimizer
+from edgekit.distill.memory import loss_chunk_rows
 from edgekit.distill.losses import cross_entropy, forward_kl_topk, kd_loss
 from edgekit.distill.checkpoint import resume, save_checkpoint
 from edgekit.parallel import (StepRoot, average_gradients, fill_from_rank0, is_sharded, mean_scalars, on_meta,
@@ -56,42 +57,34 @@ class _FusedHeadKD(torch.autograd.Function):
     """Output projection + KD/CE loss, one chunk of positions at a time, gradients included.
 
     Forward walks the chunks: logits (C, V) = h @ W^T, the loss, and its gradient with
-    respect to those logits (autograd on that small piece); then grad_h = g @ W and
-    grad_W += g^T @ h, and the chunk's logits are freed. Backward only scales the stored
-    gradients. Three matmuls per chunk as plain autograd does, no recomputation, and peak
-    logits memory of one chunk (the fused linear + loss idea of Liger-Kernel's FLCE).
+    respect to those logits; then grad_h = g @ W and grad_W += g^T @ h, and the chunk's
+    logits are freed. Backward only scales the stored gradients, in place. Three matmuls per
+    chunk as plain autograd does, no recomputation, and peak logits memory of a few chunks
+    (the fused linear + loss idea of Liger-Kernel's FLCE). Forward KL and CE, the default
+    losses, take a closed-form gradient computed in place (`_forward_kl_grad`: two (C, V)
+    buffers); the other losses differentiate the chunk with autograd.
     """
 
     @staticmethod
-    def forward(ctx, s_h, w, t_h, t_w, t_lp, t_ix, labels, st, s_cap, t_cap):
+    def forward(ctx, s_h, w, t_h, t_head, t_lp, t_ix, labels, st, s_cap, t_cap):
         n = max(1, int((labels != -100).sum()))
-        grad_h = torch.zeros_like(s_h)
+        grad_h = torch.empty_like(s_h)
         grad_w = torch.zeros_like(w)
         total = ce_sum = kd_sum = 0.0
-        for i in range(0, s_h.shape[0], st.loss_chunk):
-            sl = slice(i, i + st.loss_chunk)
+        chunk = loss_chunk_rows(st.loss_chunk, w.shape[0])
+        for i in range(0, s_h.shape[0], chunk):
+            sl = slice(i, i + chunk)
             h, lab = s_h[sl], labels[sl]
-            logits = (h @ w.T).requires_grad_()  # (C, V)
-            with torch.enable_grad():
-                s_logits = _softcap(logits, s_cap)
-                ce = cross_entropy(s_logits, lab).sum()
-                loss, kd = ce, torch.zeros((), device=s_h.device)
-                if t_h is not None:
-                    t_logits = _softcap(t_h[sl] @ t_w.T, t_cap)  # (C, V), no grad
-                    kd = (kd_loss(st.loss, s_logits, t_logits, st.temperature, st.skew_alpha, st.jsd_beta)
-                          * (lab != -100)).sum()
-                elif t_lp is not None:  # offline: the teacher's cached top-k at the same temperature
-                    kd = (forward_kl_topk(s_logits / st.temperature, t_lp[sl], t_ix[sl]) * st.temperature**2
-                          * (lab != -100)).sum()
-                if t_h is not None or t_lp is not None:
-                    loss = st.alpha_ce * ce + (1 - st.alpha_ce) * kd
-                (g,) = torch.autograd.grad(loss, logits)  # (C, V)
-            grad_h[sl] = g @ w  # (C, H)
+            t_logits = _softcap(t_head(t_h[sl]), t_cap) if t_h is not None else None  # (C, V), no grad
+            if s_cap is None and t_lp is None and st.loss == "forward_kl":
+                g, loss, ce, kd = _forward_kl_grad(h @ w.T, t_logits, lab, st)
+            else:
+                g, loss, ce, kd = _autograd_grad(h @ w.T, t_logits, t_lp, t_ix, sl, lab, st, s_cap)
+            del t_logits
+            torch.mm(g, w, out=grad_h[sl])  # (C, H)
             grad_w.addmm_(g.T, h)  # (V, H)
-            total += float(loss)
-            ce_sum += float(ce)
-            kd_sum += float(kd)
-        ctx.save_for_backward(grad_h / n, grad_w / n)
+            total, ce_sum, kd_sum = total + loss, ce_sum + ce, kd_sum + kd
+        ctx.save_for_backward(grad_h.div_(n), grad_w.div_(n))
         out = torch.tensor([total / n, ce_sum / n, kd_sum / n])
         ctx.mark_non_differentiable(out)
         return torch.tensor(total / n, device=s_h.device), out
@@ -99,7 +92,70 @@ class _FusedHeadKD(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss, _g_parts):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * g_loss, grad_w * g_loss, None, None, None, None, None, None, None, None
+        if float(g_loss) != 1.0:  # in place: no second (V, H) buffer beside the one autograd takes
+            grad_h.mul_(g_loss)
+            grad_w.mul_(g_loss)
+        return grad_h, grad_w, None, None, None, None, None, None, None, None
+
+
+def _forward_kl_grad(s, t, lab, st: KDSettings):
+    """Loss and d loss / d logits of one chunk for alpha_ce * CE + (1 - alpha_ce) * T^2 KL(p_t^T || p_s^T),
+    in closed form: d CE = softmax(s) - onehot, d T^2 KL = T (softmax(s / T) - p_t^T). `s` (C, V)
+    becomes the gradient in place; the teacher's `t` (or None: CE alone) is overwritten too."""
+    T, a = st.temperature, (st.alpha_ce if t is not None else 1.0)
+    valid = lab != -100
+    rows = valid.nonzero().squeeze(1)
+    lse1 = torch.logsumexp(s, -1)
+    ce = float((lse1[rows] - s[rows, lab[rows]]).sum())
+    kd = 0.0
+    if t is not None:
+        t.div_(T)
+        t.sub_(torch.logsumexp(t, -1, keepdim=True))  # log p_t
+        lse_t = lse1 if T == 1.0 else torch.logsumexp(s / T, -1)
+        p = t.exp()
+        ent = torch.bmm(p.unsqueeze(1), t.unsqueeze(2)).view(-1)  # sum p_t log p_t
+        t = p  # p_t; the log-probabilities are freed
+        cross = torch.bmm(t.unsqueeze(1), s.unsqueeze(2)).view(-1) / T  # sum p_t * s / T
+        kd = float(((ent - cross + lse_t) * valid).sum()) * T * T
+        t.mul_(-(1 - a) * T)  # the gradient's teacher term
+        if a > 0 and T != 1.0:
+            t.add_(torch.softmax(s, -1), alpha=a)
+    if t is None or T == 1.0:  # one softmax serves both terms
+        s.sub_(lse1.unsqueeze(1)).exp_().mul_(a + (1 - a) * T)
+    else:
+        s.div_(T).sub_(lse_t.unsqueeze(1)).exp_().mul_((1 - a) * T)
+    if t is not None:
+        s.add_(t)
+    s[rows, lab[rows]] -= a
+    s.mul_(valid.unsqueeze(1))
+    return s, a * ce + (1 - a) * kd, ce, kd
+
+
+def _autograd_grad(s, t, t_lp, t_ix, sl, lab, st: KDSettings, s_cap):
+    """Loss and d loss / d logits of one chunk, any loss, by autograd on the chunk."""
+    logits = s.requires_grad_()
+    with torch.enable_grad():
+        s_logits = _softcap(logits, s_cap)
+        ce = cross_entropy(s_logits, lab).sum()
+        loss, kd = ce, torch.zeros((), device=s.device)
+        if t is not None:
+            kd = (kd_loss(st.loss, s_logits, t, st.temperature, st.skew_alpha, st.jsd_beta) * (lab != -100)).sum()
+        elif t_lp is not None:  # offline: the teacher's cached top-k at the same temperature
+            kd = (forward_kl_topk(s_logits / st.temperature, t_lp[sl], t_ix[sl]) * st.temperature**2
+                  * (lab != -100)).sum()
+        if t is not None or t_lp is not None:
+            loss = st.alpha_ce * ce + (1 - st.alpha_ce) * kd
+        (g,) = torch.autograd.grad(loss, logits)  # (C, V)
+    return g, float(loss), float(ce), float(kd)
+
+
+def teacher_logits_fn(head):
+    """h (C, H) -> the teacher's logits (C, V): a plain Linear head as one matmul on its weight
+    (as it is when FSDP has gathered it), any other head (a lean teacher's int8 head) as itself."""
+    if isinstance(head, torch.nn.Linear):
+        w = head.weight.detach()
+        return lambda h: h @ w.T
+    return head
 
 
 def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings, t_sparse=None) -> tuple[torch.Tensor, dict]:
@@ -111,9 +167,9 @@ def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings, t_sparse=No
     if getattr(s_head, "bias", None) is not None:
         raise EdgekitError("the student's output layer has a bias; the fused KD loss supports bias-free heads (all llama-family models)",
                            "use a model whose lm_head has no bias")
-    t_w = t_head.weight.detach() if t_head is not None else None
     t_lp, t_ix = t_sparse if t_sparse is not None else (None, None)
-    loss, parts = _FusedHeadKD.apply(s_h, s_head.weight, t_h, t_w, t_lp, t_ix, labels, st, s_cap, t_cap)
+    t_logits = teacher_logits_fn(t_head) if t_head is not None else None
+    loss, parts = _FusedHeadKD.apply(s_h, s_head.weight, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap)
     return loss, {"ce": float(parts[1]), "kd": float(parts[2])}
 
 

@@ -47,6 +47,10 @@ def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool =
     except Exception as e:
         raise EdgekitError(f"could not load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
                            "check the directory holds a complete transformers model (config.json + safetensors)") from None
+    if load in ("nf4", "int8"):
+        from edgekit.models.int8_rows import int8_embeddings
+
+        int8_embeddings(model)
     return model.eval()
 
 

@@ -103,16 +103,19 @@ def test_vocab_mismatch_is_refused_with_advice(tiny_tokenizer_dir):
         check_same_vocab(a, Other(), "t", "s")
 
 
-@pytest.mark.parametrize("loss", ["forward_kl", "jsd", "reverse_kl"])
-def test_fused_chunked_loss_equals_plain_autograd(teacher, rows, loss):
-    """The fused, chunked loss and its gradients equal full-logit autograd (the slow, obvious way)."""
+@pytest.mark.parametrize("loss,temperature,alpha_ce", [("forward_kl", 2.0, 0.3), ("forward_kl", 1.0, 0.0),
+                                                        ("forward_kl", 1.0, 0.6), ("forward_kl", 0.5, 1.0),
+                                                        ("jsd", 2.0, 0.3), ("reverse_kl", 2.0, 0.3)])
+def test_fused_chunked_loss_equals_plain_autograd(teacher, rows, loss, temperature, alpha_ce):
+    """The fused, chunked loss and its gradients equal full-logit autograd (the slow, obvious way):
+    forward KL through its closed-form in-place gradient, the other losses through autograd."""
     from edgekit.distill.losses import cross_entropy, kd_loss
 
     student = init_from_teacher_layers(teacher, [0, 3])
     x = rows[:2]
     labels = x[:, 1:].reshape(-1).clone()
     labels[:5] = -100  # masked positions count in neither loss
-    st = KDSettings(loss_chunk=7, alpha_ce=0.3, temperature=2.0, loss=loss)
+    st = KDSettings(loss_chunk=7, alpha_ce=alpha_ce, temperature=temperature, loss=loss)
     trunk_s, trunk_t = hidden_and_head(student)[0], hidden_and_head(teacher)[0]
 
     def grads(fused: bool):
@@ -125,8 +128,8 @@ def test_fused_chunked_loss_equals_plain_autograd(teacher, rows, loss):
         else:
             s_logits, t_logits = student.lm_head(s_h), teacher.lm_head(t_h)
             valid = labels != -100
-            kd = (kd_loss(loss, s_logits, t_logits, 2.0) * valid).sum()
-            value = (0.3 * cross_entropy(s_logits, labels).sum() + 0.7 * kd) / valid.sum()
+            kd = (kd_loss(loss, s_logits, t_logits, temperature) * valid).sum()
+            value = (alpha_ce * cross_entropy(s_logits, labels).sum() + (1 - alpha_ce) * kd) / valid.sum()
         value.backward()
         return value.detach(), student.model.layers[0].mlp.up_proj.weight.grad.clone(), student.lm_head.weight.grad.clone()
 
@@ -134,6 +137,41 @@ def test_fused_chunked_loss_equals_plain_autograd(teacher, rows, loss):
     assert torch.allclose(fused[0], plain[0], rtol=1e-5)
     assert torch.allclose(fused[1], plain[1], rtol=1e-3, atol=1e-6)
     assert torch.allclose(fused[2], plain[2], rtol=1e-3, atol=1e-6)  # tied head + embedding gradient
+
+
+def test_fused_loss_without_teacher_is_cross_entropy_and_scales_in_place(teacher, rows):
+    """No teacher: the fused loss is plain CE; a scaled backward (grad_accum) scales its gradients."""
+    from edgekit.distill.losses import cross_entropy
+
+    student = init_from_teacher_layers(teacher, [0, 3])
+    x = rows[:2]
+    labels = x[:, 1:].reshape(-1).clone()
+    labels[-3:] = -100
+    trunk = hidden_and_head(student)[0]
+
+    def head_grad(fused: bool):
+        student.zero_grad()
+        s_h = trunk(input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1)
+        if fused:
+            value, parts = chunked_loss(s_h, None, labels, student, None, KDSettings(loss_chunk=5))
+            assert parts["kd"] == 0.0
+        else:
+            value = cross_entropy(student.lm_head(s_h), labels).sum() / (labels != -100).sum()
+        (value * 0.25).backward()
+        return value.detach(), student.lm_head.weight.grad.clone()
+
+    fused, plain = head_grad(True), head_grad(False)
+    assert torch.allclose(fused[0], plain[0], rtol=1e-5)
+    assert torch.allclose(fused[1], plain[1], rtol=1e-3, atol=1e-7)
+
+
+def test_loss_chunk_shrinks_with_the_vocabulary():
+    from edgekit.distill.memory import loss_chunk_rows
+
+    assert loss_chunk_rows(128, 49_152) == 128
+    assert loss_chunk_rows(128, 262_144) == 64
+    assert loss_chunk_rows(16, 262_144) == 16
+    assert loss_chunk_rows(128, 10_000_000) == 8
 
 
 def kl_to_teacher(student, teacher, rows):

@@ -74,7 +74,7 @@ def teacher_dir(run: Path) -> Path:
 
     from edgekit.models.sources import resolve_model
 
-    return resolve_model(yaml.safe_load((run / "recipe.lock.yaml").read_text())["teacher"]["model"], REPO).path
+    return resolve_model(yaml.safe_load((run / "recipe.lock.yaml").read_text())["recipe"]["teacher"]["model"], REPO).path
 
 
 def texts_of(run: Path, f16: Path) -> dict:

@@ -23,8 +23,21 @@ def support_problems(recipe, base: Path) -> tuple[list[str], list[str]]:
     arch = architecture(cfg)
     problems, notes = _format_problems(recipe, arch, cfg.model_type)
     notes.append(f"teacher architecture {arch} (model_type {cfg.model_type})")
-    problems += _vocabulary_problems(recipe, base)
+    problems += _vocabulary_problems(recipe, base) + _precision_problems(recipe, cfg.model_type)
     return problems, notes
+
+
+FP16_OVERFLOWS = ("gemma2", "gemma3", "gemma3_text")  # residual activations beyond fp16's 65504
+
+
+def _precision_problems(recipe, model_type: str) -> list[str]:
+    """Gemma's residual stream overflows fp16: Gemma 3 270M loaded fp16 gave NaN logits on the
+    first text it saw (benchmarks/lean_kd.py), which KD would only report as a NaN loss."""
+    t = recipe.teacher
+    if model_type in FP16_OVERFLOWS and (t.load == "fp16" or (t.load is None and t.dtype == "float16")):
+        return [f"teacher.load: fp16: {model_type} activations overflow float16 (Gemma 3 270M gives NaN logits); "
+                "use load: fp32, or nf4 / int8 (bitsandbytes computes in fp32) for less memory"]
+    return []
 
 
 def architecture(cfg) -> str:

@@ -169,7 +169,8 @@ def test_loss_chunk_shrinks_with_the_vocabulary():
     from edgekit.distill.memory import loss_chunk_rows
 
     assert loss_chunk_rows(128, 49_152) == 128
-    assert loss_chunk_rows(128, 262_144) == 64
+    assert loss_chunk_rows(512, 49_152) == 512
+    assert loss_chunk_rows(512, 262_144) == 128
     assert loss_chunk_rows(16, 262_144) == 16
     assert loss_chunk_rows(128, 10_000_000) == 8
 

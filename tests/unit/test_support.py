@@ -54,3 +54,18 @@ def test_a_student_of_another_vocabulary_is_caught_by_validate(tiny_teacher_dir,
                                                  f"student: {{init: model, model: {student}}}"))
     assert main(["validate", str(recipe)]) == 2
     assert "different vocabularies" in capsys.readouterr().err
+
+
+def test_an_fp16_gemma_teacher_is_refused(tiny_teacher_dir, tmp_path, capsys, monkeypatch):
+    """Gemma's activations overflow fp16 (NaN logits, measured on Gemma 3 270M): validate says so
+    instead of letting KD fail later on a NaN loss that reads like a learning-rate problem.
+    (The tiny teacher is a llama: it stands in for a Gemma here.)"""
+    from edgekit.stages import support
+
+    monkeypatch.setattr(support, "FP16_OVERFLOWS", ("llama",))
+    recipe = recipe_with(tmp_path, tiny_teacher_dir)
+    fp16 = tmp_path / "fp16.yaml"
+    fp16.write_text(recipe.read_text().replace("teacher: {model: ", "teacher: {load: fp16, model: "))
+    assert main(["validate", str(fp16)]) == 2
+    assert "llama activations overflow float16" in capsys.readouterr().err
+    assert main(["validate", str(recipe)]) == 0

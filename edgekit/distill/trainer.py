@@ -66,22 +66,28 @@ class _FusedHeadKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_h, w, t_h, t_head, t_lp, t_ix, labels, st, s_cap, t_cap):
+    def forward(ctx, s_h, w, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap):
         n = max(1, int((labels != -100).sum()))
         grad_h = torch.empty_like(s_h)
         grad_w = torch.zeros_like(w)
         total = ce_sum = kd_sum = 0.0
         chunk = loss_chunk_rows(st.loss_chunk, w.shape[0])
+        fast = s_cap is None and t_lp is None and st.loss == "forward_kl"
+        # (C, V) buffers made once and reused by every chunk: a fresh 100 MB+ tensor per chunk
+        # costs its page faults again each time (glibc maps such sizes anew)
+        bufs = [s_h.new_empty(min(chunk, s_h.shape[0]), w.shape[0]) for _ in range(3 if t_h is not None else 2)] if fast else None
         for i in range(0, s_h.shape[0], chunk):
             sl = slice(i, i + chunk)
             h, lab = s_h[sl], labels[sl]
-            # the teacher's logits (C, V) are made in the call, so the callee frees them when done
-            if s_cap is None and t_lp is None and st.loss == "forward_kl":
-                g, loss, ce, kd = _forward_kl_grad(h @ w.T, _softcap(t_head(t_h[sl]), t_cap) if t_h is not None else None,
-                                                   lab, st)
+            c = h.shape[0]
+            if fast:
+                s = torch.mm(h, w.T, out=bufs[0][:c])
+                t = _softcap(t_logits(t_h[sl], bufs[1][:c]), t_cap) if t_h is not None else None
+                g, loss, ce, kd = _forward_kl_grad(s, t, lab, st, bufs[-1][:c])
             else:
-                g, loss, ce, kd = _autograd_grad(h @ w.T, _softcap(t_head(t_h[sl]), t_cap) if t_h is not None else None,
-                                                 t_lp, t_ix, sl, lab, st, s_cap)
+                t = _softcap(t_logits(t_h[sl], None), t_cap) if t_h is not None else None
+                g, loss, ce, kd = _autograd_grad(h @ w.T, t, t_lp, t_ix, sl, lab, st, s_cap)
+            del t
             torch.mm(g, w, out=grad_h[sl])  # (C, H)
             grad_w.addmm_(g.T, h)  # (V, H)
             total, ce_sum, kd_sum = total + loss, ce_sum + ce, kd_sum + kd
@@ -99,20 +105,26 @@ class _FusedHeadKD(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
-def _forward_kl_grad(s, t, lab, st: KDSettings):
+def _forward_kl_grad(s, t, lab, st: KDSettings, scratch):
     """Loss and d loss / d logits of one chunk for alpha_ce * CE + (1 - alpha_ce) * T^2 KL(p_t^T || p_s^T),
     in closed form: d CE = softmax(s) - onehot, d T^2 KL = T (softmax(s / T) - p_t^T). `s` (C, V)
-    becomes the gradient in place; the teacher's `t` (or None: CE alone) is overwritten too.
-    Written for few passes over the (C, V) buffers, exp above all: at Gemma 3's 262k vocabulary
-    one pass over a 1024-position batch takes ~0.1 s on 2 cores, one exp ~0.6 s. Two exps at
-    T = 1 (one softmax each), one more for the CE's log-sum-exp at other temperatures."""
+    becomes the gradient in place; the teacher's `t` (or None: CE alone) and `scratch` (C, V) are
+    overwritten. Written for few passes over the (C, V) buffers and no new ones, exp above all:
+    at Gemma 3's 262k vocabulary one pass over a 1024-position batch takes ~0.1 s on 2 cores,
+    one exp ~0.6 s. Two exps at T = 1 (one softmax each), one more for the CE's log-sum-exp
+    at other temperatures."""
     T, a = (st.temperature, st.alpha_ce) if t is not None else (1.0, 1.0)  # no teacher: CE alone
     valid = lab != -100
     rows = valid.nonzero().squeeze(1)
     picked = s[rows, lab[rows]]
-    lse1 = torch.logsumexp(s, -1) if T != 1.0 else None
-    p1 = torch.softmax(s, -1) if (lse1 is not None and a > 0) else None  # CE's gradient at T = 1
-    if T != 1.0:
+    lse1, p1 = None, None
+    if T != 1.0:  # the CE (a metric when alpha_ce is 0) needs the log-sum-exp at T = 1
+        m1 = s.amax(-1, keepdim=True)
+        e1 = torch.sub(s, m1, out=scratch).exp_()
+        z1 = e1.sum(-1, keepdim=True)
+        lse1 = (m1 + z1.log()).view(-1)
+        if a > 0:
+            p1 = e1 / z1  # CE's gradient term (softmax at T = 1)
         s.div_(T)
     ms = s.amax(-1, keepdim=True)
     s.sub_(ms)  # u = s/T - max
@@ -121,12 +133,10 @@ def _forward_kl_grad(s, t, lab, st: KDSettings):
         if T != 1.0:
             t.div_(T)
         t.sub_(t.amax(-1, keepdim=True))  # v = t/T - max
-        pt = t.exp()
+        pt = torch.exp(t, out=scratch)
         zt = pt.sum(-1, keepdim=True)
         pt.div_(zt)  # p_t
-        t.sub_(s)  # v - u: KL = sum p_t (v - u) - log z_t + log z_s
-        dot = torch.bmm(pt.unsqueeze(1), t.unsqueeze(2)).view(-1)
-        del t
+        dot = t.sub_(s).mul_(pt).sum(-1)  # sum p_t (v - u): KL = that - log z_t + log z_s
     s.exp_()
     zs = s.sum(-1, keepdim=True)
     s.div_(zs)  # p_s at T
@@ -164,12 +174,16 @@ def _autograd_grad(s, t, t_lp, t_ix, sl, lab, st: KDSettings, s_cap):
 
 
 def teacher_logits_fn(head):
-    """h (C, H) -> the teacher's logits (C, V): a plain Linear head as one matmul on its weight
-    (as it is when FSDP has gathered it), any other head (a lean teacher's int8 head) as itself."""
+    """(h (C, H), out (C, V) or None) -> the teacher's logits: a plain Linear head as one matmul
+    on its weight (as it is when FSDP has gathered it), a lean teacher's int8 head through its
+    rows, any other head as itself (then `out` is not used)."""
     if isinstance(head, torch.nn.Linear):
         w = head.weight.detach()
-        return lambda h: h @ w.T
-    return head
+        return lambda h, out: torch.mm(h, w.T, out=out) if out is not None else h @ w.T
+    rows = getattr(head, "rows", None)
+    if rows is not None and hasattr(rows, "logits"):
+        return lambda h, out: rows.logits(h, out=out)
+    return lambda h, out: head(h)
 
 
 def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings, t_sparse=None) -> tuple[torch.Tensor, dict]:

@@ -32,9 +32,9 @@ class Int8Rows:
     def rows(self, ids):
         return self.q[ids].float() * self.scale[ids].unsqueeze(-1)
 
-    def logits(self, x):
-        """x (..., H) @ rows^T, one dequantized block of rows at a time: (..., V)."""
-        out = x.new_empty(*x.shape[:-1], self.q.shape[0])
+    def logits(self, x, out=None):
+        """x (..., H) @ rows^T, one dequantized block of rows at a time: (..., V), into `out` if given."""
+        out = x.new_empty(*x.shape[:-1], self.q.shape[0]) if out is None else out
         for a in range(0, self.q.shape[0], self.BLOCK):
             b = min(a + self.BLOCK, self.q.shape[0])
             out[..., a:b] = x @ (self.q[a:b].float() * self.scale[a:b, None]).T

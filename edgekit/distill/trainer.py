@@ -179,11 +179,17 @@ def teacher_logits_fn(head):
     rows, any other head as itself (then `out` is not used)."""
     if isinstance(head, torch.nn.Linear):
         w = head.weight.detach()
+        if w.dtype != torch.float32:  # an fp16/bf16 teacher: its own dtype's matmul, fp32 logits
+            return lambda h, out: _into(torch.mm(h.to(w.dtype), w.T), out)
         return lambda h, out: torch.mm(h, w.T, out=out) if out is not None else h @ w.T
     rows = getattr(head, "rows", None)
     if rows is not None and hasattr(rows, "logits"):
         return lambda h, out: rows.logits(h, out=out)
     return lambda h, out: head(h)
+
+
+def _into(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return out.copy_(x) if out is not None else x.float()
 
 
 def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings, t_sparse=None) -> tuple[torch.Tensor, dict]:

@@ -28,6 +28,27 @@ def test_nf4_and_int8_teachers_stay_close_to_fp32(tiny_teacher_dir):
     assert 0 < kl["fp16"] < kl["int8"] < kl["nf4"] < uniform / 2, (kl, uniform)
 
 
+@pytest.mark.parametrize("load", ["fp16", "nf4"])
+def test_kd_step_runs_with_a_lean_teacher(tiny_teacher_dir, load):
+    """The fused loss reads an fp16 teacher's head (its dtype's matmul) and an NF4 teacher's int8
+    head, and gives a loss close to the fp32 teacher's."""
+    from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head
+    from edgekit.models.loading import load_causal_lm
+    from edgekit.models.student import init_from_teacher_layers
+
+    fp = load_causal_lm(tiny_teacher_dir)
+    student = init_from_teacher_layers(fp, [0])
+    x = torch.randint(0, fp.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    labels = x[:, 1:].reshape(-1)
+    s_h = hidden_and_head(student)[0](input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1)
+    values = {}
+    for name, teacher in (("fp32", fp), (load, load_causal_lm(tiny_teacher_dir, load=load))):
+        with torch.no_grad():
+            t_h = hidden_and_head(teacher)[0](input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1)
+        values[name] = float(chunked_loss(s_h, t_h.float(), labels, student, teacher, KDSettings(loss_chunk=8))[0])
+    assert values[load] == pytest.approx(values["fp32"], rel=0.1), values
+
+
 def test_quantized_teacher_keeps_only_int8_embeddings(tiny_teacher_dir):
     """An NF4/int8 teacher's embedding and head become int8 rows (shared when tied): the
     logits stay close to fp32, generation works, and no fp32 (V, H) matrix is left."""

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common import REPO, run_recipe, write_result
 
+from edgekit.bench.llama_runner import cpu_has_amx
 from edgekit.machine import machine_description
 
 PROMPTS = [
@@ -66,8 +67,10 @@ def undistilled_drafts(run: Path, out: Path) -> dict:
 
 def speculate(bin_dir: Path, target: Path, draft: Path, prompt: str, n_draft: int) -> dict:
     cmd = [str(bin_dir / "llama-speculative"), "-m", str(target), "-md", str(draft), "-p", prompt, "-n", str(N_PREDICT),
-           "--draft-max", str(n_draft), "--draft-min", "0", "--temp", "0", "-t", str(THREADS), "-c", "1024", "--seed", "0",
-           "-no-cnv"]
+           "--spec-draft-n-max", str(n_draft), "--spec-draft-n-min", "0", "--temp", "0", "-t", str(THREADS), "-c", "1024",
+           "--seed", "0"]
+    if cpu_has_amx():  # llama.cpp's AMX weight repacking dies on these CPUs (SIGILL / segfault)
+        cmd.append("--no-repack")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr
     grab = lambda pat: float(re.search(pat, log).group(1))  # noqa: E731

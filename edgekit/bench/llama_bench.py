@@ -25,10 +25,14 @@ def llama_bench(path: Path, threads: int, prompt_tokens: int, gen_tokens: int, r
     (llama-cpp-python's default; llama-bench's is "auto", ~7% faster prefill here), prefill from
     an empty context, and decode at a depth of `prompt_tokens` (after the prompt, as ours is).
     """
+    from edgekit.bench.llama_runner import cpu_has_amx
+
     exe = llama_bench_bin()
     if exe is None:
         return None
     common = [str(exe), "-m", str(path), "-t", str(threads), "-r", str(repeats), "-fa", "0", "-o", "json"]
+    if cpu_has_amx():  # llama.cpp's AMX repacking dies here (SIGILL in llama-bench, as our loads segfault)
+        common += ["--repack", "0"]
     result = {}
     for key, args in (("prefill_tps", ["-p", str(prompt_tokens), "-n", "0"]),
                       ("decode_tps", ["-p", "0", "-n", str(gen_tokens), "-d", str(prompt_tokens)])):

@@ -61,8 +61,8 @@ class _FusedHeadKD(torch.autograd.Function):
     logits are freed. Backward only scales the stored gradients, in place. Three matmuls per
     chunk as plain autograd does, no recomputation, and peak logits memory of a few chunks
     (the fused linear + loss idea of Liger-Kernel's FLCE). Forward KL and CE, the default
-    losses, take a closed-form gradient computed in place (`_forward_kl_grad`: two (C, V)
-    buffers); the other losses differentiate the chunk with autograd.
+    losses, take a closed-form gradient computed in place (`_forward_kl_grad`: three (C, V)
+    buffers, reused by every chunk); the other losses differentiate the chunk with autograd.
     """
 
     @staticmethod
@@ -74,8 +74,10 @@ class _FusedHeadKD(torch.autograd.Function):
         chunk = loss_chunk_rows(st.loss_chunk, w.shape[0])
         fast = s_cap is None and t_lp is None and st.loss == "forward_kl"
         # (C, V) buffers made once and reused by every chunk: a fresh 100 MB+ tensor per chunk
-        # costs its page faults again each time (glibc maps such sizes anew)
-        bufs = [s_h.new_empty(min(chunk, s_h.shape[0]), w.shape[0]) for _ in range(3 if t_h is not None else 2)] if fast else None
+        # costs its page faults again each time (glibc maps such sizes anew). Student logits,
+        # teacher logits, scratch; without a teacher only the first (CE needs no scratch).
+        rows = min(chunk, s_h.shape[0])
+        bufs = [s_h.new_empty(rows, w.shape[0]) for _ in range(3 if t_h is not None else 1)] if fast else None
         for i in range(0, s_h.shape[0], chunk):
             sl = slice(i, i + chunk)
             h, lab = s_h[sl], labels[sl]

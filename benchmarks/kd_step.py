@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from common import rss_mb
+
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = {"smollm2": ("embedded:smollm2-135m-instruct", "kd_step.json"),
          "gemma3": ("embedded:gemma3-270m", "kd_step_gemma3.json")}
@@ -213,13 +215,6 @@ def worker(pair: str, variant: str, steps: int, batch: int, seq_len: int) -> Non
     if variant == "edgekit":
         out["profile"] = {k: round(median(v[1:]), 3) for k, v in profile.items()}
     print(json.dumps(out))
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def reset_peak() -> None:

@@ -30,6 +30,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.common import rss_mb  # noqa: E402
+
 CONFIGS = "fp32/adamw,fp32/adamw8bit,fp16/adamw,nf4/adamw,nf4/adamw8bit,int8/adamw8bit"
 PAIRS = {"smollm2": ("embedded:smollm2-135m-instruct", "lean_kd.json"),
          "gemma3": ("embedded:gemma3-270m", "lean_kd_gemma3.json")}
@@ -46,13 +48,6 @@ def data(model: str, seq_len: int):
     tok = AutoTokenizer.from_pretrained(path)
     train, hold = split_documents(load_documents("recipes/data/stdlib_docs.jsonl", REPO), 0.1, 0)
     return path, pack(train, tok, seq_len, "train")[0], pack(hold, tok, seq_len, "holdout")[0][:16]
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def resident(model: str, load: str, seq_len: int) -> None:

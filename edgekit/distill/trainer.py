@@ -142,10 +142,10 @@ def _forward_kl_grad(s, t, lab, st: KDSettings, scratch):
     s.exp_()
     zs = s.sum(-1, keepdim=True)
     s.div_(zs)  # p_s at T
-    lse_s = (ms + zs.log()).view(-1)
-    ce = float(((lse1 if lse1 is not None else lse_s)[rows] - picked).sum())
+    log_zs = zs.log().view(-1)
+    ce = float(((lse1 if lse1 is not None else ms.view(-1) + log_zs)[rows] - picked).sum())
     if pt is not None:
-        kd = float(((dot - zt.log().view(-1) + zs.log().view(-1)) * valid).sum()) * T * T
+        kd = float(((dot - zt.log().view(-1) + log_zs) * valid).sum()) * T * T
         if T == 1.0:  # one softmax serves both terms: p_s - (1 - a) p_t
             s.sub_(pt, alpha=1 - a)
         else:  # (1 - a) T (p_s^T - p_t) + a softmax(s)

@@ -55,8 +55,6 @@ def int8_embeddings(model) -> None:
     model.set_input_embeddings(_Int8Embedding(rows, getattr(emb, "embed_scale", None)))
     model.set_output_embeddings(_Int8Head(head_rows))
     model.config.tie_word_embeddings = False  # nothing to re-tie: the int8 rows are shared already
-    del emb, head
-    own_memory(model)
 
 
 def own_memory(model) -> None:

@@ -48,9 +48,10 @@ def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool =
         raise EdgekitError(f"could not load the model in {path}: {type(e).__name__}: {str(e).splitlines()[0]}",
                            "check the directory holds a complete transformers model (config.json + safetensors)") from None
     if load in ("nf4", "int8"):
-        from edgekit.models.int8_rows import int8_embeddings
+        from edgekit.models.int8_rows import int8_embeddings, own_memory
 
         int8_embeddings(model)
+        own_memory(model)  # whatever the layout: release the mapped file the quantizing load read
     return model.eval()
 
 

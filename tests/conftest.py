@@ -131,6 +131,12 @@ def _isolated_cache(request, _session_cache, monkeypatch):
         built = sorted(real.glob("llama-tools-*"))
         if built:
             monkeypatch.setenv("EDGEKIT_LLAMA_TOOLS", str(built[-1]))
+    if "EDGEKIT_LLAMA_SRC" not in os.environ:  # llama.cpp's converter sources, if fetched (make setup): read only
+        from edgekit.export.converter import converter_path
+
+        fetched = converter_path()  # the user's cache: EDGEKIT_CACHE is not redirected yet
+        if fetched.is_dir():
+            monkeypatch.setenv("EDGEKIT_LLAMA_SRC", str(fetched))
     if "EDGEKIT_LLAMA_AARCH64" not in os.environ:  # llama.cpp cross-built for aarch64, if built: read only
         built = sorted(real.glob("llama-aarch64-*"))
         if built:

@@ -51,11 +51,11 @@ ARCHS = {  # name: (config class, extra config, tokenizer kind)
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True), "bpe"),
     "qwen3": ("Qwen3Config", dict(head_dim=64, tie_word_embeddings=True), "bpe"),
     "gemma2": ("Gemma2Config", dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=128,
-                                    final_logit_softcapping=30.0, attn_logit_softcapping=50.0), "bpe"),
+                                    final_logit_softcapping=30.0, attn_logit_softcapping=50.0), "spm"),
     "gemma3_text": ("Gemma3TextConfig", dict(head_dim=64, query_pre_attn_scalar=64, sliding_window=128,
                                              layer_types=["sliding_attention", "full_attention", "sliding_attention",
                                                           "full_attention"]), "bpe"),
-    "phi3": ("Phi3Config", dict(original_max_position_embeddings=1200, pad_token_id=0), "bpe"),
+    "phi3": ("Phi3Config", dict(original_max_position_embeddings=1200, pad_token_id=0), "spm"),  # as Phi-3-mini ships
     "granite": ("GraniteConfig", dict(embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=2.0,
                                       attention_multiplier=0.125), "bpe"),
     "olmo2": ("Olmo2Config", dict(), "bpe"),
@@ -80,20 +80,26 @@ def bpe_tokenizer(out: Path) -> Path:
     return out
 
 
-def spm_tokenizer(out: Path) -> Path:
-    """A SentencePiece BPE model with byte fallback (tokenizer.model), as Llama-2 / Gemma / Phi-3 ship."""
+def spm_tokenizer(out: Path, dummy_prefix: bool = True) -> Path:
+    """A SentencePiece BPE model with byte fallback (tokenizer.model), as Llama-2 / Gemma / Phi-3 ship;
+    Gemma's has no dummy prefix (no space put before the text; llama.cpp's converter writes it so)."""
     import sentencepiece as spm
-    from transformers import LlamaTokenizer
+    from transformers import AutoTokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     text = out / "corpus.txt"
     text.write_text("\n".join(corpus()))
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(out / "tokenizer"), vocab_size=600, model_type="bpe",
-                                   byte_fallback=True, user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+                                   byte_fallback=True, user_defined_symbols=["<|im_start|>", "<|im_end|>"], add_dummy_prefix=dummy_prefix,
                                    character_coverage=1.0, minloglevel=2)
     text.unlink()
     (out / "tokenizer.vocab").unlink()
-    tok = LlamaTokenizer(vocab_file=str(out / "tokenizer.model"), legacy=False, add_bos_token=False)
+    # transformers 5 builds the fast tokenizer from tokenizer.model when loading a directory
+    # (LlamaTokenizer(vocab_file=...) gives an empty 3-token vocabulary); tokenizer.model stays
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": False,
+                                                           "add_bos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+                                                           "unk_token": "<unk>"}))
+    tok = AutoTokenizer.from_pretrained(out)
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(out)
     return out
@@ -119,7 +125,7 @@ def make_model(arch: str, tok_dir: Path, out: Path) -> Path:
     # a generic fast tokenizer (transformers 5 would otherwise force some families' own pre-tokenizer
     # by model type); Phi-3's converter reads a GPT-2 style tokenizer only as Phi-4-mini declares it
     config = json.loads((out / "tokenizer_config.json").read_text())
-    config["tokenizer_class"] = "GPT2Tokenizer" if arch == "phi3" else "PreTrainedTokenizerFast"
+    config["tokenizer_class"] = "GPT2Tokenizer" if arch == "phi3" and ARCHS[arch][2] == "bpe" else "PreTrainedTokenizerFast"
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     return out
 
@@ -233,7 +239,7 @@ def check(arch: str, work: Path) -> dict:
 
     t0 = time.perf_counter()
     kind = ARCHS[arch][2]
-    tok_dir = (spm_tokenizer if kind == "spm" else bpe_tokenizer)(work / "tok")
+    tok_dir = spm_tokenizer(work / "tok", not arch.startswith("gemma")) if kind == "spm" else bpe_tokenizer(work / "tok")
     model_dir = make_model(arch, tok_dir, work / arch)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = sample_ids(tok)

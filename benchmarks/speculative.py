@@ -5,12 +5,12 @@
 
 Runs recipes/draft-smollm2.yaml (finished stages are reused; its export holds the target, the
 embedded SmolLM2-135M-Instruct, at Q4_K_M beside the distilled draft), exports two same-size drafts
-that were not distilled (the pruned
-student before distillation, and a plain truncation: the same 5 layers at full MLP width), then for
-each draft runs llama.cpp's own `llama-speculative` greedily on 8 prompts none of the recipe trained
-on, at draft lengths 2, 4 and 8: acceptance (accepted / drafted tokens), decode tokens/s, and whether
-the text equals the target's own greedy text (llama-cpp-python, same prompt and length). Target
-alone: `llama-bench` decode at the same depth. Results: benchmarks/results/speculative.json.
+that were not distilled (the recipe's student before distillation, and a plain truncation: the first
+6 layers), then for each draft runs llama.cpp's own `llama-speculative` greedily on 8 chat prompts
+(the target's chat template) none of the recipe trained on, at draft lengths 2, 4 and 8: acceptance
+(accepted / drafted tokens), decode tokens/s, and whether the answer equals the target's own greedy
+answer (llama-cpp-python, the same file and prompt, no draft). Target alone: `llama-bench` decode
+at the prompt's depth. Results: benchmarks/results/speculative.json.
 """
 
 import re
@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from common import REPO, run_recipe, write_result
+from tqdm import tqdm
 
 from edgekit.bench.llama_runner import cpu_has_amx
 from edgekit.machine import machine_description
@@ -54,7 +55,7 @@ def undistilled_drafts(run: Path, out: Path) -> dict:
     from edgekit.stages.context import RunContext
 
     files = {}
-    for label, overrides in (("undistilled", []), ("truncated", ["student.mlp_keep=null"])):
+    for label, overrides in (("undistilled", []), ("truncated", ["student.keep_layers=[0,1,2,3,4,5]"])):
         recipe, base = load_recipe(REPO / "recipes" / "draft-smollm2.yaml", overrides)
         ctx = RunContext(recipe, base, run)
         model, tok_dir, _ = ctx.initial_student()
@@ -63,6 +64,26 @@ def undistilled_drafts(run: Path, out: Path) -> dict:
         copy_tokenizer_files(tok_dir, d)
         files[label] = out / export_files(d, out, f"draft-{label}", ["q8_0"])["q8_0"]
     return files
+
+
+def chat_prompts(tok_dir: Path) -> list[str]:
+    """The prompts as the app would send them: the target's chat template, ready for the answer."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    return [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in PROMPTS]
+
+
+def answer(stdout: str) -> str:
+    """llama-speculative prints the prompt, then the answer, then the end-of-turn token."""
+    return stdout.rsplit("<|im_start|>assistant\n", 1)[-1].replace("<|im_end|>", "").strip()
+
+
+def same_answer(a: str, b: str) -> bool:
+    """Equal where both ran: llama-speculative may accept a few tokens past -n, so the shorter
+    answer must be the start of the longer one (both stop at the end-of-turn token otherwise)."""
+    return a.startswith(b) or b.startswith(a)
 
 
 def speculate(bin_dir: Path, target: Path, draft: Path, prompt: str, n_draft: int) -> dict:
@@ -74,7 +95,7 @@ def speculate(bin_dir: Path, target: Path, draft: Path, prompt: str, n_draft: in
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr
     grab = lambda pat: float(re.search(pat, log).group(1))  # noqa: E731
-    return {"text": out.stdout.split(prompt, 1)[-1].strip(), "decode_tps": grab(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+)"),
+    return {"text": answer(out.stdout), "decode_tps": grab(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+)"),
             "drafted": grab(r"n_drafted = (\d+)"), "accepted": grab(r"n_accept\s+= (\d+)")}
 
 
@@ -98,20 +119,21 @@ def run() -> dict:
     from edgekit.bench.llama_bench import llama_bench
 
     alone = statistics.median(llama_bench(target, THREADS, 32, N_PREDICT, 3)["decode_tps"] for _ in range(3))
-    reference = {p: target_text(target, p) for p in PROMPTS}
+    prompts = chat_prompts(run_dir / "stages" / "01-distill" / "model")
+    reference = {p: target_text(target, p) for p in prompts}
     results = {}
     for label, draft in drafts.items():
         for n_draft in (2, 4, 8):
-            rows = [speculate(bin_dir, target, draft, p, n_draft) for p in PROMPTS]
+            rows = [speculate(bin_dir, target, draft, p, n_draft) for p in tqdm(prompts, desc=f"{label} draft, {n_draft} tokens")]
             results[f"{label}@{n_draft}"] = {
                 "acceptance": sum(r["accepted"] for r in rows) / max(1, sum(r["drafted"] for r in rows)),
                 "decode_tps": statistics.median(r["decode_tps"] for r in rows),
-                "identical": sum(r["text"] == reference[p] for r, p in zip(rows, PROMPTS)),
+                "identical": sum(same_answer(r["text"], reference[p]) for r, p in zip(rows, prompts)),
                 "draft_bytes": draft.stat().st_size}
     best = max((k for k in results if k.startswith("distilled@")), key=lambda k: results[k]["decode_tps"])
     n_best = int(best.split("@")[1])
     result = {"target": f"SmolLM2-135M-Instruct Q4_K_M ({target.stat().st_size} bytes)",
-              "draft": f"draft-smollm2 Q8_0, 5 layers, MLP x0.5 ({drafts['distilled'].stat().st_size} bytes)",
+              "draft": f"draft-smollm2 Q8_0, 6 of 30 layers ({drafts['distilled'].stat().st_size} bytes)",
               "speedup": results[best]["decode_tps"] / alone, "identical_output": results[best]["identical"] == len(PROMPTS),
               "acceptance_distilled": results[best]["acceptance"], "acceptance_undistilled": results[f"undistilled@{n_best}"]["acceptance"],
               "acceptance_truncated": results[f"truncated@{n_best}"]["acceptance"], "draft_len": n_best,

@@ -47,12 +47,11 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     progress = bar(len(prompts), "teacher generation", unit="prompt")
     for i in range(0, len(prompts), batch_size):
         batch = prompts[i: i + batch_size]
-        if getattr(tokenizer, "chat_template", None):
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                     for p in batch]
-        else:
-            texts = batch
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        chat = bool(getattr(tokenizer, "chat_template", None))
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 for p in batch] if chat else batch
+        # a chat template writes its own BOS; plain text gets the tokenizer's (Gemma, Llama)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
         out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
         new = out[:, enc["input_ids"].shape[1]:]

@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgekit.errors import EdgekitError
-from edgekit.fsutil import atomic_path, read_json, sha256_file, write_json
+from edgekit.fsutil import atomic_path, read_json, sha256_file, write_json, write_text
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-CONVERSION = 2  # bumped when a GGUF's converted directory changes: 2 = SentencePiece-BPE tokenizers rebuilt
+CONVERSION = 3  # bumped when a GGUF's converted directory changes: 2 = SentencePiece-BPE tokenizers rebuilt,
+#                3 = BOS added where the GGUF says add_bos_token
 GGUF_TOKENIZER_FILE = "gguf_tokenizer.json"  # tokenizer.* metadata of the GGUF a model came from
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja"]
 
@@ -124,7 +125,12 @@ def convert_gguf(gguf: Path, spec: str) -> ResolvedModel:
     out = cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}"
     prov = {"kind": "gguf", "file": gguf.name, "sha256": digest}
     if (out / "source.json").is_file():
-        if read_json(out / "source.json").get("conversion", 1) >= CONVERSION:
+        made_by = read_json(out / "source.json").get("conversion", 1)
+        if made_by == 2:  # only the BOS step is new since: add it in place
+            add_bos(out, read_json(out / GGUF_TOKENIZER_FILE))
+            write_json(out / "source.json", {**prov, "conversion": CONVERSION})
+            made_by = CONVERSION
+        if made_by >= CONVERSION:
             return ResolvedModel(out, spec, prov)
         shutil.rmtree(out)  # made by an older edgekit (e.g. Gemma 3's tokenizer split into characters)
     from edgekit.progress import status
@@ -135,6 +141,7 @@ def convert_gguf(gguf: Path, spec: str) -> ResolvedModel:
             meta = read_gguf_tokenizer(gguf)
             (tmp / GGUF_TOKENIZER_FILE).write_text(json.dumps(meta))
             sentencepiece_bpe(tmp, meta, gguf)
+            add_bos(tmp, meta)
             write_json(tmp / "source.json", {**prov, "conversion": CONVERSION})
     return ResolvedModel(out, spec, prov)
 
@@ -196,6 +203,23 @@ def sentencepiece_bpe(model_dir: Path, meta: dict, gguf: Path) -> None:
         for i, p in enumerate(pieces) if types[i] in (3, 4) and p not in known]
     file.write_text(json.dumps(tj, ensure_ascii=False))
     _check_against_llama_cpp(model_dir, gguf)
+
+
+def add_bos(model_dir: Path, meta: dict) -> None:
+    """Put BOS before every text where the GGUF says so (`tokenizer.ggml.add_bos_token`: Gemma,
+    Llama), as the model's own Hugging Face tokenizer does; transformers' GGUF loader drops it."""
+    value = lambda k: meta[k][2] if k in meta else None  # noqa: E731
+    file, bos = model_dir / "tokenizer.json", value("tokenizer.ggml.bos_token_id")
+    if not value("tokenizer.ggml.add_bos_token") or bos is None or not file.is_file():
+        return
+    tj = json.loads(file.read_text())
+    piece = value("tokenizer.ggml.tokens")[bos]
+    tj["post_processor"] = {"type": "TemplateProcessing",
+                            "single": [{"SpecialToken": {"id": piece, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                            "pair": [{"SpecialToken": {"id": piece, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                                     {"Sequence": {"id": "B", "type_id": 1}}],
+                            "special_tokens": {piece: {"id": piece, "ids": [bos], "tokens": [piece]}}}
+    write_text(file, json.dumps(tj, ensure_ascii=False))
 
 
 PROBE = ("The quick brown fox, 3.14 times: naïve café 日本語 🙂\n\n  def f(x):\n\treturn x  # done\n"

@@ -58,3 +58,33 @@ def test_ngram_overlap_detects_leaked_text():
     text = " ".join(f"w{i}" for i in range(40))
     assert ngram_overlap(["other words entirely " * 5], [text]) == 0.0
     assert ngram_overlap([text], [text]) == 1.0
+
+
+def test_rows_start_with_bos_where_the_tokenizer_asks_for_one(tiny_tokenizer_dir, tmp_path):
+    """A GGUF that says add_bos_token (Gemma, Llama) gets a tokenizer that puts BOS first, and
+    packed rows then start with BOS (as llama.cpp feeds such a model); others are unchanged."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from edgekit.data.tokens import pack, row_start_bos
+    from edgekit.models.sources import add_bos
+
+    docs = [Document(text=f"document {i}: the quick brown fox jumps over the lazy dog") for i in range(8)]
+    plain = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    assert row_start_bos(plain) is None
+    ids, mask = pack(docs, plain, 16, "train")
+
+    d = tmp_path / "tok"
+    shutil.copytree(tiny_tokenizer_dir, d)
+    bos = plain.convert_tokens_to_ids("<|endoftext|>")
+    meta = {"tokenizer.ggml.add_bos_token": ["BOOL", None, True], "tokenizer.ggml.bos_token_id": ["UINT32", None, bos],
+            "tokenizer.ggml.tokens": ["ARRAY", "STRING", plain.convert_ids_to_tokens(list(range(len(plain))))]}
+    add_bos(d, meta)
+    tok = AutoTokenizer.from_pretrained(d)
+    assert tok("hello")["input_ids"] == [bos] + plain("hello")["input_ids"]
+    assert row_start_bos(tok) == bos
+    rows, keep = pack(docs, tok, 16, "train")
+    assert rows.shape[1] == 16 and (rows[:, 0] == bos).all() and not keep[:, 0].any()
+    stream = ids.flatten().tolist()
+    assert rows[:, 1:].flatten().tolist() == stream[: rows.shape[0] * 15]  # the same text, 15 tokens a row

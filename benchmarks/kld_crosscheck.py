@@ -32,7 +32,7 @@ def main() -> dict:
     from edgekit.bench.llama_runner import bos_to_prepend, llama_scorer, load_llama
 
     run = REPO / "runs" / "qat-smollm2" / "qat_general"
-    f16 = next((REPO / "runs" / "qat-smollm2" / "export").glob("*ptq-F16.gguf"))
+    f16 = next((REPO / "runs" / "qat-smollm2" / "stages").glob("*-export/*ptq-F16.gguf"))  # the untouched model's F16
     files = {p.stem.split("-")[-1] if "imatrix" not in p.stem else "Q4_K_M-imatrix": p for p in sorted(run.glob("*.gguf"))}
     files["QAT-Q4_K_M"] = next((REPO / "runs" / "qat-smollm2" / "export").glob("qat-smollm2-student-Q4_K_M.gguf"))
     exe = llama_bench_bin().parent / "llama-perplexity"

@@ -89,7 +89,7 @@ def same_answer(a: str, b: str) -> bool:
 def speculate(bin_dir: Path, target: Path, draft: Path, prompt: str, n_draft: int) -> dict:
     cmd = [str(bin_dir / "llama-speculative"), "-m", str(target), "-md", str(draft), "-p", prompt, "-n", str(N_PREDICT),
            "--spec-draft-n-max", str(n_draft), "--spec-draft-n-min", "0", "--temp", "0", "-t", str(THREADS), "-c", "1024",
-           "--seed", "0"]
+           "--seed", "0", "-fa", "off"]  # flash attention as llama-cpp-python runs it: with "auto" the answer changed with the draft
     if cpu_has_amx():  # llama.cpp's AMX weight repacking dies on these CPUs (SIGILL / segfault)
         cmd.append("--no-repack")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -97,6 +97,24 @@ def speculate(bin_dir: Path, target: Path, draft: Path, prompt: str, n_draft: in
     grab = lambda pat: float(re.search(pat, log).group(1))  # noqa: E731
     return {"text": answer(out.stdout), "decode_tps": grab(r"decoded\s+\d+ tokens in\s+[\d.]+ seconds, speed:\s+([\d.]+)"),
             "drafted": grab(r"n_drafted = (\d+)"), "accepted": grab(r"n_accept\s+= (\d+)")}
+
+
+def divergence(llm, prompt: str, ours: str, ref: str) -> dict | None:
+    """Where llama-speculative's answer leaves the target's own greedy answer (None: it does not):
+    answer tokens in common, and the target's logit gap between the two tokens there (from
+    llama-cpp-python on the shared prefix). A gap of a few thousandths is a near-tie that
+    batched verification's different arithmetic can flip, not a wrong acceptance."""
+    import numpy as np
+
+    start = len(llm.tokenize(prompt.encode(), special=True))
+    a, b = (llm.tokenize((prompt + t).encode(), special=True)[start:] for t in (ours, ref))
+    i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+    if i is None:
+        return None
+    llm.reset()
+    llm.eval(llm.tokenize(prompt.encode(), special=True) + b[:i])
+    logits = np.asarray(llm.scores[llm.n_tokens - 1])
+    return {"tokens_same": i, "logit_gap": round(float(abs(logits[a[i]] - logits[b[i]])), 5)}
 
 
 def target_text(target: Path, prompt: str) -> str:
@@ -121,15 +139,22 @@ def run() -> dict:
     alone = statistics.median(llama_bench(target, THREADS, 32, N_PREDICT, 3)["decode_tps"] for _ in range(3))
     prompts = chat_prompts(run_dir / "stages" / "01-distill" / "model")
     reference = {p: target_text(target, p) for p in prompts}
-    results = {}
+    results, texts = {}, {}
     for label, draft in drafts.items():
         for n_draft in (2, 4, 8):
             rows = [speculate(bin_dir, target, draft, p, n_draft) for p in tqdm(prompts, desc=f"{label} draft, {n_draft} tokens")]
+            texts[f"{label}@{n_draft}"] = [r["text"] for r in rows]
             results[f"{label}@{n_draft}"] = {
                 "acceptance": sum(r["accepted"] for r in rows) / max(1, sum(r["drafted"] for r in rows)),
                 "decode_tps": statistics.median(r["decode_tps"] for r in rows),
                 "identical": sum(same_answer(r["text"], reference[p]) for r, p in zip(rows, prompts)),
                 "draft_bytes": draft.stat().st_size}
+    # every draft and draft length gives the same answer (the output does not depend on the draft)
+    across = [all(same_answer(t[i], texts["distilled@2"][i]) for t in texts.values()) for i in range(len(prompts))]
+    from edgekit.bench.llama_runner import load_llama
+
+    llm = load_llama(target, n_ctx=1024, threads=THREADS, logits_all=True)
+    vs_alone = [divergence(llm, p, texts["distilled@2"][i], reference[p]) for i, p in enumerate(prompts)]
     best = max((k for k in results if k.startswith("distilled@")), key=lambda k: results[k]["decode_tps"])
     n_best = int(best.split("@")[1])
     result = {"target": f"SmolLM2-135M-Instruct Q4_K_M ({target.stat().st_size} bytes)",
@@ -137,7 +162,8 @@ def run() -> dict:
               "speedup": results[best]["decode_tps"] / alone, "identical_output": results[best]["identical"] == len(PROMPTS),
               "acceptance_distilled": results[best]["acceptance"], "acceptance_undistilled": results[f"undistilled@{n_best}"]["acceptance"],
               "acceptance_truncated": results[f"truncated@{n_best}"]["acceptance"], "draft_len": n_best,
-              "target_alone_decode_tps": alone, "runs": results, "prompts": len(PROMPTS), "n_predict": N_PREDICT,
+              "target_alone_decode_tps": alone, "identical_across_drafts": sum(across),
+              "divergence_from_target_alone": vs_alone, "runs": results, "prompts": len(PROMPTS), "n_predict": N_PREDICT,
               "threads": THREADS, "machine": machine_description()}
     write_result("speculative.json", result)
     return result

@@ -27,11 +27,12 @@ TASK_CTX = 512  # window for task items (prompt + answer), in tokens
 class _PackTokenizer:
     """The subset of the HF tokenizer API `pack` uses, over a runtime's own tokenizer."""
 
-    def __init__(self, encode: Callable[[str], list[int]], eos: int):
-        self.encode, self.eos_token_id = encode, eos
+    def __init__(self, encode: Callable[[str], list[int]], eos: int, bos: int | None = None):
+        self.encode, self.eos_token_id, self.bos_token_id = encode, eos, bos
 
-    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
-        return {"input_ids": self.encode(text)}
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        first = [self.bos_token_id] if add_special_tokens and self.bos_token_id is not None else []
+        return {"input_ids": first + self.encode(text)}
 
 
 @dataclass
@@ -45,6 +46,7 @@ class Opened:
     decode: Callable[[list[int]], str]
     stop_ids: set[int]
     scorer: Callable[[int], Scorer]  # window length -> scorer
+    bos: int | None = None  # put first in every text (where the vocabulary asks for it)
 
 
 def open_model(path: Path) -> Opened:
@@ -52,13 +54,13 @@ def open_model(path: Path) -> Opened:
         return _open_onnx(path)
     if not path.is_file():
         raise EdgekitError(f"{path} does not exist", "pass a .gguf file or an onnxruntime-genai model folder")
-    from edgekit.bench.llama_runner import llama_scorer, load_llama
+    from edgekit.bench.llama_runner import bos_to_prepend, llama_scorer, load_llama
 
     llm = load_llama(path, n_ctx=16)
     return Opened(path, "llama.cpp", llm.n_vocab(),
                   encode=lambda text: llm.tokenize(text.encode(), add_bos=False, special=False),
                   decode=lambda ids: llm.detokenize(ids).decode("utf-8", errors="replace"),
-                  stop_ids={llm.token_eos()}, scorer=lambda ctx: llama_scorer(path, ctx))
+                  stop_ids={llm.token_eos()}, scorer=lambda ctx: llama_scorer(path, ctx), bos=bos_to_prepend(llm))
 
 
 def _open_onnx(folder: Path) -> Opened:
@@ -120,7 +122,7 @@ def run_eval(file: Path, data: str | None, reference: str | None, ctx: int, max_
                 out.setdefault("subsets", {})[subset] = {"data": spec, **r}
     if items:
         check_fits(items, m.encode, MAX_NEW_TOKENS, window, "raise --ctx to at least {longest}, or shorten the prompts")
-        g = grade(items, scorers, m.encode, m.decode, m.stop_ids, MAX_NEW_TOKENS, desc=f"tasks {Path(file).name}")
+        g = grade(items, scorers, m.encode, m.decode, m.stop_ids, MAX_NEW_TOKENS, desc=f"tasks {Path(file).name}", bos=m.bos)
         out["tasks"] = {"file": tasks, "chance": g["chance"], **{k: g[k] for k in scorers}}
     return out
 
@@ -139,7 +141,7 @@ def data_subsets(data: str) -> dict:
 
 def _text_quality(m: Opened, scorers: dict, data: str, ctx: int, max_tokens: int, with_reference: bool, desc: str) -> dict:
     """Perplexity on `data` (and against the reference: KL statistics as llama-perplexity reports them)."""
-    rows, _ = pack(load_documents(data, Path.cwd()), _PackTokenizer(m.encode, min(m.stop_ids, default=0)), ctx, "evaluation")
+    rows, _ = pack(load_documents(data, Path.cwd()), _PackTokenizer(m.encode, min(m.stop_ids, default=0), m.bos), ctx, "evaluation")
     rows = rows[: max(1, max_tokens // ctx)]
     r = evaluate(scorers, rows, [("file", "reference")] if with_reference else [], desc=desc)
     out = {"ctx": ctx, "tokens": r["file"]["tokens"], "ppl": r["file"]["ppl"]}

@@ -105,16 +105,18 @@ def _greedy(scorer: Scorer, ctx: list[int], detokenize, max_new: int, stop_ids: 
 
 
 def grade(items: list[dict], scorers: dict[str, Scorer], tokenize, detokenize, stop_ids: set[int] = frozenset(),
-          max_new_tokens: int = MAX_NEW_TOKENS, desc: str = "tasks") -> dict:
-    """Accuracy of every scorer on the items, on identical token ids.
+          max_new_tokens: int = MAX_NEW_TOKENS, desc: str = "tasks", bos: int | None = None) -> dict:
+    """Accuracy of every scorer on the items, on identical token ids; `bos` goes before every
+    prompt (models whose text always starts with BOS: Gemma, Llama).
 
     Returns {name: {"mc_items", "acc", "acc_norm", "em_items", "exact_match"}} (None where a
     kind of item is absent) and "chance": the expected multiple-choice accuracy of a guess.
     """
     mc = [it for it in items if "choices" in it]
     em = [it for it in items if "choices" not in it]
-    prepared = [[_continuation_ids(tokenize, it["prompt"], c) for c in it["choices"]] for it in mc]
-    em_ctx = [tokenize(it["prompt"]) for it in em]
+    first = [bos] if bos is not None else []
+    prepared = [[(first + p, c) for p, c in (_continuation_ids(tokenize, it["prompt"], ch) for ch in it["choices"])] for it in mc]
+    em_ctx = [first + tokenize(it["prompt"]) for it in em]
     out: dict = {}
     progress = bar(len(scorers) * (sum(len(it["choices"]) for it in mc) + len(em)), desc, unit="item")
     for name, scorer in scorers.items():

@@ -151,6 +151,7 @@ def general_quality(ctx: RunContext, cfg: EvaluateConfig, scorers: dict) -> dict
 def grade_tasks(ctx: RunContext, cfg: EvaluateConfig, scorers: dict, window: int) -> dict:
     """Every scorer on the recipe's task set, on the same token ids (the teacher's tokenizer)."""
     from edgekit.bench.tasks import check_fits, grade, load_tasks
+    from edgekit.data.tokens import row_start_bos
     from edgekit.fsutil import sha256_file
 
     path = ctx.base / cfg.tasks
@@ -162,5 +163,6 @@ def grade_tasks(ctx: RunContext, cfg: EvaluateConfig, scorers: dict, window: int
 
     check_fits(items, encode, cfg.task_max_new_tokens, window,
                "raise the evaluate stage's ctx (and data.seq_len) to at least {longest}, or shorten the prompts")
-    g = grade(items, scorers, encode, lambda ids: tok.decode(ids), {tok.eos_token_id}, cfg.task_max_new_tokens, desc="tasks")
+    g = grade(items, scorers, encode, lambda ids: tok.decode(ids), {tok.eos_token_id}, cfg.task_max_new_tokens, desc="tasks",
+              bos=row_start_bos(tok))
     return {"file": cfg.tasks, "sha256": sha256_file(path), "chance": g.pop("chance"), "models": g}

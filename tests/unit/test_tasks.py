@@ -77,6 +77,16 @@ def test_grade_counts_multiple_choice_and_exact_match():
 
     assert grade(items[3:], {"x": says_x}, encode, decode)["x"]["exact_match"] == 1.0
 
+    seen = []
+
+    def records(row):  # every row the grader scores starts with the model's BOS
+        seen.append(row.tolist())
+        return likes_ab(row)
+
+    g_bos = grade(items, {"ab": records}, encode, decode, max_new_tokens=3, bos=0)
+    assert seen and all(r[0] == 0 and r[1:3] in ([ord("Q"), ord(":")], [ord("s"), ord("a")]) for r in seen)
+    assert g_bos["ab"]["acc"] == pytest.approx(1 / 3)  # same items, same answers (this model ignores context)
+
 
 @pytest.fixture
 def files(tiny_bundle):

@@ -166,6 +166,11 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+def meta_value(meta: dict, key: str):
+    """A value of `read_gguf_tokenizer`'s typed metadata ([type, item type, value]), or None."""
+    return meta[key][2] if key in meta else None
+
+
 def sentencepiece_bpe(model_dir: Path, meta: dict, gguf: Path) -> None:
     """Rebuild a SentencePiece-BPE vocabulary (GGUF tokenizer model 'llama': Gemma, Llama 2) that
     transformers' GGUF loader turned into a Unigram model. Its scores are BPE merge ranks, not
@@ -175,7 +180,7 @@ def sentencepiece_bpe(model_dir: Path, meta: dict, gguf: Path) -> None:
     runs, markup) are matched whole, as llama.cpp matches them. Checked against llama.cpp's own
     tokenization of a probe text before it is kept."""
     file = model_dir / "tokenizer.json"
-    value = lambda k: meta[k][2] if k in meta else None  # noqa: E731  (typed: [type, item type, value])
+    value = lambda k: meta_value(meta, k)  # noqa: E731
     if value("tokenizer.ggml.model") != "llama" or not file.is_file():
         return
     tj = json.loads(file.read_text())
@@ -208,7 +213,7 @@ def sentencepiece_bpe(model_dir: Path, meta: dict, gguf: Path) -> None:
 def add_bos(model_dir: Path, meta: dict) -> None:
     """Put BOS before every text where the GGUF says so (`tokenizer.ggml.add_bos_token`: Gemma,
     Llama), as the model's own Hugging Face tokenizer does; transformers' GGUF loader drops it."""
-    value = lambda k: meta[k][2] if k in meta else None  # noqa: E731
+    value = lambda k: meta_value(meta, k)  # noqa: E731
     file, bos = model_dir / "tokenizer.json", value("tokenizer.ggml.bos_token_id")
     if not value("tokenizer.ggml.add_bos_token") or bos is None or not file.is_file():
         return

@@ -77,24 +77,19 @@ def teacher_dir(run: Path) -> Path:
     return resolve_model(yaml.safe_load((run / "recipe.lock.yaml").read_text())["recipe"]["teacher"]["model"], REPO).path
 
 
-def texts_of(run: Path, f16: Path) -> dict:
+def texts_of(run: Path) -> dict:
     """Token rows (N, CTX) of every general subset and of the recipe's holdout, in the model's
-    tokens; each row starts with BOS where the vocabulary asks for one (as llama-perplexity feeds
-    its chunks: Gemma 3 is far off without it)."""
+    tokens; each row starts with BOS where the vocabulary asks for one (`pack` puts it there, as
+    llama-perplexity feeds its chunks: Gemma 3 is far off without it)."""
     from transformers import AutoTokenizer
 
-    from edgekit.bench.llama_runner import bos_to_prepend, load_llama
     from edgekit.data.documents import load_documents
     from edgekit.data.tokens import pack
 
     tok = AutoTokenizer.from_pretrained(teacher_dir(run))
-    bos = bos_to_prepend(load_llama(f16, n_ctx=16))
 
     def rows(docs, what, n):
-        r = pack(docs, tok, CTX, what)[0][:n]
-        if bos is not None:
-            r[:, 0] = bos
-        return r
+        return pack(docs, tok, CTX, what)[0][:n]
 
     texts = {"train_calibration": rows(load_documents("train.jsonl", run / "data"), "train", 32)}
     for f in sorted((REPO / "recipes" / "data" / "general").glob("*.jsonl")):
@@ -114,7 +109,7 @@ def run_model(model: str, ptq_only: bool, overrides: list[str]) -> dict:
     f16 = stage_file(run, art, "export", "ptq_gguf" if "qat" in art else "gguf", "f16")
     out = run / "qat_general"
     out.mkdir(exist_ok=True)
-    texts = texts_of(run, f16)
+    texts = texts_of(run)
     files = {"f16": f16, **ptq_variants(f16, out, teacher_dir(run), texts.pop("train_calibration"))}
     if not ptq_only:
         files["gptq_q4_k_m"] = next(stage_file(run, art, "quantize", "files", k) for k in art["quantize"]["outputs"]["files"]

@@ -106,13 +106,13 @@ def divergence(llm, prompt: str, ours: str, ref: str) -> dict | None:
     batched verification's different arithmetic can flip, not a wrong acceptance."""
     import numpy as np
 
-    start = len(llm.tokenize(prompt.encode(), special=True))
-    a, b = (llm.tokenize((prompt + t).encode(), special=True)[start:] for t in (ours, ref))
+    head = llm.tokenize(prompt.encode(), special=True)
+    a, b = (llm.tokenize((prompt + t).encode(), special=True)[len(head):] for t in (ours, ref))
     i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
     if i is None:
         return None
     llm.reset()
-    llm.eval(llm.tokenize(prompt.encode(), special=True) + b[:i])
+    llm.eval(head + b[:i])
     logits = np.asarray(llm.scores[llm.n_tokens - 1])
     return {"tokens_same": i, "logit_gap": round(float(abs(logits[a[i]] - logits[b[i]])), 5)}
 

@@ -19,7 +19,9 @@ llama.cpp's converter requires tokenizer.model), then:
 - qat: llama.cpp's Q4_K_M plan read back, fake-quantized, 2 QAT steps; gguf_q4_k_m: the QAT
   grid written into Q4_K_M, equal byte for byte to llama.cpp's quantization of the latent
   weights, and loaded and run by llama.cpp;
-- onnx_int4: onnxruntime-genai's builder exports it and ORT runs it, or "unsupported by the builder".
+- onnx_int4: onnxruntime-genai's builder exports it, ORT tokenizes as transformers does, and the
+  same graph built at fp32 gives transformers' logits on 512 tokens (onnx_fp32_kl_vs_transformers_max
+  <= 1e-4; the int4 folder's KL and top-1 agreement beside it), or "unsupported by the builder".
 Writes benchmarks/results/architectures.json.
 """
 
@@ -41,7 +43,7 @@ sys.path.insert(0, str(REPO))
 CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
                  "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 RANGES = [(0, 32), (32, 128), (128, 512), (512, 1024)]
-COMMON = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+COMMON = dict(hidden_size=256, intermediate_size=640, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
               max_position_embeddings=1200, initializer_range=0.1)
 ARCHS = {  # name: (config class, extra config, tokenizer kind)
     "llama": ("LlamaConfig", dict(tie_word_embeddings=True, rope_parameters={
@@ -61,6 +63,9 @@ ARCHS = {  # name: (config class, extra config, tokenizer kind)
     "olmo2": ("Olmo2Config", dict(), "bpe"),
     "smollm3": ("SmolLM3Config", dict(no_rope_layers=[1, 1, 1, 0], pad_token_id=0), "bpe"),  # llama.cpp's fixed pattern
 }
+# Phi-3's vocabulary has these; llama.cpp's vocabulary loader looks them up by name for a model
+# named phi3 and cannot load one without them
+SPM_SYMBOLS = {"phi3": ("<|endoftext|>", "<|end|>")}
 
 
 def corpus(n: int = 60) -> list[str]:
@@ -80,9 +85,10 @@ def bpe_tokenizer(out: Path) -> Path:
     return out
 
 
-def spm_tokenizer(out: Path, dummy_prefix: bool = True) -> Path:
+def spm_tokenizer(out: Path, dummy_prefix: bool = True, symbols: tuple[str, ...] = ()) -> Path:
     """A SentencePiece BPE model with byte fallback (tokenizer.model), as Llama-2 / Gemma / Phi-3 ship;
-    Gemma's has no dummy prefix (no space put before the text; llama.cpp's converter writes it so)."""
+    Gemma's has no dummy prefix (no space put before the text; llama.cpp's converter writes it so).
+    `symbols`: more special tokens the family's vocabulary has (llama.cpp looks Phi-3's up by name)."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
@@ -90,14 +96,16 @@ def spm_tokenizer(out: Path, dummy_prefix: bool = True) -> Path:
     text = out / "corpus.txt"
     text.write_text("\n".join(corpus()))
     spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(out / "tokenizer"), vocab_size=600, model_type="bpe",
-                                   byte_fallback=True, user_defined_symbols=["<|im_start|>", "<|im_end|>"], add_dummy_prefix=dummy_prefix,
+                                   byte_fallback=True, user_defined_symbols=["<|im_start|>", "<|im_end|>", *symbols],
+                                   add_dummy_prefix=dummy_prefix, split_digits=True,  # as all three split digits
                                    character_coverage=1.0, minloglevel=2)
     text.unlink()
     (out / "tokenizer.vocab").unlink()
     # transformers 5 builds the fast tokenizer from tokenizer.model when loading a directory
     # (LlamaTokenizer(vocab_file=...) gives an empty 3-token vocabulary); tokenizer.model stays
-    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "legacy": False,
-                                                           "add_bos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+    # (Gemma's class builds it without the "▁" Llama's puts before the text, as its tokenizer.model says)
+    family = "LlamaTokenizer" if dummy_prefix else "GemmaTokenizer"
+    (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": family, "legacy": False, "add_bos_token": False, "bos_token": "<s>", "eos_token": "</s>",
                                                            "unk_token": "<unk>"}))
     tok = AutoTokenizer.from_pretrained(out)
     tok.chat_template = CHAT_TEMPLATE
@@ -211,21 +219,35 @@ def qat_into_q4_k_m(model_dir: Path, ids: list[int], work: Path) -> tuple[bool, 
     return bool(np.isfinite(last["loss"]) and coverage["fake_quantized"]), bool(same and runs)
 
 
-def onnx_int4(arch_name: str, model_dir: Path, ids: list[int], work: Path):
-    from edgekit.bench.ort_runner import ort_scorer
-    from edgekit.errors import EdgekitError
-    from edgekit.export.onnx_export import builder_architectures, export_onnx_int4
-    from edgekit.stages.support import architecture
-
+def onnx_int4(model_dir: Path, ids: list[int], hf: np.ndarray, work: Path) -> dict:
+    """The builder's folders in ONNX Runtime against transformers (fp32) on 512 tokens: ✅ when its
+    tokenizer gives the model's ids (the export checks it) and the same graph built at fp32 gives
+    transformers' logits (KL <= 1e-4, as for the GGUF); the int4 folder's own KL and top-1
+    agreement are reported beside it (int4 error on a random model, not a conversion error)."""
     from transformers import AutoConfig
 
-    if architecture(AutoConfig.from_pretrained(model_dir)) not in builder_architectures():
-        return "unsupported by the builder"
+    from edgekit.bench.ort_runner import ort_scorer
+    from edgekit.errors import EdgekitError
+    from edgekit.export.onnx_export import BUILDER_BUGS, builder_architectures, export_onnx_int4
+    from edgekit.stages.support import architecture
+
+    arch = architecture(AutoConfig.from_pretrained(model_dir))
+    if arch not in builder_architectures():
+        return {"onnx_int4": "unsupported by the builder"}
+    if arch in BUILDER_BUGS:
+        return {"onnx_int4": f"builder bug: {BUILDER_BUGS[arch]}"}
     try:
-        folder = export_onnx_int4(model_dir, work / "onnx")
-        return bool(torch.isfinite(ort_scorer(folder)(torch.tensor(ids[:32]))).all())
+        int4 = export_onnx_int4(model_dir, work / "onnx")
+        fp32 = export_onnx_int4(model_dir, work / "onnx-fp32", precision="fp32")
     except EdgekitError as e:
-        return f"failed: {str(e)[:200]}"
+        return {"onnx_int4": f"failed: {str(e)[:200]}"}
+    n = 512
+    exact, quantized = (ort_scorer(f)(torch.tensor(ids[:n])).double().numpy() for f in (fp32, int4))
+    kl_fp32 = max(list(kl_by_range(hf[:n], exact).values())[:3])  # ranges up to 512
+    top1 = float((quantized.argmax(-1) == hf[:n, :quantized.shape[1]].argmax(-1)).mean())
+    return {"onnx_int4": kl_fp32 <= 1e-4, "onnx_fp32_kl_vs_transformers_max": kl_fp32,
+            "onnx_int4_kl_vs_transformers_max": max(list(kl_by_range(hf[:n], quantized).values())[:3]),
+            "onnx_int4_top1_agreement": round(top1, 3)}
 
 
 def check(arch: str, work: Path) -> dict:
@@ -239,7 +261,8 @@ def check(arch: str, work: Path) -> dict:
 
     t0 = time.perf_counter()
     kind = ARCHS[arch][2]
-    tok_dir = spm_tokenizer(work / "tok", not arch.startswith("gemma")) if kind == "spm" else bpe_tokenizer(work / "tok")
+    tok_dir = (spm_tokenizer(work / "tok", not arch.startswith("gemma"), SPM_SYMBOLS.get(arch, ())) if kind == "spm"
+               else bpe_tokenizer(work / "tok"))
     model_dir = make_model(arch, tok_dir, work / arch)
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = sample_ids(tok)
@@ -268,7 +291,7 @@ def check(arch: str, work: Path) -> dict:
     row["eos_bos_equal"] = (meta.get("tokenizer.ggml.eos_token_id") == cfg.get("eos_token_id")
                             and meta.get("tokenizer.ggml.bos_token_id") == cfg.get("bos_token_id"))
     row["qat"], row["gguf_q4_k_m"] = qat_into_q4_k_m(model_dir, ids, work)
-    row["onnx_int4"] = onnx_int4(arch, model_dir, ids, work)
+    row.update(onnx_int4(model_dir, ids, hf, work))
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
 

@@ -160,10 +160,11 @@ class OrtModel:
     def __init__(self, folder: Path):
         import onnxruntime_genai as og
 
-        from edgekit.bench.ort_runner import load_og
+        from edgekit.bench.ort_runner import load_og, sliding_window
 
         self.path = folder
         self.model = load_og(folder)
+        self.window = sliding_window(folder)
         self.tokenizer = og.Tokenizer(self.model)
         self._og = og
         self.last_finish_reason: str | None = None
@@ -183,14 +184,14 @@ class OrtModel:
                                "shorten the prompt")
         max_tokens = min(max_tokens, self.n_ctx - len(ids))
         params = og.GeneratorParams(self.model)
-        search = {"max_length": len(ids) + max_tokens}
+        search = {"max_length": max(len(ids) + max_tokens, self.window)}  # ORT's cache holds the window at least
         search.update({"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False})
         params.set_search_options(**search)
         gen = og.Generator(self.model, params)
         gen.append_tokens(ids)
         decoder = self.tokenizer.create_stream()
         count = 0
-        while not gen.is_done() and not (stop_when and stop_when()):
+        while not gen.is_done() and count < max_tokens and not (stop_when and stop_when()):
             gen.generate_next_token()
             count += 1
             yield decoder.decode(gen.get_next_tokens()[0])

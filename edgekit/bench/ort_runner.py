@@ -25,12 +25,20 @@ def load_og(folder: Path):
                            "re-export the folder; check that model.onnx and its .data file are complete") from None
 
 
-def _generator(model, max_length: int):
+def _generator(model, max_length: int, window: int = 0):
+    """A greedy generator; its KV cache is made at least the sliding window long (`window`, from
+    `sliding_window`): ORT's attention refuses a shorter one (Gemma 2/3 scoring a short row)."""
     import onnxruntime_genai as og
 
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=max_length, do_sample=False)
+    params.set_search_options(max_length=max(max_length, window), do_sample=False)
     return og.Generator(model, params)
+
+
+def sliding_window(folder: Path) -> int:
+    """The sliding window the builder wrote into the folder's genai_config.json (0: none)."""
+    config = json.loads((Path(folder) / "genai_config.json").read_text())
+    return int((config["model"]["decoder"].get("sliding_window") or {}).get("window_size") or 0)
 
 
 def ort_scorer(folder: Path, model=None):
@@ -39,9 +47,10 @@ def ort_scorer(folder: Path, model=None):
     import torch
 
     model = model or load_og(folder)
+    window = sliding_window(folder)
 
     def score(row):
-        g = _generator(model, len(row) + 1)
+        g = _generator(model, len(row) + 1, window)
         g.append_tokens(row.tolist())
         return torch.from_numpy(np.array(g.get_output("logits"))[0].astype(np.float32))
 
@@ -63,7 +72,7 @@ def ort_speed(folder: Path, prompt_tokens: int, gen_tokens: int, threads: int, r
     prompt = [1 + (7919 * i) % (vocab - 1) for i in range(prompt_tokens)]  # fixed, valid ids
     runs = []
     for _ in range(repeats + 1):
-        g = _generator(model, prompt_tokens + gen_tokens + 1)
+        g = _generator(model, prompt_tokens + gen_tokens + 1, sliding_window(folder))
         t0 = time.perf_counter()
         g.append_tokens(prompt)
         t_prefill = time.perf_counter() - t0

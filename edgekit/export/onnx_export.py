@@ -20,7 +20,8 @@ from edgekit.progress import status
 
 
 # onnxruntime-genai 0.18's builder reads transformers 4's config layout. Under transformers 5 it
-# fails on Gemma 3 (rope parameters nested per layer type: KeyError 'rope_type') and on Phi-3
+# fails on Gemma 3 (rope parameters nested per layer type: KeyError 'rope_type', and transformers'
+# own Gemma 3 code loading the weights needs them nested: KeyError 'full_attention') and on Phi-3
 # configs without original_max_position_embeddings. The one place that adapts them: the builder
 # runs with AutoConfig.from_pretrained wrapped to put the old attributes back.
 _ADAPTED_BUILDER = """import runpy, sys
@@ -36,7 +37,8 @@ def _adapted(cls, *args, **kwargs):
     rope = getattr(target, "rope_parameters", None)
     if isinstance(rope, dict) and "full_attention" in rope:  # per layer type -> global + local base
         local = rope.get("sliding_attention") or {}
-        target.rope_parameters = dict(rope["full_attention"])
+        # the global ones at the top for the builder, the nested ones kept for transformers' model code
+        target.rope_parameters = {**rope["full_attention"], **rope}
         if "rope_theta" in local:
             target.rope_local_base_freq = local["rope_theta"]
     if target.model_type == "phi3" and getattr(target, "original_max_position_embeddings", None) is None:
@@ -50,17 +52,55 @@ runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
 """
 
 
-def export_onnx_int4(model_dir: Path, out: Path, block_size: int = 32, qat_grid: tuple[dict, dict | None] | None = None) -> Path:
+# architectures the builder dispatches on but cannot build (onnxruntime-genai 0.18), and why
+BUILDER_BUGS = {
+    "SmolLM3ForCausalLM": "the builder fails on SmolLM3's no-RoPE layers (KeyError 'position_ids': it switches "
+                          "RoPE from fused to a separate op there instead of off, and the separate op's input "
+                          "was removed)",
+}
+
+
+def lm_head_clash(cfg) -> str | None:
+    """Why the builder would write a wrong model for this config, or None.
+
+    The builder takes every linear layer with `vocab_size` outputs for the LM head, the last one
+    met winning: a vocabulary as wide as the hidden size (o_proj, down_proj), the MLP (gate/up) or
+    the attention projections gives a graph whose logits come from a decoder layer (seen on tiny
+    models with 512 tokens and intermediate_size 512: top-1 agreement with transformers 0%)."""
+    cfg = getattr(cfg, "text_config", None) or cfg
+    vocab, hidden = getattr(cfg, "vocab_size", None), getattr(cfg, "hidden_size", None)
+    heads = getattr(cfg, "num_attention_heads", None) or 0
+    head_dim = getattr(cfg, "head_dim", None) or (hidden // heads if hidden and heads else 0)
+    widths = {"hidden_size": hidden, "intermediate_size": getattr(cfg, "intermediate_size", None),
+              "attention width": heads * head_dim,
+              "key/value width": (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim}
+    same = [name for name, width in widths.items() if width and width == vocab]
+    if not same:
+        return None
+    return (f"onnx_int4: the vocabulary ({vocab} tokens) is as wide as the model's {' and '.join(same)}, and "
+            "onnxruntime-genai's builder takes every layer of that width for the LM head: the ONNX file would "
+            "compute wrong logits")
+
+
+def export_onnx_int4(model_dir: Path, out: Path, block_size: int = 32, qat_grid: tuple[dict, dict | None] | None = None,
+                     precision: str = "int4") -> Path:
     """Build the folder; `qat_grid` ((plan, learned blocks) of a QAT student) then replaces the
     builder's int4 weights with the trained grid (edgekit.export.onnx_grid) and records which
-    nodes hold it in the folder's `edgekit_weights.json`."""
+    nodes hold it in the folder's `edgekit_weights.json`. `precision` "fp32" builds the same
+    graph unquantized (parity checks against transformers)."""
     try:
         import onnxruntime_genai  # noqa: F401
     except ImportError:
         raise EdgekitError("the onnx_int4 export needs onnxruntime-genai", "pip install 'edgekit[onnx]'") from None
+    from transformers import AutoConfig
+
+    clash = lm_head_clash(AutoConfig.from_pretrained(model_dir))
+    if clash:
+        raise EdgekitError(f"{model_dir.name}: {clash}", "resize the token embeddings to another width "
+                           "(model.resize_token_embeddings(n, pad_to_multiple_of=64)) or export GGUF only")
     with atomic_path(out) as tmp:
         cmd = [sys.executable, "-c", _ADAPTED_BUILDER, "-i", str(model_dir), "-o", str(tmp),
-               "-p", "int4", "-e", "cpu", "--extra_options", f"int4_block_size={block_size}"]
+               "-p", precision, "-e", "cpu", "--extra_options", f"int4_block_size={block_size}"]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not (tmp / "model.onnx").is_file():
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]

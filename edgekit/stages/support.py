@@ -21,7 +21,7 @@ def support_problems(recipe, base: Path) -> tuple[list[str], list[str]]:
     if cfg is None:
         return [], [f"architecture not checked: the config of '{t.model}' is not in the local hub cache"]
     arch = architecture(cfg)
-    problems, notes = _format_problems(recipe, arch, cfg.model_type)
+    problems, notes = _format_problems(recipe, arch, cfg)
     notes.append(f"teacher architecture {arch} (model_type {cfg.model_type})")
     problems += _vocabulary_problems(recipe, base) + _precision_problems(recipe, cfg.model_type)
     return problems, notes
@@ -50,7 +50,7 @@ def architecture(cfg) -> str:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(cfg.model_type, type(cfg).__name__)
 
 
-def _format_problems(recipe, arch: str, model_type: str) -> tuple[list[str], list[str]]:
+def _format_problems(recipe, arch: str, cfg) -> tuple[list[str], list[str]]:
     from edgekit.export.converter import CONVERTER, converter_path, supported_architectures
 
     problems, notes = [], []
@@ -61,16 +61,21 @@ def _format_problems(recipe, arch: str, model_type: str) -> tuple[list[str], lis
             notes.append("GGUF support not checked: llama.cpp's converter is not fetched yet (make setup fetches it)")
         elif arch not in supported_architectures():
             problems.append(f"stages {needs_gguf}: llama.cpp's converter does not know architecture {arch} "
-                            f"(model_type {model_type}), so no GGUF can be written; those stages would fail "
+                            f"(model_type {cfg.model_type}), so no GGUF can be written; those stages would fail "
                             "(QAT and GPTQ read llama.cpp's per-tensor types from a converted file)")
     export = recipe.stage("export")
     if export is not None and "onnx_int4" in export.formats:
-        from edgekit.export.onnx_export import builder_architectures
+        from edgekit.export.onnx_export import BUILDER_BUGS, builder_architectures, lm_head_clash
 
         known = builder_architectures()
         if known and arch not in known:
             problems.append(f"export.formats: onnx_int4: onnxruntime-genai's builder does not support {arch}; "
                             "the export stage would fail: remove onnx_int4")
+        elif arch in BUILDER_BUGS:
+            problems.append(f"export.formats: onnx_int4: {BUILDER_BUGS[arch]}; the export stage would fail: "
+                            "remove onnx_int4")
+        elif lm_head_clash(cfg):  # a student copied from the teacher's layers has its widths
+            problems.append(f"export.formats: {lm_head_clash(cfg)}; the export stage refuses it: remove onnx_int4")
     return problems, notes
 
 

@@ -63,3 +63,28 @@ def test_a_draft_model_speculates_and_the_output_stays_the_models_own(bundle, ti
     assert "".join(fast.generate("The module", max_tokens=40, stream=True)) == plain  # again, on a warm draft cache
     with pytest.raises(EdgekitError, match="ONNX folder"):
         runtime.load(bundle / "tiny-int4-onnx", draft=draft)
+
+
+def test_a_sliding_window_onnx_model_scores_and_generates_short_texts(tiny_teacher_dir, tmp_path):
+    """ORT's attention refuses a KV cache shorter than the model's sliding window (Gemma 2/3,
+    Mistral): scoring a short row or a short reply makes the cache the window long, and a reply
+    still stops at max_tokens."""
+    import json
+    import shutil
+
+    import torch
+
+    from edgekit.bench.ort_runner import ort_scorer, sliding_window
+    from edgekit.export.onnx_export import export_onnx_int4
+
+    model = tmp_path / "mistral"
+    shutil.copytree(tiny_teacher_dir, model)
+    cfg = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**cfg, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                                                   "sliding_window": 64}))
+    folder = export_onnx_int4(model, tmp_path / "onnx")
+    assert sliding_window(folder) == 64
+    assert torch.isfinite(ort_scorer(folder)(torch.tensor([5, 6, 7, 8]))).all()
+    m = runtime.load(folder)
+    assert m.generate("The module", max_tokens=3) is not None
+    assert m.last_usage["completion_tokens"] <= 3

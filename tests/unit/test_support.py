@@ -27,6 +27,7 @@ def recipe_with(tmp_path, teacher_dir, architecture: str | None = None, formats:
 @pytest.mark.parametrize("architecture,formats,expect", [
     ("NoSuchForCausalLM", "[f16]", "llama.cpp's converter does not know architecture NoSuchForCausalLM"),
     ("Olmo2ForCausalLM", "[f16, onnx_int4]", "onnxruntime-genai's builder does not support Olmo2ForCausalLM"),
+    ("SmolLM3ForCausalLM", "[f16, onnx_int4]", "the builder fails on SmolLM3's no-RoPE layers"),
 ])
 def test_unsupported_architectures_are_refused_before_any_work(architecture, formats, expect, tiny_teacher_dir,
                                                                 tmp_path, capsys):
@@ -69,3 +70,20 @@ def test_an_fp16_gemma_teacher_is_refused(tiny_teacher_dir, tmp_path, capsys, mo
     assert main(["validate", str(fp16)]) == 2
     assert "llama activations overflow float16" in capsys.readouterr().err
     assert main(["validate", str(recipe)]) == 0
+
+
+def test_a_vocabulary_as_wide_as_a_layer_is_refused_for_onnx(tiny_teacher_dir, tmp_path, capsys):
+    """onnxruntime-genai's builder takes every layer with vocab_size outputs for the LM head (a
+    tiny model whose vocabulary equalled its intermediate_size exported with 0% top-1 agreement)."""
+    from edgekit.errors import EdgekitError
+    from edgekit.export.onnx_export import export_onnx_int4
+
+    recipe = recipe_with(tmp_path, tiny_teacher_dir, formats="[f16, onnx_int4]")
+    config = tmp_path / "teacher" / "config.json"
+    cfg = json.loads(config.read_text())
+    config.write_text(json.dumps({**cfg, "intermediate_size": cfg["vocab_size"]}))
+    assert main(["validate", str(recipe)]) == 2
+    assert "as wide as the model's intermediate_size" in capsys.readouterr().err
+    with pytest.raises(EdgekitError, match="LM head"):
+        export_onnx_int4(tmp_path / "teacher", tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

@@ -228,14 +228,12 @@ def onnx_int4(model_dir: Path, ids: list[int], hf: np.ndarray, work: Path) -> di
 
     from edgekit.bench.ort_runner import ort_scorer
     from edgekit.errors import EdgekitError
-    from edgekit.export.onnx_export import BUILDER_BUGS, builder_architectures, export_onnx_int4
+    from edgekit.export.onnx_export import builder_architectures, export_onnx_int4
     from edgekit.stages.support import architecture
 
     arch = architecture(AutoConfig.from_pretrained(model_dir))
     if arch not in builder_architectures():
         return {"onnx_int4": "unsupported by the builder"}
-    if arch in BUILDER_BUGS:
-        return {"onnx_int4": f"builder bug: {BUILDER_BUGS[arch]}"}
     try:
         int4 = export_onnx_int4(model_dir, work / "onnx")
         fp32 = export_onnx_int4(model_dir, work / "onnx-fp32", precision="fp32")

@@ -23,7 +23,8 @@ from edgekit.progress import status
 # fails on Gemma 3 (rope parameters nested per layer type: KeyError 'rope_type', and transformers'
 # own Gemma 3 code loading the weights needs them nested: KeyError 'full_attention') and on Phi-3
 # configs without original_max_position_embeddings. The one place that adapts them: the builder
-# runs with AutoConfig.from_pretrained wrapped to put the old attributes back.
+# runs with AutoConfig.from_pretrained wrapped to put the old attributes back. The same wrapper
+# fixes the builder's one bug we met: SmolLM3's no-RoPE layers (KeyError 'position_ids').
 _ADAPTED_BUILDER = """import runpy, sys
 import transformers
 
@@ -47,17 +48,27 @@ def _adapted(cls, *args, **kwargs):
 
 
 transformers.AutoConfig.from_pretrained = classmethod(_adapted)
+
+import onnxruntime_genai.models  # puts the builder's own modules ("builders") on sys.path
+from builders.smollm import SmolLM3Model
+
+_smollm3_attention = SmolLM3Model.make_attention
+
+
+def _no_rope_layers_off(self, layer_id, attention, root_input, **kwargs):
+    # 0.18 turns RoPE from fused to a separate op on SmolLM3's no-RoPE layers instead of off
+    rope = self.attention_attrs["rope"]
+    self.attention_attrs["rope"] = rope and bool(self.no_rope_layers[layer_id])
+    try:
+        return _smollm3_attention(self, layer_id, attention, root_input, **kwargs)
+    finally:
+        self.attention_attrs["rope"] = rope
+
+
+SmolLM3Model.make_attention = _no_rope_layers_off
 sys.argv[0] = "builder"
 runpy.run_module("onnxruntime_genai.models.builder", run_name="__main__")
 """
-
-
-# architectures the builder dispatches on but cannot build (onnxruntime-genai 0.18), and why
-BUILDER_BUGS = {
-    "SmolLM3ForCausalLM": "the builder fails on SmolLM3's no-RoPE layers (KeyError 'position_ids': it switches "
-                          "RoPE from fused to a separate op there instead of off, and the separate op's input "
-                          "was removed)",
-}
 
 
 def lm_head_clash(cfg) -> str | None:

@@ -65,15 +65,12 @@ def _format_problems(recipe, arch: str, cfg) -> tuple[list[str], list[str]]:
                             "(QAT and GPTQ read llama.cpp's per-tensor types from a converted file)")
     export = recipe.stage("export")
     if export is not None and "onnx_int4" in export.formats:
-        from edgekit.export.onnx_export import BUILDER_BUGS, builder_architectures, lm_head_clash
+        from edgekit.export.onnx_export import builder_architectures, lm_head_clash
 
         known = builder_architectures()
         if known and arch not in known:
             problems.append(f"export.formats: onnx_int4: onnxruntime-genai's builder does not support {arch}; "
                             "the export stage would fail: remove onnx_int4")
-        elif arch in BUILDER_BUGS:
-            problems.append(f"export.formats: onnx_int4: {BUILDER_BUGS[arch]}; the export stage would fail: "
-                            "remove onnx_int4")
         elif lm_head_clash(cfg):  # a student copied from the teacher's layers has its widths
             problems.append(f"export.formats: {lm_head_clash(cfg)}; the export stage refuses it: remove onnx_int4")
     return problems, notes

@@ -25,9 +25,8 @@ def test_every_architecture_distills_quantizes_and_exports(tmp_path):
         assert r["distill"] and r["qat"] and r["gguf_f16"] and r["gguf_q4_k_m"], r
         assert r["kl_vs_transformers_max"] <= 1e-4, r  # every position range up to 1,024 tokens
         assert r["tokens_equal"] and r["chat_template_equal"] and r["eos_bos_equal"], r
-    for arch in set(ARCHS) - {"olmo2", "smollm3"}:  # olmo2: not in the builder; smollm3: the builder's bug
+    for arch in set(ARCHS) - {"olmo2"}:
         assert rows[arch]["onnx_int4"] is True, rows[arch]  # the tokenizer, and the fp32 graph's KL <= 1e-4
     assert rows["olmo2"]["onnx_int4"] == "unsupported by the builder"
-    assert rows["smollm3"]["onnx_int4"].startswith("builder bug")
     assert rows["gemma3_text"]["kl_vs_converter_max"] > 1e-4  # the listed sliding-pattern fix changes the computation
     assert rows["llama"]["kl_vs_converter_max"] == 0.0

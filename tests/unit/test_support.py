@@ -27,7 +27,6 @@ def recipe_with(tmp_path, teacher_dir, architecture: str | None = None, formats:
 @pytest.mark.parametrize("architecture,formats,expect", [
     ("NoSuchForCausalLM", "[f16]", "llama.cpp's converter does not know architecture NoSuchForCausalLM"),
     ("Olmo2ForCausalLM", "[f16, onnx_int4]", "onnxruntime-genai's builder does not support Olmo2ForCausalLM"),
-    ("SmolLM3ForCausalLM", "[f16, onnx_int4]", "the builder fails on SmolLM3's no-RoPE layers"),
 ])
 def test_unsupported_architectures_are_refused_before_any_work(architecture, formats, expect, tiny_teacher_dir,
                                                                 tmp_path, capsys):

@@ -2,7 +2,8 @@
 
     bash third_party/build_llama_aarch64.sh armv8.2-a+dotprod        # Raspberry Pi 5 (once, ~6 min)
     bash third_party/build_llama_aarch64.sh armv8.6-a+dotprod+i8mm   # Snapdragon 8 Gen 3 (once)
-    .venv/bin/python benchmarks/aarch64.py [key.path=value ...]
+    .venv/bin/python benchmarks/aarch64.py            # the quantized files
+    .venv/bin/python benchmarks/aarch64.py --float    # the F16 file, on 2 chunks (~10 min), merged in
 
 Uses the finished stages of `make run` (runs/quickstart: distill, qat, export) and runs only the
 bench stage's emulation (`stages.bench.emulate`) on them, without the rest of the pipeline: each quantized GGUF (QAT Q4_K_M and the PTQ baseline's Q4_K_M; F16 files only with
@@ -24,7 +25,7 @@ from common import REPO, run_recipe, write_result
 from edgekit.machine import machine_description
 
 
-def emulate_finished_run(run_dir: Path) -> list[dict]:
+def emulate_finished_run(run_dir: Path, overrides: tuple[str, ...] = (), only: set[str] | None = None) -> list[dict]:
     """The bench stage's emulated rows for a finished quickstart run (its earlier stages as they are)."""
     from edgekit.fsutil import read_json
     from edgekit.stages import load_recipe
@@ -33,7 +34,7 @@ def emulate_finished_run(run_dir: Path) -> list[dict]:
     from edgekit.stages.outputs import ExportOutput
     from edgekit.stages.registry import REGISTRY
 
-    recipe, base = load_recipe(REPO / "recipes" / "quickstart.yaml", ["stages.bench.emulate=true"])
+    recipe, base = load_recipe(REPO / "recipes" / "quickstart.yaml", ["stages.bench.emulate=true", *overrides])
     ctx = RunContext(recipe, base, run_dir)
     for stage in sorted((run_dir / "stages").iterdir()):
         if (stage / "artifact.json").is_file() and stage.name.split("-", 1)[1] in ("distill", "qat", "export"):
@@ -41,7 +42,7 @@ def emulate_finished_run(run_dir: Path) -> list[dict]:
             ctx.finished[art.type] = art
     ctx.current = REGISTRY["bench"]
     cfg = next(s for s in recipe.stages if s.type == "bench")
-    return emulated_rows(ctx, cfg, ctx.get(ExportOutput))
+    return emulated_rows(ctx, cfg, ctx.get(ExportOutput), only)
 
 
 def run() -> dict:
@@ -70,5 +71,29 @@ def run() -> dict:
     return result
 
 
+FLOAT_CHUNKS = 2  # qemu runs the F16 file's ARM code ~1 min per 128-token pass here
+
+
+def run_float() -> dict:
+    """The F16 file's rows on fewer chunks (merged into aarch64.json beside the quantized files')."""
+    import json
+
+    rows = emulate_finished_run(REPO / "runs" / "quickstart", ("stages.bench.emulate_float=true",
+                                                               f"stages.bench.emulate_chunks={FLOAT_CHUNKS}"), {"f16"})
+    path = REPO / "benchmarks" / "results" / "aarch64.json"
+    result = json.loads(path.read_text())
+    for r in rows:
+        result["profiles"][r["target"]]["files"]["f16"] = {
+            "file": r["file"], "kl_vs_x86": r["kl_vs_x86"], "top1_vs_x86": r["top1_vs_x86"],
+            "kl_vs_torch": r.get("kl_vs_torch"), "top1_vs_torch": r.get("top1_vs_torch"), "floor_kl": r.get("floor_kl"),
+            "ppl": r["ppl"], "ppl_x86": r["ppl_x86"], "tokens": r["tokens"],
+            "chunks": f"{r['chunks']} of {r['ctx']} tokens (fewer than the quantized files': qemu runs F16 slowly)"}
+    result["f16"] = f"emulated on {FLOAT_CHUNKS} chunks (benchmarks/aarch64.py --float)"
+    write_result("aarch64.json", result)
+    return result
+
+
 if __name__ == "__main__":
-    run()
+    import sys
+
+    run_float() if "--float" in sys.argv[1:] else run()

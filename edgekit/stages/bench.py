@@ -63,9 +63,9 @@ def run(ctx: RunContext, cfg: BenchConfig, out: Path) -> StageResult:
     return StageResult(None, metrics)
 
 
-def emulated_rows(ctx: RunContext, cfg: BenchConfig, export: ExportOutput) -> list[dict]:
-    """Every GGUF (and the PTQ baseline's) on each emulated target's ARM kernels, against x86
-    llama.cpp and the PyTorch model it holds, on the holdout."""
+def emulated_rows(ctx: RunContext, cfg: BenchConfig, export: ExportOutput, only: set[str] | None = None) -> list[dict]:
+    """Every GGUF (and the PTQ baseline's; `only`: those labels) on each emulated target's ARM
+    kernels, against x86 llama.cpp and the PyTorch model it holds, on the holdout."""
     from edgekit.bench.emulate import emulated_parity, emulator
     from edgekit.bench.quality import torch_scorer
     from edgekit.bench.targets import target
@@ -76,7 +76,7 @@ def emulated_rows(ctx: RunContext, cfg: BenchConfig, export: ExportOutput) -> li
     ids = ctx.rows("holdout").reshape(-1).tolist()
     rows = []
     for label, path, model in _files_and_models(ctx, export):
-        if label.removeprefix("ptq_") in ("f16", "f32") and not cfg.emulate_float:
+        if (label.removeprefix("ptq_") in ("f16", "f32") and not cfg.emulate_float) or (only and label not in only):
             continue
         reference = torch_scorer(model) if model is not None else None
         for prof in profiles:

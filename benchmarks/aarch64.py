@@ -45,6 +45,13 @@ def emulate_finished_run(run_dir: Path, overrides: tuple[str, ...] = (), only: s
     return emulated_rows(ctx, cfg, ctx.get(ExportOutput), only)
 
 
+def file_row(r: dict) -> dict:
+    """One file's figures on one profile, as aarch64.json keeps them."""
+    return {"file": r["file"], "kl_vs_x86": r["kl_vs_x86"], "top1_vs_x86": r["top1_vs_x86"],
+            "kl_vs_torch": r.get("kl_vs_torch"), "top1_vs_torch": r.get("top1_vs_torch"), "floor_kl": r.get("floor_kl"),
+            "ppl": r["ppl"], "ppl_x86": r["ppl_x86"], "tokens": r["tokens"]}
+
+
 def run() -> dict:
     run_dir = REPO / "runs" / "quickstart"
     if not (run_dir / "stages").is_dir():
@@ -53,10 +60,7 @@ def run() -> dict:
     profiles: dict = {}
     for r in rows:
         prof = profiles.setdefault(r["target"], {"cpu_flags": f"{r['kernels']} (qemu -cpu {r['qemu_cpu']})", "files": {}})
-        prof["files"][r["variant"]] = {
-            "file": r["file"], "kl_vs_x86": r["kl_vs_x86"], "top1_vs_x86": r["top1_vs_x86"],
-            "kl_vs_torch": r.get("kl_vs_torch"), "top1_vs_torch": r.get("top1_vs_torch"), "floor_kl": r.get("floor_kl"),
-            "ppl": r["ppl"], "ppl_x86": r["ppl_x86"], "tokens": r["tokens"]}
+        prof["files"][r["variant"]] = file_row(r)
     for prof in profiles.values():
         f = prof["files"]
         if {"qat_q4_k_m", "ptq_q4_k_m"} <= set(f):  # same tokens, same ARM kernels; x86 beside it
@@ -84,10 +88,7 @@ def run_float() -> dict:
     result = json.loads(path.read_text())
     for r in rows:
         result["profiles"][r["target"]]["files"]["f16"] = {
-            "file": r["file"], "kl_vs_x86": r["kl_vs_x86"], "top1_vs_x86": r["top1_vs_x86"],
-            "kl_vs_torch": r.get("kl_vs_torch"), "top1_vs_torch": r.get("top1_vs_torch"), "floor_kl": r.get("floor_kl"),
-            "ppl": r["ppl"], "ppl_x86": r["ppl_x86"], "tokens": r["tokens"],
-            "chunks": f"{r['chunks']} of {r['ctx']} tokens (fewer than the quantized files': qemu runs F16 slowly)"}
+            **file_row(r), "chunks": f"{r['chunks']} of {r['ctx']} tokens (fewer than the quantized files': qemu runs F16 slowly)"}
     result["f16"] = f"emulated on {FLOAT_CHUNKS} chunks (benchmarks/aarch64.py --float)"
     write_result("aarch64.json", result)
     return result

@@ -70,9 +70,10 @@ def ort_speed(folder: Path, prompt_tokens: int, gen_tokens: int, threads: int, r
     load_s = time.perf_counter() - t0
     vocab = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["vocab_size"]
     prompt = [1 + (7919 * i) % (vocab - 1) for i in range(prompt_tokens)]  # fixed, valid ids
+    window = sliding_window(folder)
     runs = []
     for _ in range(repeats + 1):
-        g = _generator(model, prompt_tokens + gen_tokens + 1, sliding_window(folder))
+        g = _generator(model, prompt_tokens + gen_tokens + 1, window)
         t0 = time.perf_counter()
         g.append_tokens(prompt)
         t_prefill = time.perf_counter() - t0

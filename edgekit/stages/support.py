@@ -71,8 +71,8 @@ def _format_problems(recipe, arch: str, cfg) -> tuple[list[str], list[str]]:
         if known and arch not in known:
             problems.append(f"export.formats: onnx_int4: onnxruntime-genai's builder does not support {arch}; "
                             "the export stage would fail: remove onnx_int4")
-        elif lm_head_clash(cfg):  # a student copied from the teacher's layers has its widths
-            problems.append(f"export.formats: {lm_head_clash(cfg)}; the export stage refuses it: remove onnx_int4")
+        elif clash := lm_head_clash(cfg):  # a student copied from the teacher's layers has its widths
+            problems.append(f"export.formats: {clash}; the export stage refuses it: remove onnx_int4")
     return problems, notes
 
 

@@ -29,7 +29,7 @@ def main() -> dict:
 
     from edgekit.bench import kld
     from edgekit.bench.llama_bench import llama_bench_bin
-    from edgekit.bench.llama_runner import bos_to_prepend, cpu_has_amx, llama_scorer, load_llama
+    from edgekit.bench.llama_runner import bos_to_prepend, llama_scorer, load_llama, no_repack_args
 
     run = REPO / "runs" / "qat-smollm2" / "qat_general"
     f16 = next((REPO / "runs" / "qat-smollm2" / "stages").glob("*-export/*ptq-F16.gguf"))  # the untouched model's F16
@@ -53,7 +53,7 @@ def main() -> dict:
                 cand = llama_scorer(path, CTX)
                 ours = kld.compare_to_file(base, lambda ids: cand(torch.from_numpy(ids.astype(np.int64))).numpy(), bos)
                 cmd = [str(exe), "-m", str(path), "--kl-divergence-base", str(base), "--kl-divergence", "-c", str(CTX),
-                       "-b", str(CTX), "-t", "2"] + (["--no-repack"] if cpu_has_amx() else [])  # AMX repacking: SIGILL
+                       "-b", str(CTX), "-t", "2", *no_repack_args()]
                 res = subprocess.run(cmd, capture_output=True, text=True)
                 theirs = kld.parse_llama_perplexity(res.stdout + res.stderr) if res.returncode == 0 else {"error": res.returncode}
                 out.setdefault(sub.stem, {})[name] = {"edgekit": ours, "llama_perplexity": theirs}

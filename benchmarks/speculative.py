@@ -22,7 +22,7 @@ from pathlib import Path
 from common import REPO, run_recipe, write_result
 from tqdm import tqdm
 
-from edgekit.bench.llama_runner import cpu_has_amx
+from edgekit.bench.llama_runner import no_repack_args
 from edgekit.machine import machine_description
 
 PROMPTS = [
@@ -89,9 +89,8 @@ def same_answer(a: str, b: str) -> bool:
 def speculate(bin_dir: Path, target: Path, draft: Path, prompt: str, n_draft: int) -> dict:
     cmd = [str(bin_dir / "llama-speculative"), "-m", str(target), "-md", str(draft), "-p", prompt, "-n", str(N_PREDICT),
            "--spec-draft-n-max", str(n_draft), "--spec-draft-n-min", "0", "--temp", "0", "-t", str(THREADS), "-c", "1024",
-           "--seed", "0", "-fa", "off"]  # flash attention as llama-cpp-python runs it: with "auto" the answer changed with the draft
-    if cpu_has_amx():  # llama.cpp's AMX weight repacking dies on these CPUs (SIGILL / segfault)
-        cmd.append("--no-repack")
+           "--seed", "0", "-fa", "off",  # flash attention as llama-cpp-python runs it: "auto" changed answers with the draft
+           *no_repack_args()]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     log = out.stdout + out.stderr
     grab = lambda pat: float(re.search(pat, log).group(1))  # noqa: E731

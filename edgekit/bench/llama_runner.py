@@ -22,6 +22,12 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def no_repack_args() -> list[str]:
+    """Arguments that turn weight repacking off for llama.cpp's common-argument tools
+    (llama-perplexity, llama-speculative) on AMX CPUs, where it dies (SIGILL / segfault)."""
+    return ["--no-repack"] if cpu_has_amx() else []
+
+
 @contextlib.contextmanager
 def amx_off():
     """Load models with llama.cpp's extra weight buffers (AMX, CPU repacking) off on CPUs

@@ -14,6 +14,7 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.nn.utils import parametrize
@@ -256,7 +257,8 @@ def on_policy_batch(student, x: torch.Tensor, st: KDSettings, seed: int) -> tupl
 
 
 def train(student, teacher, rows: torch.Tensor, st: TrainSettings, workdir: Path, desc: str = "distill",
-          mask: torch.Tensor | None = None, teacher_cache=None, hidden=None, holdout: torch.Tensor | None = None) -> dict:
+          mask: torch.Tensor | None = None, teacher_cache=None, hidden=None, holdout: torch.Tensor | None = None,
+          after_step: Callable[[int], None] | None = None) -> dict:
     """Train `student` in place on packed `rows` (N, T). `teacher=None` trains on labels alone,
     or, with `teacher_cache` (logit_cache.TeacherCache of these rows), on the cached top-k.
     `mask` (N, T) bool marks the tokens to train on (default: all). `hidden`
@@ -264,7 +266,8 @@ def train(student, teacher, rows: torch.Tensor, st: TrainSettings, workdir: Path
     With `st.eval_every` and `holdout` rows (N, T), the student is scored on them every
     that many steps and at the end (perplexity; KL to the teacher and top-1 agreement when
     the teacher is online): `{"step", "holdout": {...}}` lines in metrics.jsonl. Scalars
-    also go to TensorBoard (workdir/tensorboard) when it is installed."""
+    also go to TensorBoard (workdir/tensorboard) when it is installed. `after_step(step)` runs
+    on rank 0 after each optimizer step (step counted from 1), e.g. to keep snapshots."""
     torch.manual_seed(st.seed)
     rank, size = world()
     if st.batch_size % size:
@@ -291,6 +294,8 @@ def train(student, teacher, rows: torch.Tensor, st: TrainSettings, workdir: Path
                     "grad_norm": round(grad_norm, 4),
                     "tokens_per_s": round(step_fn.tokens_per_step / (time.perf_counter() - t0), 1)}
             last = hooks.after_step(last, root, teacher, device)
+            if after_step is not None and rank == 0:
+                after_step(step + 1)
             if (step + 1) % st.checkpoint_every == 0 and step + 1 < st.steps:
                 save_checkpoint(ckpt, root, opt, step + 1, rank, size)
     finally:

@@ -219,6 +219,28 @@ def dequantize_k(blk: KBlocks) -> torch.Tensor:
     return (d1[..., None] * q).reshape(rows, cols)
 
 
+def regrid_k(w: torch.Tensor, blk: KBlocks) -> torch.Tensor:
+    """The grid of `w` on `blk`'s scales: the codes re-rounded as the quantizer's last pass
+    rounds them, the scales and mins kept. Equal to dequantize_k(quantize_k(w)) when `blk`
+    is quantize_k(w); for weights that moved a little since, a point of the same format
+    without the scale search (QAT between two searches). (R, C) float32."""
+    rows, cols = w.shape
+    nb = cols // QK_K
+    if blk.fmt == "q4_k":
+        dd = blk.d.float()[..., None] * blk.sc.float()  # (R, nb, 8)
+        dm = blk.dmin.float()[..., None] * blk.m.float()
+        live = (dd != 0)[..., None]
+        q = nearest_int((w.float().reshape(rows, nb, 8, 32) + dm[..., None]) / torch.where(live, dd[..., None], 1))
+        # + 0.0: a code rounded from a small negative value is -0.0, the stored code's is +0.0
+        q = torch.where(live, q.clamp(0, 15) + 0.0, blk.q.float().reshape(rows, nb, 8, 32))  # dead: the stored codes
+        return (dd[..., None] * q - dm[..., None]).reshape(rows, cols)
+    dd = blk.d.float()[..., None] * blk.sc.float()  # (R, nb, 16)
+    live = (dd != 0)[..., None]
+    q = nearest_int(w.float().reshape(rows, nb, 16, 16) / torch.where(live, dd[..., None], 1)).clamp(-32, 31)
+    q = torch.where(live, q + 0.0, blk.q.float().reshape(rows, nb, 16, 16) - 32)
+    return (dd[..., None] * q).reshape(rows, cols)
+
+
 def quantize_k(w: torch.Tensor, fmt: str) -> KBlocks:
     return {"q4_k": quantize_q4_k, "q6_k": quantize_q6_k}[fmt](w)
 

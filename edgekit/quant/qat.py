@@ -12,7 +12,9 @@ Every type llama.cpp's Q4_K_M, Q4_0 and Q8_0 mixes choose (Q4_K, Q6_K, Q5_0, Q8_
 Q4_1) has an exact quantizer; F32 tensors (norms) stay float. The export writes the
 trained grid itself (`gguf_write.write_gguf(types=plan)`), and parity is measured.
 
-Scales: by default each step recomputes them with the format's own search (`FakeQuant`).
+Scales: by default each step recomputes them with the format's own search (`FakeQuant`);
+with `scale_refresh: N` the K-quant search (the costly one) runs every N steps and the codes
+are re-rounded on the last scales in between.
 With `scales: learn` the per-block scales of the symmetric block formats (Q8_0, Q5_0,
 Q4_0) are parameters instead (LSQ, Esser et al., 2020: initialised by llama.cpp's own
 quantizer, learned through the straight-through estimator, stored as the fp16 the file
@@ -30,7 +32,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edgekit.formats.ggml_blocks import BLOCK, Blocks, grid, quantize
+from edgekit.formats import kquants
+from edgekit.formats.ggml_blocks import BLOCK, K_FORMATS, Blocks, dequantize_exact, quantize, quantize_exact
 from edgekit.formats.ggml_blocks import GGML_TYPES as EXACT
 
 # block formats whose scales can be learned: signed code range and the offset the file stores
@@ -38,16 +41,34 @@ LEARNABLE = {"q8_0": (-128, 127, 0), "q5_0": (-16, 15, 16), "q4_0": (-8, 7, 8)}
 
 
 class FakeQuant(nn.Module):
-    """w -> dequantize(quantize(fp16(w))) forward; identity gradient (straight-through)."""
+    """w -> dequantize(quantize(fp16(w))) forward; identity gradient (straight-through).
 
-    def __init__(self, fmt: str):
+    The grid is computed once per value of the weights (an optimizer step changes them in
+    place, which advances the tensor's version), so a tied weight, the micro-batches of a
+    step and an evaluation share it. With `refresh` = N > 1, a K-quant tensor's scale search
+    (seconds per forward for a whole model) runs on every N-th new value only; in between,
+    the codes are re-rounded on the last scales (kquants.regrid_k): a point of the same
+    format, not necessarily the one llama.cpp's search would pick for the moved weights.
+    The export always quantizes the final weights with the full search."""
+
+    def __init__(self, fmt: str, refresh: int = 1):
         super().__init__()
-        self.fmt = fmt
+        self.fmt, self.refresh = fmt, refresh
+        self._seen, self._values, self._scales, self._grid = None, 0, None, None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        on_grid = grid(w.detach().half().float(), self.fmt).to(w.dtype)
+        key = (w._version, w.data_ptr())
+        if key != self._seen or self._grid is None:
+            w16 = w.detach().half().float()
+            if self._scales is not None and self._values % self.refresh:
+                self._grid = kquants.regrid_k(w16, self._scales)
+            else:
+                blk = quantize_exact(w16, self.fmt)
+                self._scales = blk if self.fmt in K_FORMATS and self.refresh > 1 else None
+                self._grid = dequantize_exact(blk)
+            self._seen, self._values = key, self._values + 1
         # exactly the grid forward (w + (grid - w) can be an ulp off), identity gradient
-        return on_grid + (w - w.detach())
+        return self._grid.to(w.dtype) + (w - w.detach())
 
 
 class LearnedScale(nn.Module):
@@ -143,9 +164,9 @@ def plan_types(model_dir: Path, mix: str = "q4_k_m") -> dict[str, str]:
 
 
 def prepare(model: nn.Module, plan: dict[str, str], scales: str = "recompute",
-            learned: dict[str, torch.Tensor] | None = None, scale_lr_ratio: float = 1.0) -> dict:
+            learned: dict[str, torch.Tensor] | None = None, scale_lr_ratio: float = 1.0, refresh: int = 1) -> dict:
     """Register fake-quant parametrizations on every weight with an exact format: scales
-    recomputed each step (FakeQuant), or with `scales="learn"` learned for the LEARNABLE
+    recomputed each step (FakeQuant; K-quant scales every `refresh` steps), or with `scales="learn"` learned for the LEARNABLE
     formats (LearnedScale; starting from `learned` scales when given, e.g. to rebuild a
     trained QAT model). Tied weights share one quantizer. Returns {"fake_quantized": {name:
     fmt}, "float": {name: type}, "learned_scales": [names]} for the report."""
@@ -165,10 +186,18 @@ def prepare(model: nn.Module, plan: dict[str, str], scales: str = "recompute",
                 learn.append(key)
             quantizer = shared[id(weight)]
         else:
-            quantizer = FakeQuant(fmt)
+            quantizer = FakeQuant(fmt, refresh)
         parametrize.register_parametrization(module, "weight", quantizer, unsafe=True)
         done[key] = fmt
     return {"fake_quantized": done, "float": skipped, "learned_scales": learn}
+
+
+def latent_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict with each fake-quantized weight's latent value under its plain
+    name (what `strip` would leave), without removing the parametrizations."""
+    suffix = ".parametrizations.weight.original"
+    return {k.removesuffix(suffix) + ".weight" if k.endswith(suffix) else k: v.detach()
+            for k, v in model.state_dict().items() if ".parametrizations.weight." not in k or k.endswith(suffix)}
 
 
 def strip(model: nn.Module, on_grid: bool = False) -> nn.Module:

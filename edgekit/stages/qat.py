@@ -35,6 +35,9 @@ class QATConfig(StageConfig, TrainSettings):
     # parameters (LSQ), trained at scale_lr (on log|scale|: ~that relative change per step); K-quants recompute
     scales: Literal["recompute", "learn"] = "recompute"
     scale_lr: float = Field(1e-3, gt=0.0)
+    # recompute: run the K-quant (Q4_K/Q6_K) scale search every N-th step only, re-rounding the codes on
+    # the last scales in between (the search is most of a step's time; the export always runs it in full)
+    scale_refresh: int = Field(1, ge=1)
     # float: only the weights are fake-quantized; llama_cpp: each quantized layer's input is also
     # rounded to the 8-bit blocks llama.cpp's CPU matmuls use (quant.act_rounding; straight-through)
     activations: Literal["float", "llama_cpp"] = "float"
@@ -46,6 +49,9 @@ class QATConfig(StageConfig, TrainSettings):
     # same exact grid ("gptq": error-compensated rounding from `calibration_rows` train rows), so
     # QAT-KD refines a good post-training quantization instead of plain rounding
     init: Literal["float", "gptq"] = "float"
+    # also keep the latent model at these steps (snapshots/step-N: safetensors, exported like the final
+    # one), e.g. for a quality-vs-training-tokens curve from one run
+    snapshots: list[int] = []
     calibration_rows: int = Field(32, ge=1)
     damp: float = Field(0.01, gt=0.0, le=1.0)
 
@@ -55,6 +61,9 @@ class QATConfig(StageConfig, TrainSettings):
             problems.append("qat.parallel: QAT trains replicated (FSDP of fake-quantized weights is not supported); "
                             "remove qat.parallel")
         exp = recipe.stage("export")
+        late = [n for n in self.snapshots if not 1 <= n <= self.steps]
+        if late:
+            problems.append(f"qat.snapshots {late} are outside steps 1..{self.steps}; keep snapshot steps within qat.steps")
         if exp is not None and self.mix not in exp.formats:
             problems.append(f"qat.mix is '{self.mix}' but export.formats is {exp.formats}; export the format QAT trained for")
         return problems
@@ -71,13 +80,14 @@ def run(ctx: RunContext, cfg: QATConfig, out: Path) -> StageResult:
     student = ctx.load_model(src)
     rows, mask = ctx.rows_and_mask("train")
     init = gptq_init(student, plan, rows[: cfg.calibration_rows], cfg.damp) if cfg.init == "gptq" else {}
-    coverage = prepare(student, plan, cfg.scales, scale_lr_ratio=cfg.scale_lr / cfg.lr)
+    coverage = prepare(student, plan, cfg.scales, scale_lr_ratio=cfg.scale_lr / cfg.lr, refresh=cfg.scale_refresh)
     if cfg.activations == "llama_cpp":
         from edgekit.quant.act_rounding import llama_cpp_activations
 
         llama_cpp_activations(student, plan)  # forward hooks: not part of the saved weights
     holdout = ctx.rows("holdout")[: cfg.eval_rows] if cfg.eval_every else None
-    last = train(student, ctx.teacher(), rows, cfg, out, desc="qat", mask=mask, holdout=holdout)
+    keep = snapshot_saver(student, src, out / "snapshots", cfg.snapshots) if cfg.snapshots else None
+    last = train(student, ctx.teacher(), rows, cfg, out, desc="qat", mask=mask, holdout=holdout, after_step=keep)
     scales = learned_scales(student)
     strip(student)
     save_model(student, src, out / "model")
@@ -98,9 +108,29 @@ def run(ctx: RunContext, cfg: QATConfig, out: Path) -> StageResult:
         outputs.float_model = out / "float_model"
     return StageResult(outputs, {
         "mix": cfg.mix, "init": cfg.init, **init, "final": last, "float_twin_final": twin_last,
-        "scales": cfg.scales, "activations": cfg.activations, "learned_scale_tensors": len(coverage["learned_scales"]),
+        "scales": cfg.scales, "scale_refresh": cfg.scale_refresh, "activations": cfg.activations, "learned_scale_tensors": len(coverage["learned_scales"]),
         "fake_quantized": dict(Counter(coverage["fake_quantized"].values())),
         "left_in_float": dict(Counter(coverage["float"].values()))})
+
+
+def snapshot_saver(student, tokenizer_dir: Path, folder: Path, steps: list[int]):
+    """after_step for the trainer: the latent weights (and learned scales) at each of `steps`,
+    as a model folder snapshots/step-N, written whole or not at all."""
+    from safetensors.torch import save_file
+
+    from edgekit.fsutil import atomic_path
+    from edgekit.models.student import copy_tokenizer_files
+    from edgekit.quant.qat import latent_state, learned_scales
+
+    def keep(step: int) -> None:
+        if step in steps and not (folder / f"step-{step}").is_dir():
+            with atomic_path(folder / f"step-{step}") as tmp:
+                student.save_pretrained(tmp, safe_serialization=True, state_dict=latent_state(student))
+                copy_tokenizer_files(tokenizer_dir, tmp)
+                if scales := learned_scales(student):
+                    save_file(scales, str(tmp / "qat_scales.safetensors"))
+
+    return keep
 
 
 def gptq_init(model, plan: dict[str, str], calib, damp: float) -> dict:

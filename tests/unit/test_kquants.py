@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, quants
 
 from edgekit.formats.ggml_blocks import to_bytes
-from edgekit.formats.kquants import dequantize_k, quantize_k
+from edgekit.formats.kquants import dequantize_k, quantize_k, regrid_k
 from tests.conftest import make_tiny_llama
 
 GGML_TYPE = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q8_0": 8, "q4_k": 12, "q6_k": 14}  # enum ggml_type
@@ -78,6 +78,21 @@ def test_k_quant_error_is_small_and_ordered():
     w = weights(3)[6:]
     err = {f: (dequantize_k(quantize_k(w, f)) - w).pow(2).mean().item() for f in ("q4_k", "q6_k")}
     assert err["q6_k"] < err["q4_k"] < 0.05 * w.pow(2).mean().item()
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k"])
+def test_regrid_on_the_same_weights_is_the_grid_bit_for_bit(fmt):
+    """QAT between two scale searches re-rounds on the last scales: for the weights those scales
+    came from, that is exactly the full quantizer's grid (zeros' signs included); for moved
+    weights, a point of the format on the kept scales."""
+    for seed in (0, 1, 2):
+        w = weights(seed)
+        blk = quantize_k(w, fmt)
+        assert torch.equal(regrid_k(w, blk).view(torch.int32), dequantize_k(blk).view(torch.int32))
+    moved = w + 1e-3 * torch.randn_like(w)
+    again = regrid_k(moved, blk)
+    assert not torch.equal(again, dequantize_k(blk))
+    assert torch.equal(regrid_k(again, blk), again)  # on the kept scales' grid already
 
 
 def test_rows_not_multiple_of_256_are_refused():

@@ -116,3 +116,37 @@ def test_gptq_init_puts_the_fake_quantizers_on_gptqs_grid(tiny_teacher_dir):
         same += int((again == w).sum())
         total += w.numel()
     assert same / total > 0.98
+
+
+def test_fake_quant_searches_once_per_weight_value_and_every_nth_value_with_refresh(monkeypatch):
+    """The grid is cached per value of the weights (an in-place optimizer step makes a new one);
+    with refresh=3 the K-quant search runs on the 1st and 4th values only, and each forward is
+    the grid on the scales of the last search."""
+    import torch
+
+    from edgekit.formats import kquants
+    from edgekit.quant import qat
+
+    searches = []
+    real = qat.quantize_exact
+    monkeypatch.setattr(qat, "quantize_exact", lambda w, fmt: searches.append(fmt) or real(w, fmt))
+    w = torch.nn.Parameter(torch.randn(4, 256) * 0.05)
+    fq = qat.FakeQuant("q4_k", refresh=3)
+    first = fq(w)
+    assert torch.equal(fq(w), first) and len(searches) == 1  # same value: no new search
+    blk = kquants.quantize_k(w.detach().half().float(), "q4_k")
+    opt = torch.optim.SGD([w], lr=1e-3)
+    for value in range(2, 6):
+        w.grad = torch.randn_like(w)
+        opt.step()
+        got = fq(w).detach()
+        w16 = w.detach().half().float()
+        if value == 4:
+            blk = kquants.quantize_k(w16, "q4_k")
+            assert torch.equal(got, kquants.dequantize_k(blk))
+        else:
+            assert torch.equal(got, kquants.regrid_k(w16, blk))
+    assert len(searches) == 2
+    w.grad = None
+    (fq(w) * torch.ones(4, 256)).sum().backward()
+    assert torch.equal(w.grad, torch.ones(4, 256))  # straight-through

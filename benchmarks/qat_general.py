@@ -1,7 +1,8 @@
 """QAT-KD on general text: every variant of each embedded model, through llama.cpp, on every subset
 of the general evaluation set and on the recipe's own holdout, with llama-perplexity's KL statistics.
 
-    .venv/bin/python benchmarks/qat_general.py [smollm2-135m] [gemma3-270m] [--ptq-only] [key.path=value ...]
+    .venv/bin/python benchmarks/qat_general.py [smollm2-135m] [gemma3-270m] [smollm2-135m-datafree]
+        [--ptq-only | --qat-only] [key.path=value ...]
 
 Per model it runs recipes/qat-<model>.yaml (QAT-KD on data/general_train.jsonl, GPTQ on the Q4_K_M
 grid, export; finished stages are reused), then scores, against the F16 file of the untouched model
@@ -13,8 +14,13 @@ grid, export; finished stages are reused), then scores, against the F16 file of 
   gptq_q4_k_m     GPTQ run on the Q4_K_M grid (the quantize stage)
   qat_q4_k_m      QAT-KD trained on the Q4_K_M grid, at Q4_K_M's size
 each with perplexity, mean / p99 / p99.9 KLD, same-top-token share and file bytes; recovery =
-(ppl PTQ - ppl QAT) / (ppl PTQ - ppl F16) per subset. --ptq-only skips the training stages (the
-llama.cpp variants only). Results: benchmarks/results/qat_general.json.
+(ppl PTQ - ppl QAT) / (ppl PTQ - ppl F16) per subset. The recovery-vs-training-tokens curve
+("_curve") scores the QAT stage's snapshots (qat.snapshots: the latent weights at those steps of the
+same run, so of one learning-rate schedule), each written on the Q4_K_M grid as the export writes
+the final one. --ptq-only skips the training stages (the llama.cpp variants only); --qat-only scores F16,
+Q4_K_M and the QAT files only (the baselines QAT is judged against), e.g. for the data-free recipe,
+whose teacher-generated training text is also checked for 13-grams shared with the general set.
+Results: benchmarks/results/qat_general.json.
 """
 
 import json
@@ -26,7 +32,8 @@ from common import REPO, run_recipe, write_result
 
 from edgekit.machine import machine_description
 
-MODELS = {"smollm2-135m": "qat-smollm2", "gemma3-270m": "qat-gemma3"}
+# results key -> recipe; the data-free variant (QAT on the teacher's own answers) scores beside the others
+MODELS = {"smollm2-135m": "qat-smollm2", "gemma3-270m": "qat-gemma3", "smollm2-135m-datafree": "qat-smollm2-datafree"}
 CTX, MAX_TOKENS = 256, 4096
 
 
@@ -69,6 +76,26 @@ def score(files: dict, texts: dict) -> dict:
     return out
 
 
+def snapshot_files(qat_stage: Path, out: Path) -> dict:
+    """{"qat_stepN": Q4_K_M file} of each QAT snapshot, written on the trained grid as the export
+    writes the final model (gguf_write with the stage's plan; learned scales packed when present)."""
+    from safetensors.torch import load_file
+
+    from edgekit.export.gguf_write import write_gguf
+    from edgekit.quant.qat import learned_blocks
+
+    plan = json.loads((qat_stage / "qat_plan.json").read_text())["plan"]
+    files = {}
+    for snap in sorted((qat_stage / "snapshots").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-"))):
+        path = out / f"qat-{snap.name}-Q4_K_M.gguf"
+        if not path.is_file():
+            scales = snap / "qat_scales.safetensors"
+            blocks = learned_blocks(snap, plan, load_file(str(scales))) if scales.is_file() else None
+            write_gguf(snap, path, "q4_k_m", types=plan, blocks=blocks)
+        files[f"qat_step{snap.name.removeprefix('step-')}"] = path
+    return files
+
+
 def teacher_dir(run: Path) -> Path:
     import yaml
 
@@ -98,7 +125,18 @@ def texts_of(run: Path) -> dict:
     return texts
 
 
-def run_model(model: str, ptq_only: bool, overrides: list[str]) -> dict:
+def generated_overlap(qat_stage: Path) -> dict | None:
+    """{subset: share of its 13-grams in the teacher's generated training text} for data-free QAT."""
+    from edgekit.data.contamination import grams_of, overlap, strings_of
+
+    generated = qat_stage / "sequence_kd.jsonl"
+    if not generated.is_file():
+        return None
+    grams = grams_of(strings_of(generated))
+    return {f.stem: overlap(strings_of(f), grams) for f in sorted((REPO / "recipes" / "data" / "general").glob("*.jsonl"))}
+
+
+def run_model(model: str, ptq_only: bool, overrides: list[str], qat_only: bool = False) -> dict:
     name = MODELS[model]
     t0 = time.time()
     if ptq_only:  # no training: export the untouched model only
@@ -110,12 +148,29 @@ def run_model(model: str, ptq_only: bool, overrides: list[str]) -> dict:
     out = run / "qat_general"
     out.mkdir(exist_ok=True)
     texts = texts_of(run)
-    files = {"f16": f16, **ptq_variants(f16, out, teacher_dir(run), texts.pop("train_calibration"))}
-    if not ptq_only:
+    calibration = texts.pop("train_calibration")
+    if qat_only:
+        from edgekit.export.llama_quantize import quantize_gguf
+
+        files = {"f16": f16, "q4_k_m": quantize_gguf(f16, out / f"{f16.stem.removesuffix('-F16')}-Q4_K_M.gguf", "q4_k_m")}
+    else:
+        files = {"f16": f16, **ptq_variants(f16, out, teacher_dir(run), calibration)}
+    if not ptq_only and not qat_only:
         files["gptq_q4_k_m"] = next(stage_file(run, art, "quantize", "files", k) for k in art["quantize"]["outputs"]["files"]
                                     if k.endswith("q4_k_m"))
+    if not ptq_only:
         files["qat_q4_k_m"] = stage_file(run, art, "export", "gguf", "q4_k_m")
+        files |= snapshot_files(run / "stages" / art["qat"]["stage"], out)
     result = score(files, texts)
+    curve = {}
+    for subset, v in result.items():
+        f, p = v["f16"]["ppl"], v["q4_k_m"]["ppl"]
+        for key in [k for k in v if k.startswith("qat_step")]:
+            r = v.pop(key)
+            curve.setdefault(key.removeprefix("qat_step"), {})[subset] = {
+                "ppl": r["ppl"], "kld_mean": r["kld_mean"], "same_top": r["same_top"],
+                "recovery": (p - r["ppl"]) / (p - f) if p != f else None,
+                "kld_ratio_vs_q4_k_m": r["kld_mean"] / v["q4_k_m"]["kld_mean"]}
     summary = {}
     if "qat_q4_k_m" in files:
         for subset, v in result.items():
@@ -125,19 +180,23 @@ def run_model(model: str, ptq_only: bool, overrides: list[str]) -> dict:
     qat_s = art.get("qat", {}).get("wall_s")
     qat_cfg = art.get("qat", {}).get("config", {})
     tokens = qat_cfg.get("steps", 0) * qat_cfg.get("batch_size", 0) * qat_cfg.get("grad_accum", 1) * 256
+    tokens_per_step = tokens // max(qat_cfg.get("steps", 1), 1)
     return {**result, "_summary": summary, "_qat": {"wall_s": qat_s, "train_tokens": tokens,
-                                                    "s_per_million_tokens": qat_s / tokens * 1e6 if qat_s and tokens else None},
+                                                    "s_per_million_tokens": qat_s / tokens * 1e6 if qat_s and tokens else None,
+                                                    "config": {k: qat_cfg.get(k) for k in ("steps", "batch_size", "lr", "scale_refresh")}},
+            "_curve": {"train_tokens_per_step": tokens_per_step, "steps": {n: curve[n] for n in sorted(curve, key=int)}},
+            **({"_generated_text_13gram_overlap": generated_overlap(run / "stages" / art["qat"]["stage"])} if "qat" in art else {}),
             "_wall_s": time.time() - t0}
 
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--") and "=" not in a] or list(MODELS)
     overrides = [a for a in sys.argv[1:] if "=" in a]
-    ptq_only = "--ptq-only" in sys.argv
+    ptq_only, qat_only = "--ptq-only" in sys.argv, "--qat-only" in sys.argv
     sys.argv = sys.argv[:1]  # common.run_recipe passes sys.argv[1:] on to the recipe
     path = REPO / "benchmarks" / "results" / "qat_general.json"
     result = json.loads(path.read_text()) if path.is_file() else {"models": {}}
     for model in args:
-        result["models"][model] = run_model(model, ptq_only, overrides)
+        result["models"][model] = run_model(model, ptq_only, overrides, qat_only)
     result["machine"] = machine_description()
     write_result("qat_general.json", result)

@@ -64,14 +64,13 @@ class DistillConfig(StageConfig, TrainSettings):
         return []
 
 
-def sequence_kd_data(ctx: RunContext, cfg: DistillConfig, out: Path) -> tuple[list, dict]:
+def sequence_kd_data(ctx: RunContext, sk: SequenceKD, out: Path) -> tuple[list, dict]:
     """Teacher answers to the recipe's prompts, filtered; cached in the stage directory."""
     import json
 
     from edgekit.data.documents import load_documents
     from edgekit.data.generate import filter_answers, generate_answers, prompt_texts
 
-    sk = cfg.sequence_kd
     path = out / "sequence_kd.jsonl"
     if not path.is_file():  # generation is the expensive part: a resumed stage reuses it
         prompts = prompt_texts(load_documents(sk.prompts, ctx.base))
@@ -130,7 +129,7 @@ def training_rows(ctx: RunContext, cfg: DistillConfig, out: Path, tok_dir: Path,
 
     from edgekit.data.tokens import pack
 
-    docs, seq_stats = sequence_kd_data(ctx, cfg, out)
+    docs, seq_stats = sequence_kd_data(ctx, cfg.sequence_kd, out)
     student_tok = AutoTokenizer.from_pretrained(tok_dir)
     rows, mask = pack(docs, student_tok, ctx.recipe.data.seq_len, "sequence-level KD")
     if student_tok.get_vocab() != ctx.tokenizer().get_vocab():

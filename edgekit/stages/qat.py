@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 
 from edgekit.formats import EXACT_MIXES
-from edgekit.recipe.schema import Loss, Optimizer, StageConfig, TrainSettings
+from edgekit.recipe.schema import Loss, Optimizer, SequenceKD, StageConfig, TrainSettings
 from edgekit.stages.context import RunContext
 from edgekit.stages.outputs import DistillOutput, QATOutput
 from edgekit.stages.registry import StageResult, register
@@ -52,6 +52,9 @@ class QATConfig(StageConfig, TrainSettings):
     # also keep the latent model at these steps (snapshots/step-N: safetensors, exported like the final
     # one), e.g. for a quality-vs-training-tokens curve from one run
     snapshots: list[int] = []
+    # data-free QAT (as LLM-QAT, Liu et al. 2023, trains on the model's own generations): train on the
+    # teacher's answers to these prompts instead of data.train (generated once, filtered, cached)
+    sequence_kd: SequenceKD | None = None
     calibration_rows: int = Field(32, ge=1)
     damp: float = Field(0.01, gt=0.0, le=1.0)
 
@@ -78,7 +81,7 @@ def run(ctx: RunContext, cfg: QATConfig, out: Path) -> StageResult:
     src = ctx.student_path()
     plan = plan_types(src, cfg.mix)
     student = ctx.load_model(src)
-    rows, mask = ctx.rows_and_mask("train")
+    rows, mask, data = training_rows(ctx, cfg, out)
     init = gptq_init(student, plan, rows[: cfg.calibration_rows], cfg.damp) if cfg.init == "gptq" else {}
     coverage = prepare(student, plan, cfg.scales, scale_lr_ratio=cfg.scale_lr / cfg.lr, refresh=cfg.scale_refresh)
     if cfg.activations == "llama_cpp":
@@ -107,10 +110,23 @@ def run(ctx: RunContext, cfg: QATConfig, out: Path) -> StageResult:
         save_model(twin, src, out / "float_model")
         outputs.float_model = out / "float_model"
     return StageResult(outputs, {
-        "mix": cfg.mix, "init": cfg.init, **init, "final": last, "float_twin_final": twin_last,
+        "mix": cfg.mix, "init": cfg.init, **init, "data": data, "final": last, "float_twin_final": twin_last,
         "scales": cfg.scales, "scale_refresh": cfg.scale_refresh, "activations": cfg.activations, "learned_scale_tensors": len(coverage["learned_scales"]),
         "fake_quantized": dict(Counter(coverage["fake_quantized"].values())),
         "left_in_float": dict(Counter(coverage["float"].values()))})
+
+
+def training_rows(ctx: RunContext, cfg: QATConfig, out: Path):
+    """(rows, mask, what they are): data.train's rows, or the teacher's filtered answers to
+    `sequence_kd.prompts` (data-free QAT)."""
+    if cfg.sequence_kd is None:
+        return (*ctx.rows_and_mask("train"), {"source": "data.train"})
+    from edgekit.data.tokens import pack
+    from edgekit.stages.distill import sequence_kd_data
+
+    docs, stats = sequence_kd_data(ctx, cfg.sequence_kd, out)
+    rows, mask = pack(docs, ctx.tokenizer(), ctx.recipe.data.seq_len, "teacher generations")
+    return rows, mask, {"source": "teacher generations", "rows": int(rows.shape[0]), **stats}
 
 
 def snapshot_saver(student, tokenizer_dir: Path, folder: Path, steps: list[int]):

@@ -42,3 +42,21 @@ def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path, init, scales, activ
     assert_onnx_holds_the_trained_grid(run_dir / "export" / "tiny-student-int4-onnx", qat_dir)
     assert ev["onnx_int4|student_qat"]["kl"] < 0.02 and ev["onnx_int4|student_qat"]["top1"] > 0.8
 
+
+
+def test_data_free_qat_trains_on_the_teachers_own_answers(tiny_teacher_dir, tmp_path):
+    """qat.sequence_kd: no training text; the teacher answers the prompts once (cached in the stage
+    folder) and QAT-KD trains on those answers, as LLM-QAT trains on the model's own generations."""
+    from tests.conftest import run_teacher_recipe
+
+    prompts = ["The module", "A list of", "Files are", "Write a", "In Python", "The result", "Each row", "When the"]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    run, art = run_teacher_recipe(tmp_path, "datafree", tiny_teacher_dir, """\
+  - {type: qat, steps: 2, batch_size: 2, loss_chunk: 16, baselines: [], sequence_kd: {prompts: prompts.jsonl, max_new_tokens: 40, temperature: 1.0, drop_truncated: false}}
+  - {type: export, formats: [f16, q4_k_m]}
+""")
+    data = art["qat"]["metrics"]["data"]
+    assert data["source"] == "teacher generations" and data["rows"] >= 2
+    answers = [json.loads(line) for line in next(run.glob("stages/*-qat/sequence_kd.jsonl")).read_text().splitlines()]
+    assert {a["prompt"] for a in answers} <= set(prompts) and len(answers) >= 4 and all(a["response"] for a in answers)
+    assert art["export"]["metrics"]["gguf_q4_k_m"]["writer"] == "edgekit (QAT grid)"

@@ -40,12 +40,24 @@ from edgekit.formats.ggml_blocks import GGML_TYPES as EXACT
 LEARNABLE = {"q8_0": (-128, 127, 0), "q5_0": (-16, 15, 16), "q4_0": (-8, 7, 8)}
 
 
+# optimizer steps taken in this process (a global torch hook counts them): with the tensor's version
+# counter, what tells FakeQuant the weights changed, also under optimizers that write through raw
+# pointers without advancing the version (bitsandbytes' 8-bit kernels)
+_OPTIMIZER_STEPS = [0]
+_STEP_HOOK = []
+
+
+def _count_step(*_):
+    _OPTIMIZER_STEPS[0] += 1
+
+
 class FakeQuant(nn.Module):
     """w -> dequantize(quantize(fp16(w))) forward; identity gradient (straight-through).
 
-    The grid is computed once per value of the weights (an optimizer step changes them in
-    place, which advances the tensor's version), so a tied weight, the micro-batches of a
-    step and an evaluation share it. With `refresh` = N > 1, a K-quant tensor's scale search
+    The grid is computed once per value of the weights (an in-place change advances the
+    tensor's version; any optimizer step counts as a change too), so a tied weight, the
+    micro-batches of a step and an evaluation share it; it is held between steps (one float
+    copy of the weight). With `refresh` = N > 1, a K-quant tensor's scale search
     (seconds per forward for a whole model) runs on every N-th new value only; in between,
     the codes are re-rounded on the last scales (kquants.regrid_k): a point of the same
     format, not necessarily the one llama.cpp's search would pick for the moved weights.
@@ -55,9 +67,13 @@ class FakeQuant(nn.Module):
         super().__init__()
         self.fmt, self.refresh = fmt, refresh
         self._seen, self._values, self._scales, self._grid = None, 0, None, None
+        if not _STEP_HOOK:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            _STEP_HOOK.append(register_optimizer_step_post_hook(_count_step))
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        key = (w._version, w.data_ptr())
+        key = (w._version, w.data_ptr(), _OPTIMIZER_STEPS[0])
         if key != self._seen or self._grid is None:
             w16 = w.detach().half().float()
             if self._scales is not None and self._values % self.refresh:

@@ -150,3 +150,31 @@ def test_fake_quant_searches_once_per_weight_value_and_every_nth_value_with_refr
     w.grad = None
     (fq(w) * torch.ones(4, 256)).sum().backward()
     assert torch.equal(w.grad, torch.ones(4, 256))  # straight-through
+
+
+def test_fake_quant_sees_an_optimizer_that_writes_through_data():
+    """bitsandbytes' 8-bit optimizers write the weights through raw pointers, which does not advance
+    the tensor's version: an optimizer step must still give a new grid."""
+    import torch
+
+    from edgekit.formats.ggml_blocks import grid
+    from edgekit.quant.qat import FakeQuant
+
+    class PointerWrites(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.data.add_(p.grad, alpha=-0.5)  # .data: no version bump, as a C kernel's write
+
+    w = torch.nn.Parameter(torch.randn(4, 64) * 0.05)
+    fq = FakeQuant("q5_0")
+    before = fq(w).detach()
+    version = w._version
+    w.grad = torch.full_like(w, 0.01)
+    PointerWrites([w]).step()
+    assert w._version == version
+    after = fq(w).detach()
+    assert not torch.equal(after, before) and torch.equal(after, grid(w.detach().half().float(), "q5_0"))

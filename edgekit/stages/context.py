@@ -123,6 +123,30 @@ class RunContext:
                 self.teacher_path(), trust_remote_code=self.recipe.teacher.trust_remote_code)
         return self._cache["tokenizer"]
 
+    def teacher_answers(self, sk, out: Path) -> tuple[list, dict]:
+        """The teacher's answers to `sk.prompts` (schema.SequenceKD), filtered, and their stats;
+        generated once and cached in `out` (the stage's folder: a resumed stage reuses them)."""
+        import json
+
+        from edgekit.data.documents import load_documents
+        from edgekit.data.generate import filter_answers, generate_answers, prompt_texts
+
+        path = out / "sequence_kd.jsonl"
+        if not path.is_file():
+            prompts = prompt_texts(load_documents(sk.prompts, self.base))
+            rows = generate_answers(self.teacher(), self.tokenizer(), prompts, sk.max_new_tokens, sk.temperature,
+                                    sk.top_p, sk.batch_size, sk.seed)
+            kept, stats = filter_answers(rows, sk.min_chars, sk.max_chars, sk.drop_truncated, sk.near_duplicate,
+                                         sk.verifier)
+            if not kept:
+                raise EdgekitError(f"sequence-level KD: every one of {len(rows)} teacher answers was filtered out "
+                                   f"({stats['dropped']})",
+                                   "raise sequence_kd.max_new_tokens, set drop_truncated: false, or loosen the filters")
+            stats["sampling"] = sk.model_dump(exclude={"prompts", "verifier"}) | {"verifier": sk.verifier}
+            (out / "sequence_kd_stats.json").write_text(json.dumps(stats, indent=2))
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return load_documents(path.name, out), json.loads((out / "sequence_kd_stats.json").read_text())
+
     def rows(self, split: str):
         """Packed token rows (N, seq_len) of data/<split>.jsonl."""
         return self.rows_and_mask(split)[0]

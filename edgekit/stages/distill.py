@@ -64,29 +64,6 @@ class DistillConfig(StageConfig, TrainSettings):
         return []
 
 
-def sequence_kd_data(ctx: RunContext, sk: SequenceKD, out: Path) -> tuple[list, dict]:
-    """Teacher answers to the recipe's prompts, filtered; cached in the stage directory."""
-    import json
-
-    from edgekit.data.documents import load_documents
-    from edgekit.data.generate import filter_answers, generate_answers, prompt_texts
-
-    path = out / "sequence_kd.jsonl"
-    if not path.is_file():  # generation is the expensive part: a resumed stage reuses it
-        prompts = prompt_texts(load_documents(sk.prompts, ctx.base))
-        rows = generate_answers(ctx.teacher(), ctx.tokenizer(), prompts, sk.max_new_tokens, sk.temperature, sk.top_p,
-                                sk.batch_size, sk.seed)
-        kept, stats = filter_answers(rows, sk.min_chars, sk.max_chars, sk.drop_truncated, sk.near_duplicate, sk.verifier)
-        if not kept:
-            raise EdgekitError(f"sequence-level KD: every one of {len(rows)} teacher answers was filtered out ({stats['dropped']})",
-                               "raise sequence_kd.max_new_tokens, set drop_truncated: false, or loosen the filters")
-        stats["sampling"] = sk.model_dump(exclude={"prompts", "verifier"}) | {"verifier": sk.verifier}
-        (out / "sequence_kd_stats.json").write_text(json.dumps(stats, indent=2))
-        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-    docs = load_documents(path.name, out)
-    return docs, json.loads((out / "sequence_kd_stats.json").read_text())
-
-
 def adapters(student, cfg: DistillConfig):
     """(model to train, merge) with LoRA when the recipe asks for it, else the model itself."""
     if cfg.lora is None:
@@ -129,7 +106,7 @@ def training_rows(ctx: RunContext, cfg: DistillConfig, out: Path, tok_dir: Path,
 
     from edgekit.data.tokens import pack
 
-    docs, seq_stats = sequence_kd_data(ctx, cfg.sequence_kd, out)
+    docs, seq_stats = ctx.teacher_answers(cfg.sequence_kd, out)
     student_tok = AutoTokenizer.from_pretrained(tok_dir)
     rows, mask = pack(docs, student_tok, ctx.recipe.data.seq_len, "sequence-level KD")
     if student_tok.get_vocab() != ctx.tokenizer().get_vocab():

@@ -122,9 +122,8 @@ def training_rows(ctx: RunContext, cfg: QATConfig, out: Path):
     if cfg.sequence_kd is None:
         return (*ctx.rows_and_mask("train"), {"source": "data.train"})
     from edgekit.data.tokens import pack
-    from edgekit.stages.distill import sequence_kd_data
 
-    docs, stats = sequence_kd_data(ctx, cfg.sequence_kd, out)
+    docs, stats = ctx.teacher_answers(cfg.sequence_kd, out)
     rows, mask = pack(docs, ctx.tokenizer(), ctx.recipe.data.seq_len, "teacher generations")
     return rows, mask, {"source": "teacher generations", "rows": int(rows.shape[0]), **stats}
 

@@ -44,15 +44,18 @@ def stage_file(run: Path, art: dict, stage: str, *keys: str) -> Path:
     return run / "stages" / art[stage]["stage"] / entry["path"]
 
 
-def ptq_variants(f16: Path, out: Path, model_dir: Path, calib_rows) -> dict:
-    """llama.cpp's own mixes of the F16 file, and Q4_K_M with an importance matrix measured on
-    `calib_rows` of the general training text (edgekit.quant.imatrix, handed to llama.cpp)."""
+def ptq_variants(f16: Path, out: Path, model_dir: Path, calib_rows, mixes=("q4_k_m", "q5_k_m", "q6_k"),
+                 imatrix: bool = True) -> dict:
+    """llama.cpp's own `mixes` of the F16 file, and (`imatrix`) Q4_K_M with an importance matrix measured
+    on `calib_rows` of the general training text (edgekit.quant.imatrix, handed to llama.cpp)."""
     from edgekit.export.llama_quantize import quantize_gguf
     from edgekit.models.loading import load_causal_lm
     from edgekit.quant.imatrix import collect
 
     stem = f16.stem.removesuffix("-F16")
-    files = {fmt: quantize_gguf(f16, out / f"{stem}-{fmt.upper()}.gguf", fmt) for fmt in ("q4_k_m", "q5_k_m", "q6_k")}
+    files = {fmt: quantize_gguf(f16, out / f"{stem}-{fmt.upper()}.gguf", fmt) for fmt in mixes}
+    if not imatrix:
+        return files
     im = collect(load_causal_lm(model_dir), model_dir, calib_rows, "general_train.jsonl")
     files["q4_k_m_imatrix"] = quantize_gguf(f16, out / f"{stem}-Q4_K_M-imatrix.gguf", "q4_k_m", imatrix=im.means())
     return files
@@ -94,6 +97,12 @@ def snapshot_files(qat_stage: Path, out: Path) -> dict:
             write_gguf(snap, path, "q4_k_m", types=plan, blocks=blocks)
         files[f"qat_step{snap.name.removeprefix('step-')}"] = path
     return files
+
+
+def gains(v: dict, r: dict) -> tuple[float | None, float]:
+    """(recovery of the PTQ perplexity gap, mean KLD / Q4_K_M's) of variant scores `r` in subset scores `v`."""
+    f, p = v["f16"]["ppl"], v["q4_k_m"]["ppl"]
+    return (p - r["ppl"]) / (p - f) if p != f else None, r["kld_mean"] / v["q4_k_m"]["kld_mean"]
 
 
 def teacher_dir(run: Path) -> Path:
@@ -149,12 +158,8 @@ def run_model(model: str, ptq_only: bool, overrides: list[str], qat_only: bool =
     out.mkdir(exist_ok=True)
     texts = texts_of(run)
     calibration = texts.pop("train_calibration")
-    if qat_only:
-        from edgekit.export.llama_quantize import quantize_gguf
-
-        files = {"f16": f16, "q4_k_m": quantize_gguf(f16, out / f"{f16.stem.removesuffix('-F16')}-Q4_K_M.gguf", "q4_k_m")}
-    else:
-        files = {"f16": f16, **ptq_variants(f16, out, teacher_dir(run), calibration)}
+    baselines = {"mixes": ("q4_k_m",), "imatrix": False} if qat_only else {}
+    files = {"f16": f16, **ptq_variants(f16, out, teacher_dir(run), calibration, **baselines)}
     if not ptq_only and not qat_only:
         files["gptq_q4_k_m"] = next(stage_file(run, art, "quantize", "files", k) for k in art["quantize"]["outputs"]["files"]
                                     if k.endswith("q4_k_m"))
@@ -164,19 +169,17 @@ def run_model(model: str, ptq_only: bool, overrides: list[str], qat_only: bool =
     result = score(files, texts)
     curve = {}
     for subset, v in result.items():
-        f, p = v["f16"]["ppl"], v["q4_k_m"]["ppl"]
         for key in [k for k in v if k.startswith("qat_step")]:
             r = v.pop(key)
+            recovery, ratio = gains(v, r)
             curve.setdefault(key.removeprefix("qat_step"), {})[subset] = {
                 "ppl": r["ppl"], "kld_mean": r["kld_mean"], "same_top": r["same_top"],
-                "recovery": (p - r["ppl"]) / (p - f) if p != f else None,
-                "kld_ratio_vs_q4_k_m": r["kld_mean"] / v["q4_k_m"]["kld_mean"]}
+                "recovery": recovery, "kld_ratio_vs_q4_k_m": ratio}
     summary = {}
     if "qat_q4_k_m" in files:
         for subset, v in result.items():
-            f, p, q = v["f16"]["ppl"], v["q4_k_m"]["ppl"], v["qat_q4_k_m"]["ppl"]
-            summary[subset] = {"recovery": (p - q) / (p - f) if p != f else None,
-                               "kld_ratio_qat_vs_q4_k_m": v["qat_q4_k_m"]["kld_mean"] / v["q4_k_m"]["kld_mean"]}
+            recovery, ratio = gains(v, v["qat_q4_k_m"])
+            summary[subset] = {"recovery": recovery, "kld_ratio_qat_vs_q4_k_m": ratio}
     qat_s = art.get("qat", {}).get("wall_s")
     qat_cfg = art.get("qat", {}).get("config", {})
     tokens = qat_cfg.get("steps", 0) * qat_cfg.get("batch_size", 0) * qat_cfg.get("grad_accum", 1) * 256

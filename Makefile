@@ -31,11 +31,14 @@ browser:
 	  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	  chromium-headless-shell >/dev/null; } || echo "note: no Chromium installed; the report browser test will skip"
 
-# llama.cpp cross-built for aarch64 (Raspberry Pi 5's armv8.2-a+dotprod) and Debian's qemu-user, for
-# the emulated ARM-kernel test: built once into ~/.cache/edgekit (~6 min) when root + apt, else that test skips.
+# llama.cpp cross-built for aarch64 (Raspberry Pi 5's armv8.2-a+dotprod), ONNX Runtime's aarch64 wheel in
+# Debian's arm64 Python, and Debian's qemu-user, for the emulated ARM-kernel tests: set up once into
+# ~/.cache/edgekit (~6 min + ~1 min) when root + apt, else those tests skip.
 aarch64: setup
 	@bash third_party/build_llama_aarch64.sh armv8.2-a+dotprod 2>$(VENV)/aarch64-build.log >/dev/null || \
 	  echo "note: llama.cpp for aarch64 not built (see $(VENV)/aarch64-build.log); the emulation test will skip"
+	@bash third_party/build_ort_aarch64.sh 2>$(VENV)/ort-aarch64-build.log >/dev/null || \
+	  echo "note: ONNX Runtime for aarch64 not set up (see $(VENV)/ort-aarch64-build.log); the ONNX emulation test will skip"
 
 run: setup
 	$(VENV)/bin/edgekit run recipes/quickstart.yaml

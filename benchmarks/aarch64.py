@@ -4,6 +4,8 @@
     bash third_party/build_llama_aarch64.sh armv8.6-a+dotprod+i8mm   # Snapdragon 8 Gen 3 (once)
     .venv/bin/python benchmarks/aarch64.py            # the quantized files
     .venv/bin/python benchmarks/aarch64.py --float    # the F16 file, on 2 chunks (~10 min), merged in
+    bash third_party/build_ort_aarch64.sh             # ONNX Runtime's aarch64 wheel + Debian arm64 Python (once, ~1 min)
+    .venv/bin/python benchmarks/aarch64.py --onnx     # the int4 ONNX folder in ONNX Runtime on ARM, merged in
 
 Uses the finished stages of `make run` (runs/quickstart: distill, qat, export) and runs only the
 bench stage's emulation (`stages.bench.emulate`) on them, without the rest of the pipeline: each quantized GGUF (QAT Q4_K_M and the PTQ baseline's Q4_K_M; F16 files only with
@@ -15,6 +17,9 @@ matching CPU model, on the holdout. Per profile and file (benchmarks/results/aar
   the latent / float twin weights for F16 and PTQ files); floor_kl: x86 llama.cpp vs the same
   PyTorch model, what kl_vs_torch is read against;
 - ppl: perplexity on the ARM kernels (x86's beside it), so QAT vs PTQ is read on ARM.
+With --onnx, the int4 ONNX folder runs in ONNX Runtime's own aarch64 build (its PyPI wheel in
+Debian's arm64 Python under qemu, seeing the profile's CPU features and /proc/cpuinfo) on the same
+chunks: kl_vs_x86 against ONNX Runtime on this machine, kl_vs_torch against the QAT model it holds.
 Emulated: arithmetic exact, speed not measured.
 """
 
@@ -94,7 +99,24 @@ def run_float() -> dict:
     return result
 
 
+def run_onnx() -> dict:
+    """The int4 ONNX folder's rows (ONNX Runtime on ARM), merged into aarch64.json."""
+    import json
+
+    rows = emulate_finished_run(REPO / "runs" / "quickstart", ("stages.bench.emulate_onnx=true",), {"onnx_int4"})
+    path = REPO / "benchmarks" / "results" / "aarch64.json"
+    result = json.loads(path.read_text())
+    for r in rows:
+        result["profiles"][r["target"]]["files"]["onnx_int4"] = {
+            **file_row(r), "runtime": f"{r['kernels']} (qemu -cpu {r['qemu_cpu']}); x86: onnxruntime on this machine"}
+    result["onnx"] = ("the int4 ONNX folder in ONNX Runtime's aarch64 wheel under qemu (benchmarks/aarch64.py --onnx), "
+                      "same chunks as the GGUF files; kl_vs_x86 against ONNX Runtime on x86")
+    result["machine"] = machine_description()
+    write_result("aarch64.json", result)
+    return result
+
+
 if __name__ == "__main__":
     import sys
 
-    run_float() if "--float" in sys.argv[1:] else run()
+    run_float() if "--float" in sys.argv[1:] else run_onnx() if "--onnx" in sys.argv[1:] else run()

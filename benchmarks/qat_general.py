@@ -2,7 +2,7 @@
 of the general evaluation set and on the recipe's own holdout, with llama-perplexity's KL statistics.
 
     .venv/bin/python benchmarks/qat_general.py [smollm2-135m] [gemma3-270m] [smollm2-135m-datafree]
-        [--ptq-only | --qat-only] [key.path=value ...]
+        [--ptq-only | --qat-only] [--as=KEY] [key.path=value ...]
 
 Per model it runs recipes/qat-<model>.yaml (QAT-KD on data/general_train.jsonl, GPTQ on the Q4_K_M
 grid, export; finished stages are reused), then scores, against the F16 file of the untouched model
@@ -20,6 +20,8 @@ same run, so of one learning-rate schedule), each written on the Q4_K_M grid as 
 the final one. --ptq-only skips the training stages (the llama.cpp variants only); --qat-only scores F16,
 Q4_K_M and the QAT files only (the baselines QAT is judged against), e.g. for the data-free recipe,
 whose teacher-generated training text is also checked for 13-grams shared with the general set.
+--as=KEY keeps a variant of one model's recipe (the key.path=value overrides) as results key KEY, run in
+runs/<recipe>-KEY, beside the shipped recipe's results.
 Results: benchmarks/results/qat_general.json.
 """
 
@@ -145,14 +147,15 @@ def generated_overlap(qat_stage: Path) -> dict | None:
     return {f.stem: overlap(strings_of(f), grams) for f in sorted((REPO / "recipes" / "data" / "general").glob("*.jsonl"))}
 
 
-def run_model(model: str, ptq_only: bool, overrides: list[str], qat_only: bool = False) -> dict:
+def run_model(model: str, ptq_only: bool, overrides: list[str], qat_only: bool = False, run_name: str | None = None) -> dict:
     name = MODELS[model]
+    run_name = run_name or (f"{name}-ptq" if ptq_only else name)
     t0 = time.time()
     if ptq_only:  # no training: export the untouched model only
-        art = run_recipe(f"{name}.yaml", f"{name}-ptq", "stages=[{type: export, model: teacher, formats: [f16]}]", *overrides)
+        art = run_recipe(f"{name}.yaml", run_name, "stages=[{type: export, model: teacher, formats: [f16]}]", *overrides)
     else:
-        art = run_recipe(f"{name}.yaml", name, *overrides)
-    run = REPO / "runs" / (f"{name}-ptq" if ptq_only else name)
+        art = run_recipe(f"{name}.yaml", run_name, *overrides)
+    run = REPO / "runs" / run_name
     f16 = stage_file(run, art, "export", "ptq_gguf" if "qat" in art else "gguf", "f16")
     out = run / "qat_general"
     out.mkdir(exist_ok=True)
@@ -194,12 +197,20 @@ def run_model(model: str, ptq_only: bool, overrides: list[str], qat_only: bool =
 
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--") and "=" not in a] or list(MODELS)
-    overrides = [a for a in sys.argv[1:] if "=" in a]
+    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("--as=")]
+    # --as=KEY: a variant of the recipe (its overrides) kept beside the shipped one, as results key
+    # KEY in runs/<recipe>-KEY; one model only
+    alias = next((a.removeprefix("--as=") for a in sys.argv[1:] if a.startswith("--as=")), None)
+    if alias and len(args) != 1:
+        sys.exit("--as=KEY names the variant of one model: give exactly one model")
     ptq_only, qat_only = "--ptq-only" in sys.argv, "--qat-only" in sys.argv
     sys.argv = sys.argv[:1]  # common.run_recipe passes sys.argv[1:] on to the recipe
     path = REPO / "benchmarks" / "results" / "qat_general.json"
     result = json.loads(path.read_text()) if path.is_file() else {"models": {}}
     for model in args:
-        result["models"][model] = run_model(model, ptq_only, overrides, qat_only)
+        key = alias or model
+        result["models"][key] = run_model(model, ptq_only, overrides, qat_only, f"{MODELS[model]}-{alias}" if alias else None)
+        if alias:
+            result["models"][key]["_variant_of"] = {"model": model, "overrides": overrides}
     result["machine"] = machine_description()
     write_result("qat_general.json", result)

@@ -97,9 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--llama-bench", action="store_true",
                    help="cross-check each GGUF row with llama.cpp's own llama-bench (bash third_party/build_llama_tools.sh)")
     b.add_argument("--emulate", action="store_true",
-                   help="also run each GGUF on the ARM kernels of the device targets (raspberry-pi-5, snapdragon-8-gen-3): "
-                        "llama.cpp cross-built for aarch64 under qemu (bash third_party/build_llama_aarch64.sh MARCH); "
-                        "KL/top-1 vs x86 llama.cpp and perplexity on --data; speed is not emulated")
+                   help="run each GGUF / ONNX folder on the ARM kernels of the device targets (raspberry-pi-5, "
+                        "snapdragon-8-gen-3) under qemu: llama.cpp cross-built for aarch64 (bash "
+                        "third_party/build_llama_aarch64.sh MARCH), ONNX Runtime's aarch64 wheel (bash "
+                        "third_party/build_ort_aarch64.sh); KL/top-1 vs the same runtime on x86 and perplexity on --data; "
+                        "speed is not emulated")
     b.add_argument("--data", help="held-out text for --emulate (JSONL with 'text', or plain text)")
     b.add_argument("--reference", help="with --emulate: the PyTorch model the files hold (directory, embedded:NAME or hub id), "
                                        "for KL vs PyTorch and the x86 floor")
@@ -346,8 +348,9 @@ def _bench_emulated(args, paths: list[Path]) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     for r in rows:
+        runtime = "ONNX Runtime" if r.get("runtime") == "onnxruntime" else "llama.cpp"
         print(f"{r['file']} [{r['target']}, EMULATED {r['kernels']} under qemu {r['qemu_cpu']}; speed not measured]: "
-              f"KL vs x86 llama.cpp {r['kl_vs_x86']:.2e}, top-1 {r['top1_vs_x86']:.2%}, perplexity {r['ppl']:.3f} "
+              f"KL vs x86 {runtime} {r['kl_vs_x86']:.2e}, top-1 {r['top1_vs_x86']:.2%}, perplexity {r['ppl']:.3f} "
               f"(x86 {r['ppl_x86']:.3f})" + (f"; KL vs PyTorch {r['kl_vs_torch']:.2e} (x86 floor {r['floor_kl']:.2e})"
                                              if "kl_vs_torch" in r else ""))
     return 0

@@ -141,6 +141,12 @@ def _isolated_cache(request, _session_cache, monkeypatch):
         built = sorted(real.glob("llama-aarch64-*"))
         if built:
             monkeypatch.setenv("EDGEKIT_LLAMA_AARCH64", str(built[-1]))
+    if "EDGEKIT_ORT_AARCH64" not in os.environ:  # ONNX Runtime's aarch64 wheel in an arm64 Python, if set up: read only
+        import importlib.metadata as md
+
+        ort = real / f"ort-aarch64-{md.version('onnxruntime')}"
+        if ort.is_dir():
+            monkeypatch.setenv("EDGEKIT_ORT_AARCH64", str(ort))
     monkeypatch.setenv("EDGEKIT_CACHE", str(_session_cache))
 
 

@@ -29,6 +29,9 @@ class BenchConfig(StageConfig):
     # F16/F32 files too: their ARM code runs far slower still under qemu (an F16 quickstart student did
     # not finish 512 tokens in 6 minutes), and it is the quantized types whose ARM kernels differ
     emulate_float: bool = False
+    # the int4 ONNX folder too, in ONNX Runtime's own aarch64 build under qemu
+    # (third_party/build_ort_aarch64.sh): parity vs ORT on x86 and vs the PyTorch model it holds
+    emulate_onnx: bool = False
 
     @field_validator("targets")
     @classmethod
@@ -65,16 +68,32 @@ def run(ctx: RunContext, cfg: BenchConfig, out: Path) -> StageResult:
 
 def emulated_rows(ctx: RunContext, cfg: BenchConfig, export: ExportOutput, only: set[str] | None = None) -> list[dict]:
     """Every GGUF (and the PTQ baseline's; `only`: those labels) on each emulated target's ARM
-    kernels, against x86 llama.cpp and the PyTorch model it holds, on the holdout."""
-    from edgekit.bench.emulate import emulated_parity, emulator
+    kernels, against x86 llama.cpp and the PyTorch model it holds, on the holdout; with
+    `emulate_onnx`, the int4 ONNX folder in ONNX Runtime's aarch64 build against ORT on x86."""
+    from edgekit.bench.emulate import (
+        emulated_onnx_parity,
+        emulated_parity,
+        emulator,
+        ort_emulator,
+    )
     from edgekit.bench.quality import torch_scorer
     from edgekit.bench.targets import target
 
     profiles = [target(t) for t in cfg.targets if target(t).get("emulate")]
-    for prof in profiles:
-        emulator(prof)  # not built: fail before anything runs, saying how to build it
+    onnx = export.onnx_int4 if cfg.emulate_onnx and (only is None or "onnx_int4" in only) else None
+    for prof in profiles:  # not built: fail before anything runs, saying how to build it
+        emulator(prof)
+        if onnx is not None:
+            ort_emulator(prof)
     ids = ctx.rows("holdout").reshape(-1).tolist()
     rows = []
+    if onnx is not None:  # the model the folder holds: the QAT model on its grid, else the float student
+        qat = ctx.get(QATOutput)
+        reference = torch_scorer(ctx.qat_student(qat) if qat is not None and export.source != "teacher"
+                                 else _float_model(ctx, export))
+        rows += [{"variant": "onnx_int4", **emulated_onnx_parity(onnx, prof, ids, cfg.emulate_ctx, cfg.emulate_chunks, reference)}
+                 for prof in profiles]
+        del reference
     for label, path, model in _files_and_models(ctx, export):
         if (label.removeprefix("ptq_") in ("f16", "f32") and not cfg.emulate_float) or (only and label not in only):
             continue
@@ -85,16 +104,21 @@ def emulated_rows(ctx: RunContext, cfg: BenchConfig, export: ExportOutput, only:
     return rows
 
 
+def _float_model(ctx: RunContext, export: ExportOutput):
+    """The PyTorch model the run's float files hold."""
+    qat = ctx.get(QATOutput)
+    if export.source == "teacher":
+        return ctx.reference_teacher()
+    if qat is not None:
+        return ctx.load_model(qat.model)  # the latent weights
+    distill = ctx.get(DistillOutput)
+    return ctx.load_model(distill.model if distill else ctx.student_path())
+
+
 def _files_and_models(ctx: RunContext, export: ExportOutput):
     """(label, GGUF, the PyTorch model it holds) for every GGUF the run exported."""
     qat = ctx.get(QATOutput)
-    if export.source == "teacher":
-        source = ctx.reference_teacher()
-    elif qat is not None:
-        source = ctx.load_model(qat.model)  # the latent weights the float files hold
-    else:
-        distill = ctx.get(DistillOutput)
-        source = ctx.load_model(distill.model if distill else ctx.student_path())
+    source = _float_model(ctx, export)
     for fmt, path in export.gguf.items():
         on_grid = qat is not None and fmt not in ("f16", "f32")
         yield (f"qat_{fmt}" if on_grid else fmt), path, (ctx.qat_student(qat) if on_grid else source)

@@ -104,6 +104,20 @@ def test_emulation_names_what_is_missing(tmp_path, monkeypatch):
         emulator(target("laptop"))
 
 
+def test_onnx_emulation_names_what_is_missing(tmp_path, monkeypatch):
+    from edgekit.bench.emulate import emulate_files, ort_emulator
+    from edgekit.bench.targets import target
+    from edgekit.errors import EdgekitError
+
+    monkeypatch.setenv("EDGEKIT_ORT_AARCH64", str(tmp_path / "nothing"))
+    with pytest.raises(EdgekitError, match="build_ort_aarch64.sh"):
+        ort_emulator(target("snapdragon-8-gen-3"))
+    # neither a GGUF nor an onnxruntime-genai folder: refused before anything runs
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(EdgekitError, match="model.bin"):
+        emulate_files([tmp_path / "model.bin"], ["raspberry-pi-5"], "unused", None, 64, 1)
+
+
 def test_the_evaluate_statistics_match_llama_perplexitys_arithmetic(tmp_path):
     """quality.evaluate (edgekit eval, the evaluate stage) and kld.KLDStats (llama-perplexity's
     formulas on its packed base file) give the same KL statistics for the same two models."""

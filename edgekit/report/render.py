@@ -219,9 +219,9 @@ def _speed(fin: dict) -> list[str]:
                       "(edgekit/bench/targets.yaml cites each); neither can exceed the device's roofline."]
         emulated = [x for x in fin["bench"].metrics.get("emulated", [])]
         if emulated:
-            lines += ["", "### On the devices' ARM kernels (EMULATED: llama.cpp cross-built for aarch64, run under qemu; "
-                      "arithmetic exact, speed not measured)", "",
-                      _table(["file", "device", "kernels", "KL vs x86 llama.cpp", "top-1 vs x86", "KL vs PyTorch",
+            lines += ["", "### On the devices' ARM kernels (EMULATED: llama.cpp cross-built for aarch64 and ONNX Runtime's "
+                      "aarch64 build, run under qemu; arithmetic exact, speed not measured)", "",
+                      _table(["file", "device", "kernels", "KL vs x86 (same runtime)", "top-1 vs x86", "KL vs PyTorch",
                               "floor (x86 vs PyTorch)", "perplexity (ARM)", "perplexity (x86)"],
                              [[x["file"], x["target"], x["kernels"], f"{x['kl_vs_x86']:.2e}", f"{x['top1_vs_x86']:.2%}",
                                f"{x['kl_vs_torch']:.2e}" if "kl_vs_torch" in x else "-",

@@ -82,7 +82,8 @@ def emulated_rows(ctx: RunContext, cfg: BenchConfig, export: ExportOutput, only:
     profiles = [target(t) for t in cfg.targets if target(t).get("emulate")]
     onnx = export.onnx_int4 if cfg.emulate_onnx and (only is None or "onnx_int4" in only) else None
     for prof in profiles:  # not built: fail before anything runs, saying how to build it
-        emulator(prof)
+        if only is None or only - {"onnx_int4"}:  # some GGUF is wanted
+            emulator(prof)
         if onnx is not None:
             ort_emulator(prof)
     ids = ctx.rows("holdout").reshape(-1).tolist()

@@ -128,9 +128,7 @@ def _stats(base_logits: np.ndarray, logits: np.ndarray, tokens: np.ndarray) -> d
     n_ctx = tokens.shape[1]
     stats = kld.KLDStats()
     for base, cand, chunk in zip(base_logits, logits, tokens):
-        base = base.astype(np.float64)
-        base = base - base.max(-1, keepdims=True)
-        stats.add(base - np.log(np.exp(base).sum(-1, keepdims=True)), cand, chunk[n_ctx // 2 + 1:])
+        stats.add(kld.log_softmax(base), cand, chunk[n_ctx // 2 + 1:])
     return stats.result()
 
 

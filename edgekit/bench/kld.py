@@ -103,6 +103,13 @@ def read_logits_file(path: Path) -> tuple[np.ndarray, int, Iterator[np.ndarray]]
     return tokens, vocab, (np.asarray(data[i * per_chunk:(i + 1) * per_chunk]).reshape(-1, nv) for i in range(n_chunk))
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Log-probabilities over the last axis, in float64."""
+    lp = np.asarray(logits, dtype=np.float64)
+    lp = lp - lp.max(-1, keepdims=True)
+    return lp - np.log(np.exp(lp).sum(-1, keepdims=True))
+
+
 class KLDStats:
     """Accumulates what llama-perplexity --kl-divergence reports, by the same arithmetic: per
     scored position KL(base || candidate) over the base's tokens above -16 nats, same top token,
@@ -118,8 +125,7 @@ class KLDStats:
     def add(self, base_logprobs: np.ndarray, logits: np.ndarray, targets: np.ndarray) -> None:
         """base (rows, V) log-probs (e.g. `unpack`ed), candidate (rows, V) logits, next tokens (rows,)."""
         logits = np.asarray(logits, dtype=np.float64)
-        lp = logits - logits.max(-1, keepdims=True)
-        lp -= np.log(np.exp(lp).sum(-1, keepdims=True))
+        lp = log_softmax(logits)
         base = np.asarray(base_logprobs, dtype=np.float64)
         keep = base > -SPAN
         p = np.where(keep, np.exp(base), 0.0)

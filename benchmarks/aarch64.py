@@ -83,37 +83,36 @@ def run() -> dict:
 FLOAT_CHUNKS = 2  # qemu runs the F16 file's ARM code ~1 min per 128-token pass here
 
 
-def run_float() -> dict:
-    """The F16 file's rows on fewer chunks (merged into aarch64.json beside the quantized files')."""
+def merge_rows(label: str, overrides: tuple[str, ...], detail, note_key: str, note: str) -> dict:
+    """Emulate the `label` rows of the finished quickstart run (with `overrides`) and merge them into
+    aarch64.json beside the quantized files': each as `file_row` plus `detail(row)`, and a note."""
     import json
 
-    rows = emulate_finished_run(REPO / "runs" / "quickstart", ("stages.bench.emulate_float=true",
-                                                               f"stages.bench.emulate_chunks={FLOAT_CHUNKS}"), {"f16"})
+    rows = emulate_finished_run(REPO / "runs" / "quickstart", overrides, {label})
     path = REPO / "benchmarks" / "results" / "aarch64.json"
     result = json.loads(path.read_text())
     for r in rows:
-        result["profiles"][r["target"]]["files"]["f16"] = {
-            **file_row(r), "chunks": f"{r['chunks']} of {r['ctx']} tokens (fewer than the quantized files': qemu runs F16 slowly)"}
-    result["f16"] = f"emulated on {FLOAT_CHUNKS} chunks (benchmarks/aarch64.py --float)"
-    write_result("aarch64.json", result)
-    return result
-
-
-def run_onnx() -> dict:
-    """The int4 ONNX folder's rows (ONNX Runtime on ARM), merged into aarch64.json."""
-    import json
-
-    rows = emulate_finished_run(REPO / "runs" / "quickstart", ("stages.bench.emulate_onnx=true",), {"onnx_int4"})
-    path = REPO / "benchmarks" / "results" / "aarch64.json"
-    result = json.loads(path.read_text())
-    for r in rows:
-        result["profiles"][r["target"]]["files"]["onnx_int4"] = {
-            **file_row(r), "runtime": f"{r['kernels']} (qemu -cpu {r['qemu_cpu']}); x86: onnxruntime on this machine"}
-    result["onnx"] = ("the int4 ONNX folder in ONNX Runtime's aarch64 wheel under qemu (benchmarks/aarch64.py --onnx), "
-                      "same chunks as the GGUF files; kl_vs_x86 against ONNX Runtime on x86")
+        result["profiles"][r["target"]]["files"][label] = {**file_row(r), **detail(r)}
+    result[note_key] = note
     result["machine"] = machine_description()
     write_result("aarch64.json", result)
     return result
+
+
+def run_float() -> dict:
+    """The F16 file's rows on fewer chunks."""
+    return merge_rows("f16", ("stages.bench.emulate_float=true", f"stages.bench.emulate_chunks={FLOAT_CHUNKS}"),
+                      lambda r: {"chunks": f"{r['chunks']} of {r['ctx']} tokens (fewer than the quantized files': "
+                                           "qemu runs F16 slowly)"},
+                      "f16", f"emulated on {FLOAT_CHUNKS} chunks (benchmarks/aarch64.py --float)")
+
+
+def run_onnx() -> dict:
+    """The int4 ONNX folder's rows (ONNX Runtime on ARM), on the quantized files' chunks."""
+    return merge_rows("onnx_int4", ("stages.bench.emulate_onnx=true",),
+                      lambda r: {"runtime": f"{r['kernels']} (qemu -cpu {r['qemu_cpu']}); x86: onnxruntime on this machine"},
+                      "onnx", "the int4 ONNX folder in ONNX Runtime's aarch64 wheel under qemu (benchmarks/aarch64.py --onnx), "
+                              "same chunks as the GGUF files; kl_vs_x86 against ONNX Runtime on x86")
 
 
 if __name__ == "__main__":

@@ -16,8 +16,13 @@ its 6-layer student (every 3rd of 18) -> kd_step_gemma3.json. Same batch for eve
 - trl_gkd: TRL's GKDTrainer (trl.experimental.gkd, TRL 1.16) in its offline setting
   (lmbda=0: no student generation, seq_kd off; beta=0: forward KL), same models, rows,
   batch, temperature and AdamW, driven by its own Trainer loop (`pip install -e .[bench]` installs TRL).
-  TRL's SFT-family defaults bf16 autocast and gradient checkpointing are turned off, so all
-  three variants compute in fp32 without recomputation (bf16 is ~25x slower on this CPU).
+  TRL's SFT-family defaults bf16 autocast and gradient checkpointing are turned off (bf16
+  autocast is ~25x slower on AMD CPUs without native bf16), no recomputation anywhere.
+Precision: edgekit runs as the trainer does with `precision: auto`: on a CPU with AMX its matmuls
+multiply bf16-rounded fp32 inputs and accumulate in fp32 (torch.set_float32_matmul_precision
+"medium", oneDNN), elsewhere fp32; naive and trl_gkd run PyTorch's defaults (fp32). On AMX CPUs
+two more rows give the baselines the same matmuls: trl_gkd_bf16_matmul and loss_only's
+naive_bf16_matmul. Every variant's optimizer is the fused AdamW (TRL's default, and the trainer's).
 Each variant runs in its own process; the peak RSS is reset after the models load, so
 `peak_mem_mb` is the training steps' peak (weights, optimizer state, activations, logits)
 and `step_peak_over_base_mb` what the step adds to the loaded models. Also:
@@ -42,17 +47,20 @@ from pathlib import Path
 
 from common import rss_mb
 
+from edgekit.machine import cpu_has_amx
+
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = {"smollm2": ("embedded:smollm2-135m-instruct", "kd_step.json"),
          "gemma3": ("embedded:gemma3-270m", "kd_step_gemma3.json")}
 TOP_K = 64
+SAME_MATMULS = "_bf16_matmul"
 
 
 def step_fn(variant: str, profile: dict):
     import torch
 
     from edgekit.distill.losses import forward_kl
-    from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head
+    from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head, matmul_precision
 
     st = KDSettings(temperature=2.0, loss_chunk=128)
 
@@ -63,6 +71,10 @@ def step_fn(variant: str, profile: dict):
         return out
 
     def edgekit_step(student, teacher, x, cache=None):
+        with matmul_precision(torch.device("cpu"), st.precision):  # as the trainer's step runs
+            return edgekit_step_body(student, teacher, x, cache)
+
+    def edgekit_step_body(student, teacher, x, cache=None):
         inputs, labels = x[:, :-1], x[:, 1:].reshape(-1)
         s_h = timed("student_forward", lambda: hidden_and_head(student)[0](input_ids=inputs)
                     .last_hidden_state.reshape(labels.numel(), -1))
@@ -94,7 +106,7 @@ def loss_only(variant: str, student, teacher, x, repeats: int = 3) -> dict:
     import torch
 
     from edgekit.distill.losses import forward_kl
-    from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head
+    from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head, matmul_precision
     from edgekit.bench.worker import peak_rss_kb
 
     st = KDSettings(temperature=2.0, loss_chunk=128)
@@ -110,12 +122,14 @@ def loss_only(variant: str, student, teacher, x, repeats: int = 3) -> dict:
         student.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
         if variant == "edgekit":
-            loss, _ = chunked_loss(s_h, t_h, labels, student, teacher, st)
+            with matmul_precision(torch.device("cpu"), st.precision):
+                loss, _ = chunked_loss(s_h, t_h, labels, student, teacher, st)
+                loss.backward()
         else:
             with torch.no_grad():
                 t = t_head(t_h)
             loss = forward_kl(s_head(s_h), t, st.temperature).mean()
-        loss.backward()
+            loss.backward()
         times.append(time.perf_counter() - t0)
         del loss
     ms = sorted(times[1:])[len(times[1:]) // 2] * 1000
@@ -169,6 +183,9 @@ def worker(pair: str, variant: str, steps: int, batch: int, seq_len: int) -> Non
     from edgekit.models.sources import resolve_model
     from edgekit.models.student import init_from_teacher_layers, layers_to_keep
 
+    if variant.endswith(SAME_MATMULS):  # a baseline given the bf16-multiply fp32 matmuls edgekit's auto uses on AMX
+        torch.set_float32_matmul_precision("medium")
+        variant = variant.removesuffix(SAME_MATMULS)
     torch.manual_seed(0)
     teacher = load_causal_lm(resolve_model(PAIRS[pair][0], REPO).path)
     student = init_from_teacher_layers(teacher, layers_to_keep(teacher.config.num_hidden_layers, 3, None)).train()
@@ -178,7 +195,7 @@ def worker(pair: str, variant: str, steps: int, batch: int, seq_len: int) -> Non
     if variant.startswith("loss_"):
         print(json.dumps(loss_only(variant.removeprefix("loss_"), student, teacher, x)))
         return
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)  # the trainer's (distill.lean) and TRL's
     cache = None
     if variant == "offline_topk":
         from edgekit.distill.logit_cache import load_or_build
@@ -217,6 +234,20 @@ def worker(pair: str, variant: str, steps: int, batch: int, seq_len: int) -> Non
     print(json.dumps(out))
 
 
+def validate_estimate(a) -> tuple[float, int]:
+    """What `edgekit validate` predicts (MB) for the benchmark's pair, batch and chunk; the vocabulary."""
+    import copy
+
+    from edgekit.distill.memory import counts, estimate, model_config
+    from edgekit.models.student import layers_to_keep
+
+    cfg = model_config(PAIRS[a.pair][0], REPO)
+    student_cfg = copy.deepcopy(cfg)
+    student_cfg.num_hidden_layers = len(layers_to_keep(cfg.num_hidden_layers, 3, None))
+    return estimate(counts(cfg), counts(student_cfg), teacher_load=None, optimizer="adamw", batch=a.batch,
+                    seq_len=a.seq_len + 1, loss_chunk=128)["total_mb"], cfg.vocab_size
+
+
 def reset_peak() -> None:
     """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
     Path("/proc/self/clear_refs").write_text("5")
@@ -228,14 +259,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
-    ap.add_argument("--variants", default="edgekit,naive,trl_gkd,offline_topk,loss_edgekit,loss_naive")
+    ap.add_argument("--variants", default="edgekit,naive,trl_gkd,offline_topk,loss_edgekit,loss_naive"
+                    + (",trl_gkd_bf16_matmul,loss_naive_bf16_matmul" if cpu_has_amx() else ""))
     ap.add_argument("--worker")
+    ap.add_argument("--estimate-only", action="store_true", help="recompute only the results file's estimate_mb")
     a = ap.parse_args()
     if a.worker:
         return worker(a.pair, a.worker, a.steps, a.batch, a.seq_len)
-    from edgekit.distill.memory import counts, estimate, model_config
+    import torch
+
+    from edgekit.distill.trainer import resolved_precision
     from edgekit.machine import machine_description
 
+    if a.estimate_only:  # the estimate beside the committed measurement, after a change to the estimate alone
+        result = json.loads((REPO / "benchmarks" / "results" / PAIRS[a.pair][1]).read_text())
+        result["estimate_mb"] = validate_estimate(a)[0]
+        result["estimate_error"] = round(result["estimate_mb"] / result["edgekit"]["peak_mem_mb"] - 1, 3)
+        (REPO / "benchmarks" / "results" / PAIRS[a.pair][1]).write_text(json.dumps(result, indent=2) + "\n")
+        return print(result["estimate_mb"], result["estimate_error"])
     result = {}
     for variant in a.variants.split(","):
         out = subprocess.run([sys.executable, __file__, "--worker", variant, "--pair", a.pair, "--steps", str(a.steps),
@@ -251,26 +292,23 @@ def main() -> None:
 
     e = result["edgekit"]
     result["profile"] = e.pop("profile")
-    import copy
-
-    from edgekit.models.student import layers_to_keep
-
-    cfg = model_config(PAIRS[a.pair][0], REPO)
-    student_cfg = copy.deepcopy(cfg)
-    student_cfg.num_hidden_layers = len(layers_to_keep(cfg.num_hidden_layers, 3, None))
-    est = estimate(counts(cfg), counts(student_cfg), teacher_load=None, optimizer="adamw", batch=a.batch,
-                   seq_len=a.seq_len + 1, loss_chunk=128)
-    result.update({"batch": a.batch, "seq_len": a.seq_len, "vocab": cfg.vocab_size, "trl_version": trl.__version__,
-                   "machine": machine_description(), "estimate_mb": est["total_mb"],
-                   "estimate_error": round(est["total_mb"] / e["peak_mem_mb"] - 1, 3),
+    est, vocab = validate_estimate(a)
+    result.update({"batch": a.batch, "seq_len": a.seq_len, "vocab": vocab, "trl_version": trl.__version__,
+                   "machine": machine_description(), "estimate_mb": est,
+                   "estimate_error": round(est / e["peak_mem_mb"] - 1, 3),
                    "speedup_vs_naive": e["tokens_per_s"] / result["naive"]["tokens_per_s"],
                    "memory_ratio_vs_naive": e["peak_mem_mb"] / result["naive"]["peak_mem_mb"],
                    "speedup_vs_trl_gkd": e["tokens_per_s"] / result["trl_gkd"]["tokens_per_s"],
-                   "memory_ratio_vs_trl_gkd": e["peak_mem_mb"] / result["trl_gkd"]["peak_mem_mb"]})
+                   "memory_ratio_vs_trl_gkd": e["peak_mem_mb"] / result["trl_gkd"]["peak_mem_mb"],
+                   "precision": resolved_precision(torch.device("cpu"), "auto")})
+    if "trl_gkd" + SAME_MATMULS in result:
+        result["speedup_vs_trl_gkd" + SAME_MATMULS] = e["tokens_per_s"] / result["trl_gkd" + SAME_MATMULS]["tokens_per_s"]
     if "loss_only" in result:
         lo = result["loss_only"]
         result["loss_only"]["speedup"] = lo["naive"]["ms"] / lo["edgekit"]["ms"]
         result["loss_only"]["memory_ratio"] = lo["edgekit"]["mem_mb"] / lo["naive"]["mem_mb"]
+        if "naive" + SAME_MATMULS in lo:
+            lo["speedup_vs_naive" + SAME_MATMULS] = lo["naive" + SAME_MATMULS]["ms"] / lo["edgekit"]["ms"]
     (REPO / "benchmarks" / "results" / PAIRS[a.pair][1]).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -12,14 +12,7 @@ import numpy as np
 from edgekit.errors import EdgekitError
 from edgekit.formats.gguf_read import open_gguf
 from edgekit.fsutil import quiet_stderr
-
-
-def cpu_has_amx() -> bool:
-    """Intel AMX (Sapphire Rapids and later), as the Linux kernel reports it."""
-    try:
-        return any(line.startswith("flags") and " amx_int8" in line for line in open("/proc/cpuinfo"))
-    except OSError:
-        return False
+from edgekit.machine import cpu_has_amx
 
 
 def no_repack_args() -> list[str]:

@@ -28,9 +28,10 @@ class QATConfig(StageConfig, TrainSettings):
     lr: float = Field(5e-5, gt=0.0)  # small: the weights only need to settle onto the grid
     warmup_steps: int = Field(2, ge=0)
     seed: int = 1
-    # fp32 by default: under bf16 autocast the matmuls would round the grid's values (a Q8_0 value
-    # needs 7 + 11 bits), so the forward would no longer be the deployed grid; bf16 trades that for speed
-    precision: Literal["auto", "fp32", "bf16"] = "fp32"
+    # fp32 by default: under bf16 autocast (or bf16_matmul) the matmuls would round the grid's values (a
+    # Q8_0 value needs 7 + 11 bits), so the forward would no longer be the deployed grid; bf16 and
+    # bf16_matmul trade that for speed
+    precision: Literal["auto", "fp32", "bf16", "bf16_matmul"] = "fp32"
     # recompute: each step, the format's own scale search; learn: Q8_0/Q5_0/Q4_0 block scales are
     # parameters (LSQ), trained at scale_lr (on log|scale|: ~that relative change per step); K-quants recompute
     scales: Literal["recompute", "learn"] = "recompute"

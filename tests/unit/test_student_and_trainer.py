@@ -304,3 +304,26 @@ def test_bf16_autocast_trains_with_fp32_weights_and_loss(teacher, rows, tmp_path
         assert all(p.dtype == torch.float32 for p in student.parameters())
     assert runs["bf16"]["loss"] != runs["fp32"]["loss"]
     assert runs["bf16"]["loss"] == pytest.approx(runs["fp32"]["loss"], rel=0.05)
+
+
+def test_bf16_matmul_trains_fp32_tensors_and_restores_the_global_setting(teacher, rows, tmp_path):
+    """precision: bf16_matmul (auto's choice on CPUs with AMX): fp32 tensors throughout, matmuls
+    multiplying bf16-rounded inputs with fp32 accumulation for the step only. Where oneDNN has
+    native bf16 (AMX) the loss moves off fp32's, a little; elsewhere the hint changes nothing."""
+    from edgekit.distill.trainer import resolved_precision
+    from edgekit.machine import cpu_has_amx
+
+    cpu = torch.device("cpu")
+    assert resolved_precision(cpu, "auto") == ("bf16_matmul" if cpu_has_amx() else "fp32")
+    assert resolved_precision(torch.device("cuda"), "auto") == "bf16"
+    assert resolved_precision(cpu, "fp32") == "fp32"
+    runs = {}
+    for precision in ("fp32", "bf16_matmul"):
+        student = init_from_teacher_layers(teacher, [0, 3])
+        runs[precision] = train(student, teacher, rows, KDSettings(steps=3, batch_size=4, lr=3e-3, warmup_steps=1,
+                                                                   loss_chunk=16, precision=precision), tmp_path / precision)
+        assert all(p.dtype == torch.float32 for p in student.parameters())
+        assert torch.get_float32_matmul_precision() == "highest"  # set for the steps, then put back
+    assert runs["bf16_matmul"]["loss"] == pytest.approx(runs["fp32"]["loss"], rel=0.02)
+    if cpu_has_amx():
+        assert runs["bf16_matmul"]["loss"] != runs["fp32"]["loss"]

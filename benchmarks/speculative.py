@@ -10,7 +10,9 @@ that were not distilled (the recipe's student before distillation, and a plain t
 (the target's chat template) none of the recipe trained on, at draft lengths 2, 4 and 8: acceptance
 (accepted / drafted tokens), decode tokens/s, and whether the answer equals the target's own greedy
 answer (llama-cpp-python, the same file and prompt, no draft). Target alone: `llama-bench` decode
-at the prompt's depth. Results: benchmarks/results/speculative.json.
+at the prompt's depth. `ceiling`: what a draft of this cost could give at full acceptance on this
+machine, from llama-bench's cost of a target pass over 2, 3, 5, 9 tokens (`--ceiling-only` adds
+it to the committed results without rerunning the rest). Results: benchmarks/results/speculative.json.
 """
 
 import re
@@ -122,6 +124,24 @@ def target_text(target: Path, prompt: str) -> str:
     return llama_generate(target, prompt, N_PREDICT, threads=THREADS).strip()
 
 
+def ceiling(target: Path, draft: Path, depth: int = 64) -> dict:
+    """The most any draft of this cost could give on this machine: a round drafts n tokens (n draft
+    decode steps) and verifies them in one target pass over n + 1 tokens; at full acceptance it
+    yields n + 1 tokens. Costs in target decode steps, from llama-bench at the prompts' depth:
+    speedup(n) = (n + 1) / (n * draft + verify(n + 1)), with no sampling or bookkeeping overhead."""
+    from edgekit.bench.llama_bench import batch_speeds
+
+    ks = [1, 2, 3, 5, 9]
+    t = batch_speeds(target, THREADS, ks, depth)
+    d = batch_speeds(draft, THREADS, [1], depth)
+    step = 1 / t[1]
+    verify = {k: round(k / t[k] / step, 3) for k in ks}
+    draft_cost = round(1 / d[1] / step, 3)
+    return {"target_tps_by_batch": t, "verify_cost_in_decode_steps": verify, "draft_step_in_decode_steps": draft_cost,
+            "max_speedup_at_full_acceptance": {n: round((n + 1) / (n * draft_cost + verify[n + 1]), 3) for n in (1, 2, 4, 8)},
+            "max_speedup_free_draft": {n: round((n + 1) / verify[n + 1], 3) for n in (1, 2, 4, 8)}, "depth": depth}
+
+
 def run() -> dict:
     bin_dir = tools()
     run_recipe("draft-smollm2.yaml", "draft-smollm2")
@@ -163,10 +183,19 @@ def run() -> dict:
               "acceptance_truncated": results[f"truncated@{n_best}"]["acceptance"], "draft_len": n_best,
               "target_alone_decode_tps": alone, "identical_across_drafts": sum(across),
               "divergence_from_target_alone": vs_alone, "runs": results, "prompts": len(PROMPTS), "n_predict": N_PREDICT,
-              "threads": THREADS, "machine": machine_description()}
+              "threads": THREADS, "machine": machine_description(), "ceiling": ceiling(target, drafts["distilled"])}
     write_result("speculative.json", result)
     return result
 
 
 if __name__ == "__main__":
-    run()
+    if sys.argv[1:] == ["--ceiling-only"]:  # add the ceiling to the committed results, nothing else rerun
+        import json
+
+        run_dir = REPO / "runs" / "draft-smollm2"
+        pair = json.loads((run_dir / "export" / "draft.json").read_text())
+        result = json.loads((REPO / "benchmarks" / "results" / "speculative.json").read_text())
+        result["ceiling"] = ceiling(run_dir / "export" / pair["target"], run_dir / "export" / pair["draft"])
+        write_result("speculative.json", result)
+    else:
+        run()

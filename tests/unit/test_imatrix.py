@@ -79,3 +79,17 @@ def test_llama_quantize_reads_our_imatrix_file_as_we_pass_it(tiny_teacher_dir, t
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+
+
+def test_llama_bench_prices_a_pass_over_several_tokens_as_speculative_decoding_verifies(tiny_teacher_dir, tmp_path):
+    """batch_speeds (benchmarks/speculative.py's ceiling): llama-bench's tokens/s of one pass over
+    k tokens at a depth, and the decode speed under k = 1; a pass over 9 tokens gives more tokens
+    per second than decoding them one by one (batching is never slower per token) on a real file."""
+    from edgekit.bench.llama_bench import batch_speeds, llama_bench_bin
+
+    if llama_bench_bin() is None:
+        pytest.skip("llama.cpp's tools are not built (bash third_party/build_llama_tools.sh)")
+    gguf = write_gguf(tiny_teacher_dir, tmp_path / "t-F16.gguf", "f16")
+    speeds = batch_speeds(gguf, threads=1, batches=[1, 3, 9], depth=16, repeats=3)
+    assert set(speeds) == {1, 3, 9} and all(v > 0 for v in speeds.values())
+    assert speeds[9] > speeds[1]

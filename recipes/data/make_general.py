@@ -4,7 +4,7 @@ calibration corpus (recipes/data/general_train.jsonl) from packages installable 
     apt-get install bible-kjv                       # Debian: the King James Version and its reader
     python3 -m venv /tmp/gv && /tmp/gv/bin/pip install gensim chatterbot-corpus==1.3.3 --no-deps \
         && /tmp/gv/bin/pip install numpy scipy smart_open
-    /tmp/gv/bin/python recipes/data/make_general.py
+    /tmp/gv/bin/python recipes/data/make_general.py [--large]
 
 Four genres, each split by whole documents into an evaluation part and a training part that
 share no document (recipes/data/general/README.md gives every source and licence):
@@ -14,7 +14,9 @@ share no document (recipes/data/general/README.md gives every source and licence
   code        llama.cpp C/C++ sources from llama-cpp-python 0.3.36's sdist (MIT)
 The files are committed so every machine evaluates the same bytes; this script regenerates them
 and then runs the contamination check (`edgekit.data.contamination`) against every training set
-of the project's recipes.
+of the project's recipes. `--large` also writes general_train_large.jsonl: the same narrative and
+code, and for expository and dialogue (the genres QAT-KD gains least on) every document the
+evaluation set does not hold, up to TRAIN_CHARS_LARGE per genre and LARGE_DOC_CHARS per document.
 """
 
 import bz2
@@ -29,6 +31,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 EVAL_CHARS = 64_000  # per subset: ~14-20k tokens
 TRAIN_CHARS = 96_000
 DOC_CHARS = 6_000
+TRAIN_CHARS_LARGE, LARGE_DOC_CHARS = 400_000, 24_000
+LARGE_GENRES = ("expository", "dialogue")
 
 # narrative: (book, chapters) as the `bible` reader names them; first group evaluation, second training
 NARRATIVE = ([("Ruth", "1:1-4:22"), ("Esther", "1:1-10:3"), ("Jonah", "1:1-4:11"), ("Mark", "1:1-8:38"),
@@ -47,7 +51,7 @@ def narrative() -> tuple[list[dict], list[dict]]:
                   for b, s in group] for group in NARRATIVE)
 
 
-def expository() -> tuple[list[dict], list[dict]]:
+def expository(doc_chars: int = DOC_CHARS) -> tuple[list[dict], list[dict]]:
     import gensim
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
@@ -63,11 +67,11 @@ def expository() -> tuple[list[dict], list[dict]]:
         body = re.sub(r"\n{3,}", "\n\n", body).strip()
         if len(body) > 2000:
             docs.append({"id": f"wiki-{title.lower().replace(' ', '_')}", "source": "gensim test data (English Wikipedia)",
-                         "text": body[:DOC_CHARS]})
+                         "text": body[:doc_chars]})
     return docs[0::2], docs[1::2]
 
 
-def dialogue() -> tuple[list[dict], list[dict]]:
+def dialogue(doc_chars: int = DOC_CHARS) -> tuple[list[dict], list[dict]]:
     import chatterbot_corpus
     import yaml
 
@@ -79,7 +83,7 @@ def dialogue() -> tuple[list[dict], list[dict]]:
         for conv in convs:
             speakers = ["User", "Bot"]
             turns.append("\n".join(f"{speakers[i % 2]}: {str(t).strip()}" for i, t in enumerate(conv)))
-        docs.append({"id": f"chat-{f.stem}", "source": "chatterbot-corpus 1.3.3 (PyPI)", "text": "\n\n".join(turns)[:DOC_CHARS]})
+        docs.append({"id": f"chat-{f.stem}", "source": "chatterbot-corpus 1.3.3 (PyPI)", "text": "\n\n".join(turns)[:doc_chars]})
     return docs[0::2], docs[1::2]
 
 
@@ -136,6 +140,18 @@ def main() -> None:
         train += [{**d, "genre": name} for d in tr]
         print(f"{name}: eval {len(ev)} docs / {sum(len(d['text']) for d in ev)} chars; train {len(tr)} docs")
     (HERE / "general_train.jsonl").write_text("".join(json.dumps(d) + "\n" for d in train))
+    if "--large" in sys.argv[1:]:
+        large = [d for d in train if d["genre"] not in LARGE_GENRES]
+        for name, build in (("expository", expository), ("dialogue", dialogue)):
+            ev = take(build()[0], EVAL_CHARS)  # the evaluation documents, as written above
+            held = {d["id"] for d in ev}
+            ev_long, tr_long = build(LARGE_DOC_CHARS)
+            rest = [d for d in ev_long + tr_long if d["id"] not in held]  # every other document, whole or longer
+            grams = set().union(*(ngrams(d["text"]) for d in ev))
+            tr = [decontaminate(d, grams) for d in take(rest, TRAIN_CHARS_LARGE)]
+            large += [{**d, "genre": name} for d in tr]
+            print(f"{name} (large): train {len(tr)} docs / {sum(len(d['text']) for d in tr)} chars")
+        (HERE / "general_train_large.jsonl").write_text("".join(json.dumps(d) + "\n" for d in large))
     print(json.dumps(check_general_set(general, HERE), indent=2))
 
 

@@ -289,41 +289,29 @@ def test_on_policy_training_runs(teacher, rows, tmp_path):
     assert last["kd"] > 0
 
 
-def test_bf16_autocast_trains_with_fp32_weights_and_loss(teacher, rows, tmp_path):
-    """precision: bf16 (the GPU default) runs the trunks under bf16 autocast; weights, optimizer
-    state, logits and the loss stay fp32. Forced on this CPU: its loss is close to fp32's, not equal."""
-    from edgekit.distill.trainer import autocast, train_device
-
-    assert train_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert isinstance(autocast(torch.device("cpu"), "auto"), type(autocast(torch.device("cpu"), "fp32")))  # CPU: off
-    runs = {}
-    for precision in ("fp32", "bf16"):
-        student = init_from_teacher_layers(teacher, [0, 3])
-        runs[precision] = train(student, teacher, rows, KDSettings(steps=3, batch_size=4, lr=3e-3, warmup_steps=1,
-                                                                   loss_chunk=16, precision=precision), tmp_path / precision)
-        assert all(p.dtype == torch.float32 for p in student.parameters())
-    assert runs["bf16"]["loss"] != runs["fp32"]["loss"]
-    assert runs["bf16"]["loss"] == pytest.approx(runs["fp32"]["loss"], rel=0.05)
-
-
-def test_bf16_matmul_trains_fp32_tensors_and_restores_the_global_setting(teacher, rows, tmp_path):
-    """precision: bf16_matmul (auto's choice on CPUs with AMX): fp32 tensors throughout, matmuls
-    multiplying bf16-rounded inputs with fp32 accumulation for the step only. Where oneDNN has
-    native bf16 (AMX) the loss moves off fp32's, a little; elsewhere the hint changes nothing."""
-    from edgekit.distill.trainer import resolved_precision
+def test_reduced_precisions_train_fp32_tensors_near_fp32s_loss(teacher, rows, tmp_path):
+    """precision: bf16 (the GPU default) runs the trunks under bf16 autocast; bf16_matmul (auto's
+    choice on CPUs with AMX) keeps fp32 tensors and multiplies bf16-rounded inputs with fp32
+    accumulation, for the step only. Weights, optimizer state, logits and the loss stay fp32 in both.
+    Forced on this CPU: bf16's loss is close to fp32's, not equal; bf16_matmul's moves off fp32's
+    where oneDNN has native bf16 (AMX), and elsewhere the hint changes nothing."""
+    from edgekit.distill.trainer import autocast, resolved_precision, train_device
     from edgekit.machine import cpu_has_amx
 
     cpu = torch.device("cpu")
+    assert train_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert isinstance(autocast(cpu, "auto"), type(autocast(cpu, "fp32")))  # CPU: no autocast
     assert resolved_precision(cpu, "auto") == ("bf16_matmul" if cpu_has_amx() else "fp32")
     assert resolved_precision(torch.device("cuda"), "auto") == "bf16"
-    assert resolved_precision(cpu, "fp32") == "fp32"
     runs = {}
-    for precision in ("fp32", "bf16_matmul"):
+    for precision in ("fp32", "bf16", "bf16_matmul"):
         student = init_from_teacher_layers(teacher, [0, 3])
         runs[precision] = train(student, teacher, rows, KDSettings(steps=3, batch_size=4, lr=3e-3, warmup_steps=1,
                                                                    loss_chunk=16, precision=precision), tmp_path / precision)
         assert all(p.dtype == torch.float32 for p in student.parameters())
-        assert torch.get_float32_matmul_precision() == "highest"  # set for the steps, then put back
+        assert torch.get_float32_matmul_precision() == "highest"  # bf16_matmul's setting was put back
+    assert runs["bf16"]["loss"] != runs["fp32"]["loss"]
+    assert runs["bf16"]["loss"] == pytest.approx(runs["fp32"]["loss"], rel=0.05)
     assert runs["bf16_matmul"]["loss"] == pytest.approx(runs["fp32"]["loss"], rel=0.02)
     if cpu_has_amx():
         assert runs["bf16_matmul"]["loss"] != runs["fp32"]["loss"]

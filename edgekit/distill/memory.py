@@ -125,8 +125,8 @@ def estimate(teacher: ModelCounts | None, student: ModelCounts, *, teacher_load:
         "logits_chunk": 4.0 * LOGIT_BUFFERS * min(loss_chunk_rows(loss_chunk, student.vocab), tokens) * student.vocab,
         # the fused loss accumulates the output head's gradient in its own (V, H) buffer
         "head_grad_buffer": 4.0 * student.vocab * student.hidden if trainable == student.params else 0.0,
-        # the step's temporaries: the fused AdamW (distill.lean) none to speak of, the for-each one
-        # sharded students keep ~one parameter-sized list; bitsandbytes' CPU path dequantizes each
+        # the step's temporaries: the fused AdamW (distill.lean) none to speak of, PyTorch's default
+        # one that sharded students keep ~one parameter-sized list; bitsandbytes' CPU path dequantizes each
         # tensor's states to fp32 (~4 copies of the largest tensor)
         "optimizer_step": ((4.0 * trained if sharded else 0.0) if optimizer == "adamw"
                            else 16.0 * min(trainable, student.largest or trainable)),

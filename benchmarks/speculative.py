@@ -124,6 +124,14 @@ def target_text(target: Path, prompt: str) -> str:
     return llama_generate(target, prompt, N_PREDICT, threads=THREADS).strip()
 
 
+def exported_pair(run_dir: Path) -> tuple[Path, Path]:
+    """(target, draft) GGUFs the recipe's export wrote (its draft.json names them)."""
+    import json
+
+    pair = json.loads((run_dir / "export" / "draft.json").read_text())
+    return run_dir / "export" / pair["target"], run_dir / "export" / pair["draft"]
+
+
 def ceiling(target: Path, draft: Path, depth: int = 64) -> dict:
     """The most any draft of this cost could give on this machine: a round drafts n tokens (n draft
     decode steps) and verifies them in one target pass over n + 1 tokens; at full acceptance it
@@ -148,11 +156,8 @@ def run() -> dict:
     run_dir = REPO / "runs" / "draft-smollm2"
     out = run_dir / "speculative"
     out.mkdir(exist_ok=True)
-    import json
-
-    pair = json.loads((run_dir / "export" / "draft.json").read_text())  # the pair the recipe exported
-    target = run_dir / "export" / pair["target"]
-    drafts = {"distilled": run_dir / "export" / pair["draft"], **undistilled_drafts(run_dir, out)}
+    target, distilled = exported_pair(run_dir)
+    drafts = {"distilled": distilled, **undistilled_drafts(run_dir, out)}
     from edgekit.bench.llama_bench import llama_bench
 
     alone = statistics.median(llama_bench(target, THREADS, 32, N_PREDICT, 3)["decode_tps"] for _ in range(3))
@@ -192,10 +197,8 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--ceiling-only"]:  # add the ceiling to the committed results, nothing else rerun
         import json
 
-        run_dir = REPO / "runs" / "draft-smollm2"
-        pair = json.loads((run_dir / "export" / "draft.json").read_text())
         result = json.loads((REPO / "benchmarks" / "results" / "speculative.json").read_text())
-        result["ceiling"] = ceiling(run_dir / "export" / pair["target"], run_dir / "export" / pair["draft"])
+        result["ceiling"] = ceiling(*exported_pair(REPO / "runs" / "draft-smollm2"))
         write_result("speculative.json", result)
     else:
         run()

@@ -130,11 +130,13 @@ def main() -> None:
 
     general = HERE / "general"
     general.mkdir(exist_ok=True)
-    train = []
-    for name, build in (("narrative", narrative), ("expository", expository), ("dialogue", dialogue), ("code", code)):
+    train, held = [], {}  # held: each genre's evaluation documents and their 13-grams
+    builders = {"narrative": narrative, "expository": expository, "dialogue": dialogue, "code": code}
+    for name, build in builders.items():
         ev, tr = build()
         ev, tr = take(ev, EVAL_CHARS), take(tr, TRAIN_CHARS)
         grams = set().union(*(ngrams(d["text"]) for d in ev))
+        held[name] = ({d["id"] for d in ev}, grams)
         tr = [decontaminate(d, grams) for d in tr]
         (general / f"{name}.jsonl").write_text("".join(json.dumps({**d, "genre": name}) + "\n" for d in ev))
         train += [{**d, "genre": name} for d in tr]
@@ -142,12 +144,10 @@ def main() -> None:
     (HERE / "general_train.jsonl").write_text("".join(json.dumps(d) + "\n" for d in train))
     if "--large" in sys.argv[1:]:
         large = [d for d in train if d["genre"] not in LARGE_GENRES]
-        for name, build in (("expository", expository), ("dialogue", dialogue)):
-            ev = take(build()[0], EVAL_CHARS)  # the evaluation documents, as written above
-            held = {d["id"] for d in ev}
-            ev_long, tr_long = build(LARGE_DOC_CHARS)
-            rest = [d for d in ev_long + tr_long if d["id"] not in held]  # every other document, whole or longer
-            grams = set().union(*(ngrams(d["text"]) for d in ev))
+        for name in LARGE_GENRES:
+            ids, grams = held[name]
+            ev_long, tr_long = builders[name](LARGE_DOC_CHARS)
+            rest = [d for d in ev_long + tr_long if d["id"] not in ids]  # every other document, whole or longer
             tr = [decontaminate(d, grams) for d in take(rest, TRAIN_CHARS_LARGE)]
             large += [{**d, "genre": name} for d in tr]
             print(f"{name} (large): train {len(tr)} docs / {sum(len(d['text']) for d in tr)} chars")

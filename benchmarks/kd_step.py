@@ -8,7 +8,8 @@ student: every 3rd layer) -> kd_step.json; gemma3 = Gemma 3 270M (embedded, voca
 its 6-layer student (every 3rd of 18) -> kd_step_gemma3.json. Same batch for every variant.
 - edgekit: hidden states from both trunks, loss and its gradient over position chunks
   fused with the output projection (edgekit.distill.trainer.chunked_loss: closed-form
-  forward-KL gradient in place, chunk lowered at large vocabularies);
+  forward-KL gradient in place, chunk lowered at large vocabularies), the student's gated
+  MLPs and RMSNorms saving fewer activations (edgekit.distill.activations);
 - offline_topk: the same step against the teacher's top-64 cached once (logit_cache; the
   cache is built before the timed steps, as a recipe's `teacher_logits: offline` does);
 - naive: both models' full (B, T, V) logits materialised, forward KL on all of them,
@@ -18,10 +19,10 @@ its 6-layer student (every 3rd of 18) -> kd_step_gemma3.json. Same batch for eve
   batch, temperature and AdamW, driven by its own Trainer loop (`pip install -e .[bench]` installs TRL).
   TRL's SFT-family defaults bf16 autocast and gradient checkpointing are turned off (bf16
   autocast is ~25x slower on AMD CPUs without native bf16), no recomputation anywhere.
-Precision: edgekit runs as the trainer does with `precision: auto`: on a CPU with AMX its matmuls
-multiply bf16-rounded fp32 inputs and accumulate in fp32 (torch.set_float32_matmul_precision
-"medium", oneDNN), elsewhere fp32; naive and trl_gkd run PyTorch's defaults (fp32). On AMX CPUs
-two more rows give the baselines the same matmuls: trl_gkd_bf16_matmul and loss_only's
+Precision: edgekit runs as the trainer does with `precision: auto`: on a CPU with native bf16
+(AMX or AVX-512 BF16) its matmuls multiply bf16-rounded fp32 inputs and accumulate in fp32
+(torch.set_float32_matmul_precision "medium", oneDNN), elsewhere fp32; naive and trl_gkd run
+PyTorch's defaults (fp32). On such CPUs two more rows give the baselines the same matmuls: trl_gkd_bf16_matmul and loss_only's
 naive_bf16_matmul. Every variant's optimizer is the fused AdamW (TRL's default, and the trainer's).
 Each variant runs in its own process; the peak RSS is reset after the models load, so
 `peak_mem_mb` is the training steps' peak (weights, optimizer state, activations, logits)
@@ -47,7 +48,7 @@ from pathlib import Path
 
 from common import rss_mb
 
-from edgekit.machine import cpu_has_amx
+from edgekit.machine import cpu_has_bf16_matmul
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = {"smollm2": ("embedded:smollm2-135m-instruct", "kd_step.json"),
@@ -59,6 +60,7 @@ SAME_MATMULS = "_bf16_matmul"
 def step_fn(variant: str, profile: dict):
     import torch
 
+    from edgekit.distill.activations import compact, compact_forwards
     from edgekit.distill.losses import forward_kl
     from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head, matmul_precision
 
@@ -71,7 +73,8 @@ def step_fn(variant: str, profile: dict):
         return out
 
     def edgekit_step(student, teacher, x, cache=None):
-        with matmul_precision(torch.device("cpu"), st.precision):  # as the trainer's step runs
+        # as the trainer's step runs: its matmul precision, the student's MLPs and norms compact
+        with matmul_precision(torch.device("cpu"), st.precision), compact(compact_forwards(student)):
             return edgekit_step_body(student, teacher, x, cache)
 
     def edgekit_step_body(student, teacher, x, cache=None):
@@ -260,7 +263,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
     ap.add_argument("--variants", default="edgekit,naive,trl_gkd,offline_topk,loss_edgekit,loss_naive"
-                    + (",trl_gkd_bf16_matmul,loss_naive_bf16_matmul" if cpu_has_amx() else ""))
+                    + (",trl_gkd_bf16_matmul,loss_naive_bf16_matmul" if cpu_has_bf16_matmul() else ""))
     ap.add_argument("--worker")
     ap.add_argument("--estimate-only", action="store_true", help="recompute only the results file's estimate_mb")
     a = ap.parse_args()

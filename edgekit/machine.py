@@ -16,6 +16,18 @@ def cpu_has_amx() -> bool:
         return False
 
 
+def cpu_has_bf16_matmul() -> bool:
+    """A CPU that multiplies bf16 natively: AMX tiles (Intel Sapphire Rapids and later) or AVX-512
+    BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake). oneDNN runs fp32 matmuls with
+    bf16-rounded inputs on them faster than fp32 ones: ~2x on a 2-core Xeon with AMX, 1.3x on
+    Gemma 3's KD step on a 2-core Zen 4 EPYC; on CPUs without either, bf16 is emulated and slow."""
+    try:
+        return any(line.startswith("flags") and (" amx_bf16" in line or " avx512_bf16" in line)
+                   for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
+
+
 def machine_description() -> str:
     import os
 

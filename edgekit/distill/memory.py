@@ -9,9 +9,11 @@ no weights read). Bytes per parameter:
     student weights   4 (fp32 training; bf16 is ~25x slower on CPUs)
     gradients         4 per trainable parameter (all of them, or the LoRA adapters)
     optimizer states  AdamW 8 per trainable parameter; 8-bit AdamW 2 (+ fp32 absmax per 256)
-Activations kept for backward, per token and student layer, in fp32 floats: ~10 H
-(norms, q/k/v, attention output, residual inputs) + 4 I (gate, up, act, product), measured
-on the quickstart pair and checked by a test. The fused loss adds ~4 chunk x V logits-sized
+Activations kept for backward, per token and student layer, in fp32 floats: ~8 H
+(norm inputs, q/k/v, attention output, residual inputs) + 2 I (gate, up): the trainer's
+compact gated MLP and RMSNorm recompute the activation, the product and the normalised input
+(distill.activations); ~10 H + 4 I under FSDP or bf16 autocast, where plain autograd keeps
+those too. Measured on the quickstart pair and checked by a test. The fused loss adds ~4 chunk x V logits-sized
 buffers (student and teacher logits, a softmax or log-sum-exp temporary, its gradient;
 the chunk is lowered at large vocabularies to keep them within 512 MB) and a (V, H) head-gradient
 buffer; the optimizer step adds temporaries (see `estimate`). The Python + torch +
@@ -35,7 +37,8 @@ from edgekit.recipe.schema import TrainSettings
 
 MB = 2**20
 RUNTIME_MB = 350.0
-ACT_FLOATS_H, ACT_FLOATS_I = 10, 4  # floats kept per token per layer, per hidden / intermediate unit
+# floats kept per token per layer, per hidden / intermediate unit: compact modules or plain autograd
+ACT_FLOATS_H, ACT_FLOATS_I = {True: 8, False: 10}, {True: 2, False: 4}
 LOGIT_BUFFERS = 4
 LOGITS_BUDGET = 512 * MB  # bytes of (C, V) fp32 buffers one loss chunk may hold
 
@@ -121,7 +124,9 @@ def estimate(teacher: ModelCounts | None, student: ModelCounts, *, teacher_load:
         # sharded: the shard's gradients + the gathered root unit's, until they are reduce-scattered
         "gradients": 4.0 * (trained + (student.params - student.block_linear if sharded else 0)),
         "optimizer_states": opt_bytes * trained,
-        "activations": 4.0 * tokens * student.layers * (ACT_FLOATS_H * student.hidden + ACT_FLOATS_I * student.intermediate),
+        # the compact modules run where the trainer uses them: an unsharded student, no autocast (CPU)
+        "activations": 4.0 * tokens * student.layers * (ACT_FLOATS_H[not sharded and not on_gpu] * student.hidden
+                                                        + ACT_FLOATS_I[not sharded and not on_gpu] * student.intermediate),
         "logits_chunk": 4.0 * LOGIT_BUFFERS * min(loss_chunk_rows(loss_chunk, student.vocab), tokens) * student.vocab,
         # the fused loss accumulates the output head's gradient in its own (V, H) buffer
         "head_grad_buffer": 4.0 * student.vocab * student.hidden if trainable == student.params else 0.0,

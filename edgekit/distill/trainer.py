@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch.nn.utils import parametrize
 
+from edgekit.distill.activations import compact, compact_forwards
 from edgekit.distill.hidden import capture
 from edgekit.distill.lean import make_optimizer
 from edgekit.distill.memory import loss_chunk_rows
@@ -28,7 +29,7 @@ from edgekit.parallel import (StepRoot, average_gradients, fill_from_rank0, is_s
                                       place, return_freed_host_memory, scalar, shard, shard_student, shard_teacher,
                                       train_device, world)
 from edgekit.errors import EdgekitError
-from edgekit.machine import cpu_has_amx
+from edgekit.machine import cpu_has_bf16_matmul
 from edgekit.progress import bar
 from edgekit.recipe.schema import TrainSettings
 
@@ -40,13 +41,14 @@ KDSettings = TrainSettings
 
 def resolved_precision(device: torch.device, precision: str) -> str:
     """What `precision: auto` means where the step runs: bf16 autocast on a GPU; on a CPU with
-    AMX, fp32 tensors whose matmuls multiply in bf16 and accumulate in fp32 (oneDNN, ~2x the
-    fp32 speed there); plain fp32 on other CPUs, whose bf16 is far slower than their fp32."""
+    native bf16 (AMX, AVX-512 BF16), fp32 tensors whose matmuls multiply in bf16 and accumulate
+    in fp32 (oneDNN: ~2x the fp32 speed with AMX, 1.3x on Zen 4); plain fp32 on other CPUs,
+    whose bf16 is far slower than their fp32."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
         return "bf16"
-    return "bf16_matmul" if device.type == "cpu" and cpu_has_amx() else "fp32"
+    return "bf16_matmul" if device.type == "cpu" and cpu_has_bf16_matmul() else "fp32"
 
 
 def autocast(device: torch.device, precision: str):
@@ -95,13 +97,16 @@ class _FusedHeadKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_h, w, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap):
+    def forward(ctx, s_h, w, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap, t_bias):
         n = max(1, int((labels != -100).sum()))
         grad_h = torch.empty_like(s_h)
         grad_w = torch.zeros_like(w)
         total = ce_sum = kd_sum = 0.0
         chunk = loss_chunk_rows(st.loss_chunk, w.shape[0])
         fast = s_cap is None and t_lp is None and st.loss == "forward_kl"
+        temp = st.temperature if t_h is not None else 1.0
+        # a soft-capped (or biased) teacher head is divided by T after the cap, not through its input
+        t_div_after = t_cap is not None or t_bias
         # (C, V) buffers made once and reused by every chunk: a fresh 100 MB+ tensor per chunk
         # costs its page faults again each time (glibc maps such sizes anew). Student logits,
         # teacher logits, scratch; without a teacher only the first (CE needs no scratch).
@@ -111,16 +116,21 @@ class _FusedHeadKD(torch.autograd.Function):
             sl = slice(i, i + chunk)
             h, lab = s_h[sl], labels[sl]
             c = h.shape[0]
-            if fast:
-                s = torch.mm(h, w.T, out=bufs[0][:c])
-                t = _softcap(t_logits(t_h[sl], bufs[1][:c]), t_cap) if t_h is not None else None
-                g, loss, ce, kd = _forward_kl_grad(s, t, lab, st, bufs[-1][:c])
+            scale = 1.0
+            if fast:  # both models' logits / T straight from the matmuls: no pass over (C, V) to divide
+                u = torch.addmm(bufs[0][:c], h, w.T, beta=0, alpha=1 / temp, out=bufs[0][:c])
+                t = t_logits(t_h[sl] if t_div_after else t_h[sl] * (1 / temp), bufs[1][:c]) if t_h is not None else None
+                if t is not None and t_div_after:
+                    t = _softcap(t, t_cap).div_(temp)
+                g, scale, loss, ce, kd = _forward_kl_grad(u, t, lab, st, bufs[-1][:c])
             else:
                 t = _softcap(t_logits(t_h[sl], None), t_cap) if t_h is not None else None
                 g, loss, ce, kd = _autograd_grad(h @ w.T, t, t_lp, t_ix, sl, lab, st, s_cap)
             del t
             torch.mm(g, w, out=grad_h[sl])  # (C, H)
-            grad_w.addmm_(g.T, h)  # (V, H)
+            if scale != 1.0:
+                grad_h[sl].mul_(scale)
+            grad_w.addmm_(g.T, h, alpha=scale)  # (V, H)
             total, ce_sum, kd_sum = total + loss, ce_sum + ce, kd_sum + kd
         ctx.save_for_backward(grad_h.div_(n), grad_w.div_(n))
         out = torch.tensor([total / n, ce_sum / n, kd_sum / n])
@@ -133,57 +143,63 @@ class _FusedHeadKD(torch.autograd.Function):
         if float(g_loss) != 1.0:  # in place: no second (V, H) buffer beside the one autograd takes
             grad_h.mul_(g_loss)
             grad_w.mul_(g_loss)
-        return grad_h, grad_w, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
 
 
-def _forward_kl_grad(s, t, lab, st: KDSettings, scratch):
+def _forward_kl_grad(u, t, lab, st: KDSettings, scratch):
     """Loss and d loss / d logits of one chunk for alpha_ce * CE + (1 - alpha_ce) * T^2 KL(p_t^T || p_s^T),
-    in closed form: d CE = softmax(s) - onehot, d T^2 KL = T (softmax(s / T) - p_t^T). `s` (C, V)
-    becomes the gradient in place; the teacher's `t` (or None: CE alone) and `scratch` (C, V) are
-    overwritten. Written for few passes over the (C, V) buffers and no new ones, exp above all:
-    at Gemma 3's 262k vocabulary one pass over a 1024-position batch takes ~0.1 s on 2 cores,
-    one exp ~0.6 s. Two exps at T = 1 (one softmax each), one more for the CE's log-sum-exp
-    at other temperatures."""
+    in closed form: d CE = softmax(s) - onehot, d T^2 KL = T (softmax(s / T) - p_t^T). `u` (C, V)
+    holds the student's logits already divided by T (the matmul scaled them), `t` the teacher's
+    divided by T (or None: CE alone). Both are overwritten, as is `scratch` (C, V). Returns
+    (g, scale, loss, ce, kd): the gradient is scale * g, and g is one of the three buffers (the
+    caller folds `scale` into its matmuls). Written for few passes over the (C, V) buffers and no
+    new ones, exp above all: at Gemma 3's 262k vocabulary one pass over a 1024-position batch
+    takes ~0.1 s on 2 cores, one exp ~0.6 s. Two exps (one per softmax) at T = 1 and T = 2 (the
+    CE's log-sum-exp at T = 1 is sum(exp(s/T - max)^T): a square at T = 2), three at other T."""
     T, a = (st.temperature, st.alpha_ce) if t is not None else (1.0, 1.0)  # no teacher: CE alone
     valid = lab != -100
     rows = valid.nonzero().squeeze(1)
-    picked = s[rows, lab[rows]]
-    lse1, p1 = None, None
-    if T != 1.0:  # the CE (a metric when alpha_ce is 0) needs the log-sum-exp at T = 1
-        m1 = s.amax(-1, keepdim=True)
-        e1 = torch.sub(s, m1, out=scratch).exp_()
+    u.sub_(u.amax(-1, keepdim=True))  # u = s/T - max(s)/T
+    picked = u[rows, lab[rows]]
+    z1 = p1 = None
+    if T not in (1.0, 2.0):  # the CE (a metric when alpha_ce is 0) needs its own exp at T = 1
+        e1 = torch.mul(u, T, out=scratch).exp_()
         z1 = e1.sum(-1, keepdim=True)
-        lse1 = (m1 + z1.log()).view(-1)
         if a > 0:
             p1 = e1 / z1  # CE's gradient term (softmax at T = 1)
-        s.div_(T)
-    ms = s.amax(-1, keepdim=True)
-    s.sub_(ms)  # u = s/T - max
-    kd, pt = 0.0, None
+    kd, et = 0.0, None
     if t is not None:
-        if T != 1.0:
-            t.div_(T)
         t.sub_(t.amax(-1, keepdim=True))  # v = t/T - max
-        pt = torch.exp(t, out=scratch)
-        zt = pt.sum(-1, keepdim=True)
-        pt.div_(zt)  # p_t
-        dot = t.sub_(s).mul_(pt).sum(-1)  # sum p_t (v - u): KL = that - log z_t + log z_s
-    s.exp_()
-    zs = s.sum(-1, keepdim=True)
-    s.div_(zs)  # p_s at T
-    log_zs = zs.log().view(-1)
-    ce = float(((lse1 if lse1 is not None else ms.view(-1) + log_zs)[rows] - picked).sum())
-    if pt is not None:
-        kd = float(((dot - zt.log().view(-1) + log_zs) * valid).sum()) * T * T
+        et = torch.exp(t, out=scratch)
+        zt = et.sum(-1, keepdim=True)
+        # sum p_t (v - u): KL = that - log z_t + log z_s (torch.sum's blocked sum: a batched dot
+        # would save a pass but summed Gemma 3's 262k terms with 7e-5 relative error)
+        dot = t.sub_(u).mul_(et).sum(-1, keepdim=True) / zt
+    u.exp_()
+    zs = u.sum(-1, keepdim=True)
+    if T == 1.0:
+        z1 = zs
+    elif T == 2.0:
+        z1 = torch.linalg.vector_norm(u, dim=-1, keepdim=True).square()
+        if a > 0 and et is not None:
+            p1 = u.square().div_(z1)
+    ce = float((z1.log().view(-1)[rows] - T * picked).sum())
+    u.div_(zs)  # p_s at T
+    scale = 1.0
+    if et is not None:
+        kd = float(((dot - zt.log() + zs.log()).view(-1) * valid).sum()) * T * T
         if T == 1.0:  # one softmax serves both terms: p_s - (1 - a) p_t
-            s.sub_(pt, alpha=1 - a)
+            u.addcmul_(et, (a - 1) / zt)
+        elif a == 0:  # T (p_s^T - p_t), T folded into the caller's matmuls
+            u.addcmul_(et, -1 / zt)
+            scale = T
         else:  # (1 - a) T (p_s^T - p_t) + a softmax(s)
-            s.sub_(pt).mul_((1 - a) * T)
-            if a > 0:
-                s.add_(p1, alpha=a)
-    s[rows, lab[rows]] -= a
-    s.mul_(valid.unsqueeze(1))
-    return s, a * ce + (1 - a) * kd, ce, kd
+            u.addcmul_(et, -1 / zt).mul_((1 - a) * T).add_(p1, alpha=a)
+    if a > 0:
+        u[rows, lab[rows]] -= a
+    if len(rows) < u.shape[0]:
+        u[~valid] = 0
+    return u, scale, a * ce + (1 - a) * kd, ce, kd
 
 
 def _autograd_grad(s, t, t_lp, t_ix, sl, lab, st: KDSettings, s_cap):
@@ -234,7 +250,8 @@ def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings, t_sparse=No
                            "use a model whose lm_head has no bias")
     t_lp, t_ix = t_sparse if t_sparse is not None else (None, None)
     t_logits = teacher_logits_fn(t_head) if t_head is not None else None
-    loss, parts = _FusedHeadKD.apply(s_h, s_head.weight, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap)
+    t_bias = getattr(t_head, "bias", None) is not None
+    loss, parts = _FusedHeadKD.apply(s_h, s_head.weight, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap, t_bias)
     return loss, {"ce": float(parts[1]), "kd": float(parts[2])}
 
 
@@ -374,6 +391,10 @@ class StepFn:
         self.rows, self.mask, self.st, self.device, self.rank, self.size = rows, mask, st, device, rank, size
         self.trunk_s = hidden_and_head(student)[0]
         self.trunk_t = hidden_and_head(teacher)[0] if teacher is not None else None
+        # the student's gated MLPs and RMSNorms save fewer activations (activations.py);
+        # not under FSDP (its hooks gather the weights) nor bf16 autocast (the Function runs its own matmuls)
+        plain = not is_sharded(root) and resolved_precision(device, st.precision) != "bf16"
+        self.compact = compact_forwards(student) if plain else []
         self.tokens_per_step = st.batch_size * st.grad_accum * (rows.shape[1] - 1)
 
     def optimizer_step(self, opt, params: list, step: int, desc: str, ckpt: Path) -> tuple[dict, float]:
@@ -419,7 +440,8 @@ class StepFn:
 
     def loss(self, inputs: torch.Tensor, labels: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, dict]:
         st, hidden, device = self.st, self.hidden, self.device
-        with layer_outputs(self.student, hidden, "student") as s_states, autocast(device, st.precision):
+        with layer_outputs(self.student, hidden, "student") as s_states, autocast(device, st.precision), \
+                compact(self.compact):
             s_h = self.trunk_s(input_ids=inputs).last_hidden_state.reshape(labels.numel(), -1)  # (B*(T-1), H)
         t_h = None
         if self.trunk_t is not None:

@@ -108,8 +108,8 @@ def test_estimate_grows_and_shrinks_as_it_should(tiny_teacher_dir):
 
 def test_real_size_recipe_prints_its_estimate_from_cached_configs(tmp_path):
     """The shipped 1.7B -> 360M recipe: with the two configs in the hub cache (as after a
-    first download), validate prints the distill stage's expected peak (~15.6 GB: an NF4
-    teacher with int8 embeddings holds only its quantized weights, on a CPU as on a GPU)."""
+    first download), validate prints the distill stage's expected peak (~12.2 GB on a CPU: an NF4
+    teacher with int8 embeddings holds only its quantized weights; the student's MLPs and norms compact)."""
     import os
     import subprocess
     import sys
@@ -139,4 +139,4 @@ def test_real_size_recipe_prints_its_estimate_from_cached_configs(tmp_path):
     assert out.returncode == 0, out.stderr
     line = next(x for x in out.stdout.splitlines() if x.startswith("distill: expected peak memory"))
     total = float(line.split("memory ")[1].split(" MB")[0].replace(",", ""))
-    assert 15_000 < total < 16_500, line
+    assert 11_500 < total < 13_000, line

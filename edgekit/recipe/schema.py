@@ -138,9 +138,9 @@ class TrainSettings(Closed):
     eval_rows: int = Field(8, ge=1)  # holdout rows that evaluation scores
     seed: int = 0
     # auto = bf16 autocast of the trunks' forward on a GPU (fp32 weights, optimizer state, logits and
-    # loss); on a CPU with AMX bf16_matmul: fp32 tensors everywhere, every matmul (trunks, heads, their
-    # gradients) multiplying bf16-rounded inputs with fp32 accumulation (oneDNN; ~2x fp32's speed there);
-    # fp32 on other CPUs, whose bf16 is ~25x slower. Training runs on the GPU when there is one
+    # loss); on a CPU with native bf16 (AMX, AVX-512 BF16) bf16_matmul: fp32 tensors everywhere, every
+    # matmul (trunks, heads, their gradients) multiplying bf16-rounded inputs with fp32 accumulation
+    # (oneDNN; ~2x fp32's speed with AMX, 1.3x on a Zen 4 KD step); fp32 on other CPUs, whose bf16 is ~25x slower. Training runs on the GPU when there is one
     # (torchrun: LOCAL_RANK's GPU), the CPU otherwise.
     precision: Literal["auto", "fp32", "bf16", "bf16_matmul"] = "auto"
     on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0)  # GKD lambda: share of steps on student samples

@@ -1,4 +1,4 @@
-"""Fewer saved activations in the student's gated MLPs, no recomputed matmuls.
+"""Fewer saved activations in the student's gated MLPs and RMSNorms, no recomputed matmuls.
 
 A gated MLP, down(act(gate(x)) * up(x)) (Llama, Mistral, Qwen, SmolLM, Gemma...), keeps five
 tensors for its backward under plain autograd: x, gate(x), act(gate(x)), up(x) and their
@@ -75,8 +75,8 @@ class _RMSNorm(torch.autograd.Function):
 
 def _norm_offset(m: nn.Module) -> float | None:
     """0 for a norm computing x / rms(x) * weight, 1 for x / rms(x) * (1 + weight) (Gemma), None
-    for anything else (checked against the module's own forward on a random input)."""
-    w, eps = getattr(m, "weight", None), getattr(m, "variance_epsilon", getattr(m, "eps", None))
+    for anything else (checked against the module's own forward on random input and weights)."""
+    w, eps = getattr(m, "weight", None), _eps(m)
     if ("RMSNorm" not in type(m).__name__ or not isinstance(w, nn.Parameter) or w.dim() != 1 or w.dtype != torch.float32
             or not isinstance(eps, float) or m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__):
         return None
@@ -110,8 +110,12 @@ def _mlp_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _GatedMLP.apply(x, m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight, m.act_fn)
 
 
+def _eps(m: nn.Module):
+    return getattr(m, "variance_epsilon", getattr(m, "eps", None))  # Llama/Qwen name it one way, Gemma the other
+
+
 def _norm_forward(m: nn.Module, offset: float, x: torch.Tensor) -> torch.Tensor:
-    return _RMSNorm.apply(x, m.weight, getattr(m, "variance_epsilon", getattr(m, "eps", None)), offset)
+    return _RMSNorm.apply(x, m.weight, _eps(m), offset)
 
 
 def compact_forwards(model: nn.Module) -> list[tuple[nn.Module, Callable]]:

@@ -7,8 +7,9 @@ N client threads (the real `openai` client, and httpx for what the client cannot
 server for a fixed time with a seeded mix of requests: normal chat and completions (whole and
 streamed), max_tokens of 100 million (capped by the context), prompts longer than the context
 (400), malformed bodies (400), and clients that hang up mid-stream or give up waiting. It records
-every outcome by kind, latency and time to first token of the normal requests, and the server's
-RSS before and after. The queue holds twice as many requests as there are clients (a client that
+every outcome by kind, latency and time to first token of the normal requests, how long /health
+takes to answer while the clients run (probed every 0.25 s), and the RSS of the server and its
+model process before and after. The queue holds twice as many requests as there are clients (a client that
 gave up may retry before its abandoned request is noticed, within ~0.2 s), so a 503 here would be a
 failure too: the run passes with zero 5xx. Writes benchmarks/results/serve_load.json.
 """
@@ -34,10 +35,28 @@ KINDS = [("chat", 4), ("chat_stream", 4), ("completion", 2), ("huge_max_tokens",
 
 
 def rss_mb(pid: int) -> float:
+    """Resident memory of the server and its children (the model runs in a child process)."""
+    total = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+            total += int(line.split()[1]) / 1024
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            total += rss_mb(int(child))
+    return total
+
+
+def probe_health(base: str, stop_at: float, latencies: list[float]) -> None:
+    """GET /health every 0.25 s while the clients run: how long the server takes to answer
+    anything while it generates (a starved event loop shows here first)."""
+    while time.monotonic() < stop_at:
+        t0 = time.monotonic()
+        try:
+            httpx.get(f"{base}/health", timeout=30)
+            latencies.append(time.monotonic() - t0)
+        except httpx.TransportError:
+            latencies.append(30.0)
+        time.sleep(0.25)
 
 
 def start_server(model: str, clients: int, ctx: int, max_tokens: int):
@@ -134,7 +153,9 @@ def run(model: str, clients: int, seconds: float, ctx: int, seed: int) -> dict:
                 with lock:
                     results.append(r)
 
+        health_s: list[float] = []
         threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+        threads.append(threading.Thread(target=probe_health, args=(base, stop_at, health_s)))
         for t in threads:
             t.start()
         for t in threads:
@@ -155,6 +176,8 @@ def run(model: str, clients: int, seconds: float, ctx: int, seed: int) -> dict:
             "p50_ms": pct([r["latency_s"] for r in normal], 0.5), "p99_ms": pct([r["latency_s"] for r in normal], 0.99),
             "ttft_p50_ms": pct([r["ttft_s"] for r in normal if r.get("ttft_s")], 0.5),
             "ttft_p99_ms": pct([r["ttft_s"] for r in normal if r.get("ttft_s")], 0.99),
+            "health_p50_ms": pct(health_s, 0.5), "health_p99_ms": pct(health_s, 0.99),
+            "health_max_ms": pct(health_s, 1.0),
             "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
             "server_stats": {k: v for k, v in health.items() if k not in ("status", "model", "backend")},
             "machine": machine_description()}

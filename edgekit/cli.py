@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     sv.add_argument("--port", type=int, default=8080)
     sv.add_argument("--threads", type=int, default=None)
-    sv.add_argument("--ctx", type=int, default=2048, help="context window (llama.cpp)")
+    sv.add_argument("--ctx", type=int, default=2048, help="context window (an ONNX folder's own limit caps it)")
     sv.add_argument("--max-tokens", type=int, default=256, help="reply length when a request gives none")
     sv.add_argument("--api-key", default=os.environ.get("EDGEKIT_API_KEY"),
                     help="require Authorization: Bearer KEY (default $EDGEKIT_API_KEY); needed to bind beyond 127.0.0.1")

@@ -45,7 +45,7 @@ def load(path: str | Path, threads: int | None = None, n_ctx: int = 2048, draft:
         if draft is not None:
             raise EdgekitError("a draft model speeds up GGUF files (llama.cpp); this is an ONNX folder",
                                "pass the bundle's .gguf file, or drop the draft")
-        return OrtModel(path)
+        return OrtModel(path, n_ctx)
     if path.suffix == ".gguf":
         return LlamaModel(path, threads, n_ctx, Path(draft) if draft else None, draft_tokens)
     raise EdgekitError(f"{path} is neither a .gguf file nor an ONNX model folder", "pass runs/<name>/export or a model file")
@@ -157,7 +157,9 @@ def _context_checked(chunks):
 class OrtModel:
     backend = "onnxruntime"
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, n_ctx: int | None = None):
+        """`n_ctx` caps the context below the folder's own (its genai_config's context_length),
+        as it sizes llama.cpp's: a request for 100 million tokens stops there."""
         import onnxruntime_genai as og
 
         from edgekit.bench.ort_runner import load_og, sliding_window
@@ -173,7 +175,8 @@ class OrtModel:
         from edgekit.bounded import read_json
 
         config = read_json(folder / "genai_config.json", "genai_config")
-        self.n_ctx = int(config["model"].get("context_length") or config["search"]["max_length"])
+        own = int(config["model"].get("context_length") or config["search"]["max_length"])
+        self.n_ctx = min(own, n_ctx) if n_ctx else own
 
     def _stream(self, prompt: str, max_tokens: int, temperature: float, stop_when=None) -> Iterator[str]:
         og = self._og

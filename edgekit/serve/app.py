@@ -6,7 +6,9 @@
 Routes: GET /v1/models, POST /v1/chat/completions and POST /v1/completions (both with
 `stream: true` as server-sent events, ending with `data: [DONE]`), GET /health. Built on
 FastAPI + uvicorn. One model generates one request at a time; the others wait in a bounded
-first-come-first-served queue (worker.py): a full queue is a 503 with Retry-After. A client
+first-come-first-served queue (worker.py): a full queue is a 503 with Retry-After. The model
+runs in a child process (process.py), so a backend that holds the GIL while it decodes cannot
+starve the event loop. A client
 that disconnects stops its generation within a token; every request has a time limit; the
 body is size-limited; SIGTERM/SIGINT stop the server within about a second, failing what is
 in flight with 503. It binds 127.0.0.1; any other address needs --api-key (Bearer).
@@ -273,12 +275,12 @@ def serve(path: str, host: str, port: int, threads: int | None, n_ctx: int, max_
     require_server_libs()
     import uvicorn
 
-    from edgekit import runtime
+    from edgekit.serve.process import ModelProcess
 
     if host not in LOOPBACK and not api_key:
         raise EdgekitError(f"serving on {host} would let anyone who can reach this machine use the model",
                            "pass --api-key KEY (clients send Authorization: Bearer KEY), or keep the default 127.0.0.1")
-    model = runtime.load(path, threads=threads, n_ctx=n_ctx, draft=draft, draft_tokens=draft_tokens)
+    model = ModelProcess(path, threads=threads, n_ctx=n_ctx, draft=draft, draft_tokens=draft_tokens)
     model_id = Path(model.path).name
     worker = Worker(model, queue_size)
     app = create_app(model, model_id, max_tokens, queue_size, request_timeout, api_key, worker)
@@ -294,4 +296,7 @@ def serve(path: str, host: str, port: int, threads: int | None, n_ctx: int, max_
           f"time limit {request_timeout:.0f} s per request); Ctrl-C stops", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=1,
                             limit_concurrency=4 * queue_size + 16, timeout_keep_alive=5)
-    Server(config).run()
+    try:
+        Server(config).run()
+    finally:
+        model.close()

@@ -26,7 +26,11 @@ def test_onnx_generate_and_stream(bundle):
     m = runtime.load(bundle / "tiny-int4-onnx")
     text = m.generate("The module", max_tokens=5)
     assert "".join(m.generate("The module", max_tokens=5, stream=True)) == text
-    assert m.backend == "onnxruntime"
+    assert m.backend == "onnxruntime" and m.n_ctx > 64
+    short = runtime.load(bundle / "tiny-int4-onnx", n_ctx=64)  # n_ctx caps the folder's own context
+    assert short.n_ctx == 64
+    with pytest.raises(EdgekitError, match="context holds 64"):
+        short.generate("word " * 80, max_tokens=4)
 
 
 def test_bundle_directory_prefers_gguf(bundle):

@@ -103,6 +103,13 @@ def health(base: str) -> dict:
     return httpx.get(f"{base}/health", timeout=5).json()
 
 
+def wait_until(condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s"
+        time.sleep(0.05)
+
+
 def wait_idle(base: str, seconds: float) -> float:
     """Seconds until the worker has no running or queued job (fails after `seconds`)."""
     t0 = time.monotonic()
@@ -176,6 +183,46 @@ def test_a_client_that_disconnects_stops_its_generation(long_gguf, long_onnx, ho
         assert h["cancelled"] == 1 and h["done"] == 0, h  # stopped, not run to the context's end
         small = httpx.post(f"{base}/v1/completions", json={"prompt": "The", "max_tokens": 4}, timeout=10)
         assert small.status_code == 200 and stopped < 3.0
+
+
+def test_the_server_answers_while_an_onnx_model_generates(long_onnx):
+    """onnxruntime-genai holds the GIL for a whole decoding step: in the server's own process
+    the event loop got it about once per token, a streamed answer stalled (each of the event
+    loop's I/O calls cost a token's time) and the server neither answered nor saw a hang-up until
+    the generation reached the end of its context. The model runs in a child process instead."""
+    with server(long_onnx, "--ctx", "4096") as (base, _client):
+        with httpx.stream("POST", f"{base}/v1/completions", json={**LONG, "stream": True}, timeout=10) as r:
+            lines = r.iter_lines()
+            next(lines)
+            for _ in range(5):
+                t0 = time.monotonic()
+                assert health(base)["generating"] and time.monotonic() - t0 < 1.0
+                next(lines)
+        wait_idle(base, 3.0)
+        assert health(base)["cancelled"] == 1
+
+
+def test_a_model_process_that_dies_fails_its_request_and_is_started_again(long_gguf):
+    import os
+    import signal
+    import threading
+
+    procs = []
+    with server(long_gguf, "--ctx", "4096", procs=procs) as (base, _client):
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(httpx.post(f"{base}/v1/completions", json=LONG,
+                                                                            timeout=30)))
+        thread.start()
+        wait_until(lambda: health(base)["generating"], 10.0)
+        pid = procs[0].pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        child = next(int(c) for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes())
+        os.kill(child, signal.SIGKILL)
+        thread.join()
+        assert answers[0].status_code == 500 and "model process died" in answers[0].json()["error"]["message"]
+        again = httpx.post(f"{base}/v1/completions", json={"prompt": "The", "max_tokens": 4}, timeout=60)
+        assert again.status_code == 200 and again.json()["usage"]["completion_tokens"] == 4
+        assert health(base)["failed"] == 1
 
 
 def test_a_full_queue_is_a_503_with_retry_after_and_requests_are_served_in_order(long_gguf):

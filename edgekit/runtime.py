@@ -11,6 +11,9 @@ Chat applies the model's own chat template (stored in the GGUF / the folder's to
 `max_tokens` is capped by what the context leaves after the prompt; a prompt longer than the
 context is an EdgekitError with both numbers. `stop_when` (a callable, checked before every
 token) ends a generation early: a server stops the work of a client that went away.
+onnxruntime-genai holds the GIL for each whole decoding step (llama.cpp's ctypes calls release
+it): beside an event loop or a UI thread, run an ONNX model in its own process, as `edgekit
+serve` does (edgekit/serve/process.py).
 """
 
 from __future__ import annotations

@@ -69,16 +69,21 @@ class ModelProcess:
         return self._call("chat", stream, stop_when, messages=messages, max_tokens=max_tokens, temperature=temperature)
 
     def _call(self, method: str, stream: bool, stop_when, **kw):
+        pieces = self._pieces((method, stream, kw), stop_when)
+        return pieces if stream else "".join(pieces)
+
+    def _pieces(self, call: tuple, stop_when) -> Iterator[str]:
+        """Sends the call when the first piece is asked for (a generator never started asks the
+        child for nothing), then yields the child's pieces."""
         if not self._proc.is_alive():
-            self._start()
+            try:
+                self._start()
+            except EdgekitError as e:  # the model loaded at startup: a failure now is the server's
+                raise RuntimeError(f"the model process could not be started again: {e}") from None
         self.last_finish_reason = self.last_usage = None
         rid = next(self._ids)
         self._stop.clear()
-        self._conn.send((rid, method, stream, kw))
-        pieces = self._pieces(rid, stop_when)
-        return pieces if stream else "".join(pieces)
-
-    def _pieces(self, rid: int, stop_when) -> Iterator[str]:
+        self._conn.send((rid, *call))
         ended = False
         try:
             while True:

@@ -88,7 +88,7 @@ def step_fn(variant: str, profile: dict):
                             .last_hidden_state.reshape(labels.numel(), -1))
         sparse = cache.batch(torch.arange(x.shape[0])) if cache is not None else None
         loss, _ = timed("heads_and_loss", lambda: chunked_loss(s_h, t_h, labels, student, None if cache else teacher,
-                                                               st, sparse))
+                                                               st, sparse, head_grad_into_weight=True))
         timed("trunk_backward", loss.backward)
         return loss
 
@@ -126,7 +126,7 @@ def loss_only(variant: str, student, teacher, x, repeats: int = 3) -> dict:
         t0 = time.perf_counter()
         if variant == "edgekit":
             with matmul_precision(torch.device("cpu"), st.precision):
-                loss, _ = chunked_loss(s_h, t_h, labels, student, teacher, st)
+                loss, _ = chunked_loss(s_h, t_h, labels, student, teacher, st, head_grad_into_weight=True)
                 loss.backward()
         else:
             with torch.no_grad():

@@ -196,6 +196,12 @@ def run_model(model: str, ptq_only: bool, overrides: list[str], qat_only: bool =
 
 
 if __name__ == "__main__":
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        sys.exit(__doc__)
+    flags = [a for a in sys.argv[1:] if a.startswith("-") and a.split("=")[0] not in ("--as", "--ptq-only", "--qat-only")]
+    unknown = flags + [a for a in sys.argv[1:] if not a.startswith("-") and "=" not in a and a not in MODELS]
+    if unknown:  # before anything runs: a mistyped flag must not start an hour of training
+        sys.exit(f"unknown argument(s) {' '.join(unknown)}: models are {', '.join(MODELS)}; see --help")
     args = [a for a in sys.argv[1:] if not a.startswith("--") and "=" not in a] or list(MODELS)
     overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("--as=")]
     # --as=KEY: a variant of the recipe (its overrides) kept beside the shipped one, as results key

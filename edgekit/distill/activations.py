@@ -1,4 +1,5 @@
-"""Fewer saved activations in the student's gated MLPs and RMSNorms, no recomputed matmuls.
+"""Fewer saved activations in the student's gated MLPs and RMSNorms, no recomputed matmuls;
+no dense gradient for a tied embedding.
 
 A gated MLP, down(act(gate(x)) * up(x)) (Llama, Mistral, Qwen, SmolLM, Gemma...), keeps five
 tensors for its backward under plain autograd: x, gate(x), act(gate(x)), up(x) and their
@@ -12,6 +13,12 @@ RMSNorm likewise (`_RMSNorm`): plain autograd keeps the input and the normalised
 (tokens, hidden); the compact one keeps the input and one reciprocal RMS per token. Which
 variant a norm module is (weight or 1 + weight, as Gemma's) is checked on a random input and
 random weights against its own forward before it is replaced; a module that matches neither is left alone.
+
+A tied input embedding (its weight is the output head's: SmolLM2, Gemma, Qwen3's small models)
+runs with a sparse gradient, the batch's rows only: the fused loss has written the head's dense
+gradient into .grad (trainer._owns_grad), and the rows add into it in place. Plain autograd
+instead makes a dense (vocab, hidden) embedding gradient and sums the two into another one:
+two (V, H) tensors at the end of backward (Gemma 3: 671 MB each).
 """
 
 from __future__ import annotations
@@ -119,14 +126,39 @@ def _norm_forward(m: nn.Module, offset: float, x: torch.Tensor) -> torch.Tensor:
 
 
 def compact_forwards(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
-    """(module, its compact forward) for each gated MLP and RMSNorm of `model` that has one."""
+    """(module, its compact forward) for each gated MLP and RMSNorm of `model` that has one, and
+    for its input embedding when the output head shares its weight (`_is_tied_embedding`)."""
     out = []
     for m in model.modules():
         if _is_gated_mlp(m):
             out.append((m, partial(_mlp_forward, m)))
         elif (offset := _norm_offset(m)) is not None:
             out.append((m, partial(_norm_forward, m, offset)))
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if _is_tied_embedding(model, emb):
+        out.append((emb, partial(_sparse_embedding_forward, emb)))
     return out
+
+
+def _is_tied_embedding(model: nn.Module, emb) -> bool:
+    """A plain nn.Embedding (or subclass, as Gemma's scaled one) whose weight is the output
+    head's, not parametrized, hook-free, not sparse already."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return (isinstance(emb, nn.Embedding) and head is not None and type(emb.weight) is nn.Parameter
+            and emb.weight is getattr(head, "weight", None) and not emb.sparse
+            and not (emb._forward_hooks or emb._forward_pre_hooks or "forward" in emb.__dict__))
+
+
+def _sparse_embedding_forward(m: nn.Embedding, *args, **kwargs) -> torch.Tensor:
+    """The module's own forward with a sparse gradient: the batch's rows only, not a dense
+    (vocab, hidden) tensor (Gemma 3: 671 MB). The fused loss has written the head's dense
+    gradient into .grad by then (trainer._owns_grad), and sparse rows add into it in place;
+    without that, autograd sums both into a new dense tensor, as it does for dense ones."""
+    m.sparse = True
+    try:
+        return type(m).forward(m, *args, **kwargs)
+    finally:
+        m.sparse = False
 
 
 @contextlib.contextmanager

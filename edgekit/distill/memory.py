@@ -15,8 +15,8 @@ compact gated MLP and RMSNorm recompute the activation, the product and the norm
 (distill.activations); ~10 H + 4 I under FSDP or bf16 autocast, where plain autograd keeps
 those too. Measured on the quickstart pair and checked by a test. The fused loss adds ~4 chunk x V logits-sized
 buffers (student and teacher logits, a softmax or log-sum-exp temporary, its gradient;
-the chunk is lowered at large vocabularies to keep them within 512 MB) and a (V, H) head-gradient
-buffer; the optimizer step adds temporaries (see `estimate`). The Python + torch +
+the chunk is lowered at large vocabularies to keep them within 512 MB), its (V, H) head gradient
+being the weight's .grad in one process (a buffer more under torchrun); the optimizer step adds temporaries (see `estimate`). The Python + torch +
 transformers runtime itself is ~350 MB on Linux. Measured peaks are process RSS: a
 teacher memory-mapped from safetensors counts once its pages are touched (every step).
 
@@ -128,8 +128,10 @@ def estimate(teacher: ModelCounts | None, student: ModelCounts, *, teacher_load:
         "activations": 4.0 * tokens * student.layers * (ACT_FLOATS_H[not sharded and not on_gpu] * student.hidden
                                                         + ACT_FLOATS_I[not sharded and not on_gpu] * student.intermediate),
         "logits_chunk": 4.0 * LOGIT_BUFFERS * min(loss_chunk_rows(loss_chunk, student.vocab), tokens) * student.vocab,
-        # the fused loss accumulates the output head's gradient in its own (V, H) buffer
-        "head_grad_buffer": 4.0 * student.vocab * student.hidden if trainable == student.params else 0.0,
+        # the fused loss accumulates the output head's gradient in its own (V, H) buffer; in one
+        # process that buffer becomes the head's .grad (counted above, trainer._owns_grad), under
+        # torchrun autograd adds it to the tied embedding's into another
+        "head_grad_buffer": 4.0 * student.vocab * student.hidden if trainable == student.params and n > 1 else 0.0,
         # the step's temporaries: the fused AdamW (distill.lean) none to speak of, PyTorch's default
         # one that sharded students keep ~one parameter-sized list; bitsandbytes' CPU path dequantizes each
         # tensor's states to fp32 (~4 copies of the largest tensor)

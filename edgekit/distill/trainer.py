@@ -97,7 +97,7 @@ class _FusedHeadKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_h, w, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap, t_bias):
+    def forward(ctx, s_h, w, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap, t_bias, into_grad):
         n = max(1, int((labels != -100).sum()))
         grad_h = torch.empty_like(s_h)
         grad_w = torch.zeros_like(w)
@@ -133,6 +133,7 @@ class _FusedHeadKD(torch.autograd.Function):
             grad_w.addmm_(g.T, h, alpha=scale)  # (V, H)
             total, ce_sum, kd_sum = total + loss, ce_sum + ce, kd_sum + kd
         ctx.save_for_backward(grad_h.div_(n), grad_w.div_(n))
+        ctx.head = w if into_grad and _owns_grad(w) else None
         out = torch.tensor([total / n, ce_sum / n, kd_sum / n])
         ctx.mark_non_differentiable(out)
         return torch.tensor(total / n, device=s_h.device), out
@@ -143,7 +144,25 @@ class _FusedHeadKD(torch.autograd.Function):
         if float(g_loss) != 1.0:  # in place: no second (V, H) buffer beside the one autograd takes
             grad_h.mul_(g_loss)
             grad_w.mul_(g_loss)
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None
+        if ctx.head is not None:  # straight into .grad (see _owns_grad); autograd gets nothing to add
+            w, ctx.head = ctx.head, None
+            if w.grad is None:
+                w.grad = grad_w
+            else:
+                w.grad.add_(grad_w)
+            grad_w = None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
+
+
+def _owns_grad(w: torch.Tensor) -> bool:
+    """Whether the fused loss may write the head's gradient into w.grad itself instead of
+    handing it to autograd (when its caller asks: a caller of .backward(), not of
+    torch.autograd.grad): for a plain leaf weight outside torch.distributed (whose FSDP/DDP
+    hooks expect autograd to deliver it). With a tied embedding that saves a (V, H) buffer at the end
+    of backward: autograd sums the head's and the embedding's gradients out of place, while the
+    embedding's sparse rows (activations.compact_forwards) add into .grad in place."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return w.is_leaf and w.requires_grad and not distributed
 
 
 def _forward_kl_grad(u, t, lab, st: KDSettings, scratch):
@@ -239,10 +258,13 @@ def _into(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return out.copy_(x) if out is not None else x.float()
 
 
-def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings, t_sparse=None) -> tuple[torch.Tensor, dict]:
+def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings, t_sparse=None,
+                 head_grad_into_weight: bool = False) -> tuple[torch.Tensor, dict]:
     """Mean loss over trained positions. s_h, t_h: (N, H) hidden states; labels: (N,) next
     tokens, -100 where nothing is trained (chat context, padding): both CE and KD skip those.
-    `t_sparse`: the teacher's cached top-k (log-probs (N, k), ids (N, k)) instead of t_h."""
+    `t_sparse`: the teacher's cached top-k (log-probs (N, k), ids (N, k)) instead of t_h.
+    `head_grad_into_weight`: the caller runs .backward() (not torch.autograd.grad), and the
+    output head's gradient may go into its weight's .grad directly (see _owns_grad)."""
     _, s_head, s_cap = hidden_and_head(student)
     t_head, t_cap = (hidden_and_head(teacher)[1:] if teacher is not None else (None, None))
     if getattr(s_head, "bias", None) is not None:
@@ -251,7 +273,8 @@ def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings, t_sparse=No
     t_lp, t_ix = t_sparse if t_sparse is not None else (None, None)
     t_logits = teacher_logits_fn(t_head) if t_head is not None else None
     t_bias = getattr(t_head, "bias", None) is not None
-    loss, parts = _FusedHeadKD.apply(s_h, s_head.weight, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap, t_bias)
+    loss, parts = _FusedHeadKD.apply(s_h, s_head.weight, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap, t_bias,
+                                      head_grad_into_weight)
     return loss, {"ce": float(parts[1]), "kd": float(parts[2])}
 
 
@@ -451,7 +474,7 @@ class StepFn:
         t_sparse = self.cache.batch(idx) if self.cache is not None else None
         if t_sparse is not None:
             t_sparse = tuple(t.to(device) for t in t_sparse)
-        loss, p = chunked_loss(s_h, t_h, labels, self.student, self.teacher, st, t_sparse)
+        loss, p = chunked_loss(s_h, t_h, labels, self.student, self.teacher, st, t_sparse, head_grad_into_weight=True)
         if hidden is not None:
             h_loss = hidden.loss(s_states, t_states, labels != -100)
             loss = loss + h_loss

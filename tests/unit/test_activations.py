@@ -79,3 +79,48 @@ def test_compact_functions_match_autograd_in_double_precision():
     assert gradcheck(lambda x, w: _RMSNorm.apply(x, w, 1e-6, 1.0), (x, w))
     wg, wu, wd = (torch.randn(*shape, dtype=torch.double, generator=g, requires_grad=True) for shape in ((8, 6), (8, 6), (6, 8)))
     assert gradcheck(lambda *a: _GatedMLP.apply(*a, torch.nn.functional.silu), (x, wg, wu, wd))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_tied_embedding_adds_sparse_rows_into_the_head_gradient_the_fused_loss_wrote(tied):
+    """Two micro-batches through the trainer's step (compact forwards, fused loss): the same
+    gradients as plain autograd, .grad dense (the fused AdamW takes no sparse one), and with a
+    tied embedding nothing dense reaches autograd for the shared weight: the head's gradient
+    went into .grad directly and the embedding's rows came sparse, so no second (V, H) tensor."""
+    from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head
+
+    teacher = tiny("gemma3").eval()
+    torch.manual_seed(1)
+    student = tiny("gemma3").train()
+    if not tied:
+        student.lm_head.weight = torch.nn.Parameter(student.lm_head.weight.detach().clone())
+        student.config.tie_word_embeddings = False
+    for p in student.parameters():
+        p.data.add_(torch.randn_like(p) * 0.05)
+    st = KDSettings(loss_chunk=5, alpha_ce=0.5, temperature=2.0)
+    xs = [torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    arriving = []
+    student.get_input_embeddings().weight.register_hook(lambda g: arriving.append(g.layout))
+
+    def grads(compact_: bool):
+        student.zero_grad(set_to_none=True)
+        forwards = compact_forwards(student) if compact_ else []
+        for x in xs:
+            labels = x[:, 1:].reshape(-1)
+            with compact(forwards):
+                s_h = hidden_and_head(student)[0](input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1)
+            with torch.no_grad():
+                t_h = hidden_and_head(teacher)[0](input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1)
+            (chunked_loss(s_h, t_h, labels, student, teacher, st, head_grad_into_weight=True)[0] / 2).backward()
+        return {n: p.grad.clone() for n, p in student.named_parameters()}
+
+    plain = grads(False)
+    arriving.clear()
+    fused = grads(True)
+    emb = student.get_input_embeddings()
+    assert (emb in [m for m, _ in compact_forwards(student)]) == tied
+    assert arriving == ([torch.sparse_coo] * 2 if tied else [torch.strided] * 2)
+    assert not emb.sparse  # restored after each forward
+    for name, g in plain.items():
+        assert fused[name].layout == torch.strided and torch.allclose(fused[name], g, rtol=1e-4, atol=1e-7), name
+    torch.optim.AdamW(student.parameters(), fused=True).step()  # dense gradients: the trainer's optimizer takes them

@@ -2,6 +2,7 @@
 at a 49k and a 262k vocabulary.
 
     .venv/bin/python benchmarks/kd_step.py [--pair smollm2|gemma3] [--steps 3] [--batch 4] [--seq-len 256]
+        [--variants edgekit,loss_edgekit --keep-others]   (re-measure some rows, keep the others)
 
 Pairs: smollm2 = the quickstart's (SmolLM2-135M-Instruct teacher, vocab 49,152, its 11-layer
 student: every 3rd layer) -> kd_step.json; gemma3 = Gemma 3 270M (embedded, vocab 262,144) and
@@ -264,6 +265,8 @@ def main() -> None:
     ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
     ap.add_argument("--variants", default="edgekit,naive,trl_gkd,offline_topk,loss_edgekit,loss_naive"
                     + (",trl_gkd_bf16_matmul,loss_naive_bf16_matmul" if cpu_has_bf16_matmul() else ""))
+    ap.add_argument("--keep-others", action="store_true",
+                    help="re-measure only --variants; keep the results file's other rows (listed in rows_from_the_run_before)")
     ap.add_argument("--worker")
     ap.add_argument("--estimate-only", action="store_true", help="recompute only the results file's estimate_mb")
     a = ap.parse_args()
@@ -281,6 +284,12 @@ def main() -> None:
         (REPO / "benchmarks" / "results" / PAIRS[a.pair][1]).write_text(json.dumps(result, indent=2) + "\n")
         return print(result["estimate_mb"], result["estimate_error"])
     result = {}
+    if a.keep_others:  # re-measure some rows: the others (and their machine) stay from the committed run
+        result = json.loads((REPO / "benchmarks" / "results" / PAIRS[a.pair][1]).read_text())
+        result["edgekit"]["profile"] = result.pop("profile")
+        rows = [k for k in result if isinstance(result[k], dict) and "tokens_per_s" in result[k]]
+        rows += ["loss_" + k for k in result.get("loss_only", {}) if isinstance(result["loss_only"][k], dict)]
+        result["rows_from_the_run_before"] = sorted(set(rows) - set(a.variants.split(",")))
     for variant in a.variants.split(","):
         out = subprocess.run([sys.executable, __file__, "--worker", variant, "--pair", a.pair, "--steps", str(a.steps),
                               "--batch", str(a.batch), "--seq-len", str(a.seq_len)], stdout=subprocess.PIPE, text=True,

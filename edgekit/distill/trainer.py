@@ -89,7 +89,8 @@ class _FusedHeadKD(torch.autograd.Function):
 
     Forward walks the chunks: logits (C, V) = h @ W^T, the loss, and its gradient with
     respect to those logits; then grad_h = g @ W and grad_W += g^T @ h, and the chunk's
-    logits are freed. Backward only scales the stored gradients, in place. Three matmuls per
+    logits are freed. Backward only scales the stored gradients, in place (and, when the
+    caller allows, puts the head's into its weight's .grad itself: _owns_grad). Three matmuls per
     chunk as plain autograd does, no recomputation, and peak logits memory of a few chunks
     (the fused linear + loss idea of Liger-Kernel's FLCE). Forward KL and CE, the default
     losses, take a closed-form gradient computed in place (`_forward_kl_grad`: three (C, V)

@@ -16,8 +16,8 @@ compact gated MLP and RMSNorm recompute the activation, the product and the norm
 those too. Measured on the quickstart pair and checked by a test. The fused loss adds ~4 chunk x V logits-sized
 buffers (student and teacher logits, a softmax or log-sum-exp temporary, its gradient;
 the chunk is lowered at large vocabularies to keep them within 512 MB), its (V, H) head gradient
-being the weight's .grad in one process (a buffer more under torchrun); the optimizer step adds temporaries (see `estimate`). The Python + torch +
-transformers runtime itself is ~350 MB on Linux. Measured peaks are process RSS: a
+being the weight's .grad in one process (a buffer more under torchrun); the optimizer step adds
+temporaries (see `estimate`). The Python + torch + transformers runtime itself is ~350 MB on Linux. Measured peaks are process RSS: a
 teacher memory-mapped from safetensors counts once its pages are touched (every step).
 
 Under torchrun with N processes, each process trains on batch/N rows; a sharded (FSDP2)

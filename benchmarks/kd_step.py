@@ -19,12 +19,17 @@ its 6-layer student (every 3rd of 18) -> kd_step_gemma3.json. Same batch for eve
   (lmbda=0: no student generation, seq_kd off; beta=0: forward KL), same models, rows,
   batch, temperature and AdamW, driven by its own Trainer loop (`pip install -e .[bench]` installs TRL).
   TRL's SFT-family defaults bf16 autocast and gradient checkpointing are turned off (bf16
-  autocast is ~25x slower on AMD CPUs without native bf16), no recomputation anywhere.
-Precision: edgekit runs as the trainer does with `precision: auto`: on a CPU with native bf16
-(AMX or AVX-512 BF16) its matmuls multiply bf16-rounded fp32 inputs and accumulate in fp32
-(torch.set_float32_matmul_precision "medium", oneDNN), elsewhere fp32; naive and trl_gkd run
-PyTorch's defaults (fp32). On such CPUs two more rows give the baselines the same matmuls: trl_gkd_bf16_matmul and loss_only's
-naive_bf16_matmul. Every variant's optimizer is the fused AdamW (TRL's default, and the trainer's).
+  autocast is ~25x slower on AMD CPUs without native bf16; trl_gkd_bf16 turns it on where
+  edgekit's auto is bf16), no recomputation anywhere.
+Precision: edgekit runs as the trainer does with `precision: auto` (trainer.resolved_precision):
+on a CPU whose oneDNN fp32 matmuls really multiply bf16-rounded inputs under
+torch.set_float32_matmul_precision("medium") (AMX), bf16_matmul; on one with AVX-512 BF16 where
+they do not (Zen 4: they stay fp32), bf16 autocast of the trunks with the fp32 heads and loss on
+oneDNN's fp32 kernel; elsewhere fp32. naive and trl_gkd run PyTorch's defaults (fp32). Rows
+giving the baselines edgekit's precision: loss_only's naive_bf16_matmul (the "medium" setting:
+the heads' kernel in both modes) and trl_gkd_bf16_matmul (same matmuls) or trl_gkd_bf16 (TRL's
+own bf16 autocast, as on GPUs), whichever `auto` is here.
+Every variant's optimizer is the fused AdamW (TRL's default, and the trainer's).
 Each variant runs in its own process; the peak RSS is reset after the models load, so
 `peak_mem_mb` is the training steps' peak (weights, optimizer state, activations, logits)
 and `step_peak_over_base_mb` what the step adds to the loaded models. Also:
@@ -49,7 +54,6 @@ from pathlib import Path
 
 from common import rss_mb
 
-from edgekit.machine import cpu_has_bf16_matmul
 
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = {"smollm2": ("embedded:smollm2-135m-instruct", "kd_step.json"),
@@ -61,9 +65,10 @@ SAME_MATMULS = "_bf16_matmul"
 def step_fn(variant: str, profile: dict):
     import torch
 
-    from edgekit.distill.activations import compact, compact_forwards
+    from edgekit.distill.activations import compact
     from edgekit.distill.losses import forward_kl
-    from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head, matmul_precision
+    from edgekit.distill.trainer import (KDSettings, autocast, chunked_loss, compact_modules, hidden_and_head,
+                                         matmul_precision)
 
     st = KDSettings(temperature=2.0, loss_chunk=128)
 
@@ -73,20 +78,24 @@ def step_fn(variant: str, profile: dict):
         profile.setdefault(part, []).append(time.perf_counter() - t0)
         return out
 
+    cpu = torch.device("cpu")
+
     def edgekit_step(student, teacher, x, cache=None):
-        # as the trainer's step runs: its matmul precision, the student's MLPs and norms compact
-        with matmul_precision(torch.device("cpu"), st.precision), compact(compact_forwards(student)):
+        # as the trainer's step runs: its matmul precision, autocast and compact modules
+        with matmul_precision(cpu, st.precision), compact(compact_modules(student, cpu, st.precision, False)):
             return edgekit_step_body(student, teacher, x, cache)
 
     def edgekit_step_body(student, teacher, x, cache=None):
         inputs, labels = x[:, :-1], x[:, 1:].reshape(-1)
-        s_h = timed("student_forward", lambda: hidden_and_head(student)[0](input_ids=inputs)
-                    .last_hidden_state.reshape(labels.numel(), -1))
+        with autocast(cpu, st.precision):
+            s_h = timed("student_forward", lambda: hidden_and_head(student)[0](input_ids=inputs)
+                        .last_hidden_state.reshape(labels.numel(), -1))
         t_h = None
         if cache is None:
-            with torch.no_grad():  # as the trainer does
+            with torch.no_grad(), autocast(cpu, st.precision):  # as the trainer does
                 t_h = timed("teacher_forward", lambda: hidden_and_head(teacher)[0](input_ids=inputs)
                             .last_hidden_state.reshape(labels.numel(), -1))
+        s_h, t_h = s_h.float(), t_h.float() if t_h is not None else None  # the head and loss in fp32
         sparse = cache.batch(torch.arange(x.shape[0])) if cache is not None else None
         loss, _ = timed("heads_and_loss", lambda: chunked_loss(s_h, t_h, labels, student, None if cache else teacher,
                                                                st, sparse, head_grad_into_weight=True))
@@ -140,8 +149,9 @@ def loss_only(variant: str, student, teacher, x, repeats: int = 3) -> dict:
     return {"ms": round(ms, 1), "mem_mb": round(peak_rss_kb() / 1024 - base, 1)}
 
 
-def trl_gkd_times(student, teacher, x, steps: int, model: str) -> list[float]:
-    """Per-step seconds of TRL's GKDTrainer training `student` on the fixed batch `x`."""
+def trl_gkd_times(student, teacher, x, steps: int, model: str, bf16: bool = False) -> list[float]:
+    """Per-step seconds of TRL's GKDTrainer training `student` on the fixed batch `x` (`bf16`: its
+    bf16 autocast, as on GPUs)."""
     import tempfile
 
     import torch
@@ -166,7 +176,7 @@ def trl_gkd_times(student, teacher, x, steps: int, model: str) -> list[float]:
     tok = AutoTokenizer.from_pretrained(resolve_model(model, REPO).path)
     args = GKDConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=x.shape[0], max_steps=steps,
                      learning_rate=1e-4, lr_scheduler_type="constant", lmbda=0.0, beta=0.0, seq_kd=False,
-                     temperature=2.0, use_cpu=True, bf16=False, gradient_checkpointing=False, report_to=[], save_strategy="no", logging_strategy="no",
+                     temperature=2.0, use_cpu=True, bf16=bf16, gradient_checkpointing=False, report_to=[], save_strategy="no", logging_strategy="no",
                      remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True, max_length=x.shape[1])
     trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, processing_class=tok, data_collator=collate,
                          train_dataset=Dataset.from_dict({"i": list(range(x.shape[0] * steps))}), callbacks=[Timer()])
@@ -196,6 +206,7 @@ def worker(pair: str, variant: str, steps: int, batch: int, seq_len: int) -> Non
     x = torch.randint(0, teacher.config.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
     for p in teacher.parameters():  # touch the memory-mapped teacher: its pages count before the steps, as after
         p.data.sum()
+    teacher.eval().requires_grad_(False)  # frozen, as the trainer's (autocast caches casts of grad-requiring weights)
     if variant.startswith("loss_"):
         print(json.dumps(loss_only(variant.removeprefix("loss_"), student, teacher, x)))
         return
@@ -212,8 +223,8 @@ def worker(pair: str, variant: str, steps: int, batch: int, seq_len: int) -> Non
         release_memory()
     base_mb = rss_mb()
     profile = {}
-    if variant == "trl_gkd":
-        times = trl_gkd_times(student, teacher, x, steps + 1, PAIRS[pair][0])
+    if variant.startswith("trl_gkd"):
+        times = trl_gkd_times(student, teacher, x, steps + 1, PAIRS[pair][0], bf16=variant == "trl_gkd_bf16")
     else:
         fn = step_fn(variant, profile)
         reset_peak()  # from here VmHWM is the training steps' own peak
@@ -252,6 +263,18 @@ def validate_estimate(a) -> tuple[float, int]:
                     seq_len=a.seq_len + 1, loss_chunk=128)["total_mb"], cfg.vocab_size
 
 
+def same_precision_rows() -> str:
+    """The baselines given edgekit's `auto` precision on this CPU, beside their fp32 defaults:
+    oneDNN's "medium" fp32 matmuls for the naive loss (the heads' kernel in both modes), and TRL
+    with the same matmuls (bf16_matmul) or its own bf16 autocast (bf16)."""
+    import torch
+
+    from edgekit.distill.trainer import resolved_precision
+
+    mode = resolved_precision(torch.device("cpu"), "auto")
+    return {"bf16_matmul": ",trl_gkd_bf16_matmul,loss_naive_bf16_matmul", "bf16": ",trl_gkd_bf16,loss_naive_bf16_matmul"}.get(mode, "")
+
+
 def reset_peak() -> None:
     """Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
     Path("/proc/self/clear_refs").write_text("5")
@@ -263,8 +286,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
-    ap.add_argument("--variants", default="edgekit,naive,trl_gkd,offline_topk,loss_edgekit,loss_naive"
-                    + (",trl_gkd_bf16_matmul,loss_naive_bf16_matmul" if cpu_has_bf16_matmul() else ""))
+    ap.add_argument("--variants", default="edgekit,naive,trl_gkd,offline_topk,loss_edgekit,loss_naive" + same_precision_rows())
     ap.add_argument("--keep-others", action="store_true",
                     help="re-measure only --variants; keep the results file's other rows (listed in rows_from_the_run_before)")
     ap.add_argument("--worker")
@@ -313,8 +335,10 @@ def main() -> None:
                    "speedup_vs_trl_gkd": e["tokens_per_s"] / result["trl_gkd"]["tokens_per_s"],
                    "memory_ratio_vs_trl_gkd": e["peak_mem_mb"] / result["trl_gkd"]["peak_mem_mb"],
                    "precision": resolved_precision(torch.device("cpu"), "auto")})
-    if "trl_gkd" + SAME_MATMULS in result:
-        result["speedup_vs_trl_gkd" + SAME_MATMULS] = e["tokens_per_s"] / result["trl_gkd" + SAME_MATMULS]["tokens_per_s"]
+    for same in ("trl_gkd" + SAME_MATMULS, "trl_gkd_bf16"):
+        if same in result:
+            result["speedup_vs_" + same] = e["tokens_per_s"] / result[same]["tokens_per_s"]
+            result["memory_ratio_vs_" + same] = e["peak_mem_mb"] / result[same]["peak_mem_mb"]
     if "loss_only" in result:
         lo = result["loss_only"]
         result["loss_only"]["speedup"] = lo["naive"]["ms"] / lo["edgekit"]["ms"]

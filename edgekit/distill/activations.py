@@ -125,11 +125,12 @@ def _norm_forward(m: nn.Module, offset: float, x: torch.Tensor) -> torch.Tensor:
     return _RMSNorm.apply(x, m.weight, _eps(m), offset)
 
 
-def compact_forwards(model: nn.Module) -> list[tuple[nn.Module, Callable]]:
-    """(module, its compact forward) for each gated MLP and RMSNorm of `model` that has one, and
-    for its input embedding when the output head shares its weight (`_is_tied_embedding`)."""
+def compact_forwards(model: nn.Module, modules: bool = True) -> list[tuple[nn.Module, Callable]]:
+    """(module, its compact forward) for each gated MLP and RMSNorm of `model` that has one
+    (unless `modules` is False), and for its input embedding when the output head shares its
+    weight (`_is_tied_embedding`)."""
     out = []
-    for m in model.modules():
+    for m in model.modules() if modules else ():
         if _is_gated_mlp(m):
             out.append((m, partial(_mlp_forward, m)))
         elif (offset := _norm_offset(m)) is not None:

@@ -39,7 +39,7 @@ def prepare_data(ctx: RunContext) -> dict:
     from edgekit.data.documents import load_documents, ngram_overlap, split_documents
 
     d = ctx.recipe.data
-    docs = load_documents(d.train, ctx.base)
+    docs = load_documents(d.train, ctx.base, d.weights)
     if d.max_documents:
         docs = docs[: d.max_documents]
     if d.holdout:
@@ -48,13 +48,17 @@ def prepare_data(ctx: RunContext) -> dict:
         train, holdout = split_documents(docs, d.holdout_fraction, d.split_seed)
     out = ctx.run_dir / "data"
     for name, part in (("train", train), ("holdout", holdout)):
-        lines = "".join(json.dumps({"text": x.text} if x.messages is None else
-                                   {"messages": [{"role": r, "content": c} for r, c in x.messages]}) + "\n" for x in part)
+        lines = "".join(json.dumps(({"text": x.text} if x.messages is None else
+                                    {"messages": [{"role": r, "content": c} for r, c in x.messages]})
+                                   | ({"weight": x.weight} if x.weight != 1 and name == "train" else {})) + "\n"
+                        for x in part)
         write_text(out / f"{name}.jsonl", lines)
     overlap = ngram_overlap([x.render() for x in train], [x.render() for x in holdout])
     if overlap > 0.01:
         print(f"warning: {overlap:.1%} of holdout 13-grams also occur in the training data; holdout metrics may be optimistic")
-    return {"train_documents": len(train), "holdout_documents": len(holdout), "holdout_13gram_overlap": round(overlap, 4),
+    weighted = {"train_documents_weighted": sum(x.weight for x in train)} if any(x.weight != 1 for x in train) else {}
+    return {"train_documents": len(train), **weighted, "holdout_documents": len(holdout),
+            "holdout_13gram_overlap": round(overlap, 4),
             "train_sha256": sha256_tree(out / "train.jsonl"), "holdout_sha256": sha256_tree(out / "holdout.jsonl")}
 
 

@@ -4,13 +4,18 @@ Supported inputs (paths relative to the recipe):
 - JSONL with `text`, or `prompt` + `response`, or chat `messages` per line;
 - plain text: documents separated by blank lines;
 - `hf:NAME[:SPLIT]`: a Hugging Face dataset through the normal `datasets` code.
+
+A training document may count more than once (`Document.weight`, a whole number of repeats in
+the packed training rows): from a JSONL row's own `weight`, or from the recipe's `data.weights`
+({FIELD: {VALUE: repeats}}: rows whose FIELD is VALUE), e.g. more of one genre in a mixed file.
+The split into train and holdout ignores weights; the holdout is scored unweighted.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edgekit.bounded import jsonl_lines
@@ -22,6 +27,7 @@ from edgekit.errors import EdgekitError
 class Document:
     text: str = ""
     messages: tuple | None = None  # chat turns as (role, content) pairs
+    weight: int = field(default=1, compare=False)  # times the document is packed into training rows
 
     def render(self, tokenizer=None) -> str:
         """The text a model reads: chat turns through the tokenizer's chat template."""
@@ -47,14 +53,19 @@ class Document:
         return hashlib.sha256(json.dumps([self.text, self.messages]).encode()).hexdigest()
 
 
-def load_documents(spec: str, base: Path) -> list[Document]:
+def load_documents(spec: str, base: Path, weights: dict[str, dict[str, int]] | None = None) -> list[Document]:
+    """The documents of `spec`; `weights` ({FIELD: {VALUE: repeats}}) sets the weight of JSONL or
+    dataset rows whose FIELD is VALUE (a row's own `weight` wins)."""
     if spec.startswith("hf:"):
-        docs = _load_hf(spec[3:])
+        docs = _load_hf(spec[3:], weights)
     else:
         path = base / spec
         if not path.is_file():
             raise EdgekitError(f"data file {path} does not exist", "check data.train in the recipe (paths are relative to it)")
-        docs = _load_jsonl(path) if path.suffix in (".jsonl", ".json") else _load_text(path)
+        if weights and path.suffix not in (".jsonl", ".json"):
+            raise EdgekitError(f"data.weights picks rows by a field, and {path} is plain text, which has none",
+                               "give the data as JSONL with that field, or drop data.weights")
+        docs = _load_jsonl(path, weights) if path.suffix in (".jsonl", ".json") else _load_text(path)
     docs = _dedupe([d for d in docs if (d.text.strip() or d.messages)])
     if not docs:
         raise EdgekitError(f"dataset '{spec}' has no non-empty documents",
@@ -73,8 +84,20 @@ def read_jsonl(path: Path):
             raise EdgekitError(f"{path}:{n} is nested too deeply", "each line must be one flat JSON object") from None
 
 
-def _load_jsonl(path: Path) -> list[Document]:
-    return [_row_to_doc(row, f"{path}:{n}") for n, row in read_jsonl(path)]
+def _load_jsonl(path: Path, weights=None) -> list[Document]:
+    return [_weighted(_row_to_doc(row, f"{path}:{n}"), row, weights, f"{path}:{n}") for n, row in read_jsonl(path)]
+
+
+def _weighted(doc: Document, row: dict, weights, where: str) -> Document:
+    """`doc` with the weight its row asks for: its own `weight`, else the first `weights` match."""
+    w = row.get("weight")
+    if w is None:
+        w = next((table[row[f]] for f, table in (weights or {}).items()
+                  if isinstance(row.get(f), str) and row[f] in table), 1)
+    if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+        raise EdgekitError(f"{where}: weight {w!r} is not a whole number >= 1",
+                           "a document's weight is how many times it is packed into the training rows")
+    return replace(doc, weight=w) if w != 1 else doc
 
 
 def _row_to_doc(row, where: str) -> Document:
@@ -104,7 +127,7 @@ def _load_text(path: Path) -> list[Document]:
     return [Document(text=p.strip()) for p in raw.split("\n\n") if p.strip()]
 
 
-def _load_hf(name: str) -> list[Document]:
+def _load_hf(name: str, weights=None) -> list[Document]:
     try:
         import datasets
     except ImportError:
@@ -114,7 +137,7 @@ def _load_hf(name: str) -> list[Document]:
         ds = datasets.load_dataset(dataset, split=split or "train")
     except Exception as e:  # offline, unknown name, ...: the library's message says which
         raise EdgekitError(f"could not load dataset '{dataset}': {e}", "check the name, or download it and pass a local file") from None
-    return [_row_to_doc(dict(r), f"{dataset}[{i}]") for i, r in enumerate(ds)]
+    return [_weighted(_row_to_doc(dict(r), f"{dataset}[{i}]"), dict(r), weights, f"{dataset}[{i}]") for i, r in enumerate(ds)]
 
 
 def _dedupe(docs: list[Document]) -> list[Document]:

@@ -25,7 +25,8 @@ def pack(docs: list[Document], tokenizer, seq_len: int, what: str) -> tuple[torc
     tokens (a chat document's turns before its final assistant reply), so losses train
     only on the reply. The tail shorter than `seq_len` is dropped; documents may span
     rows (standard packing for causal LM training). Where the tokenizer starts every text
-    with BOS, every row starts with BOS (as llama-perplexity scores its chunks).
+    with BOS, every row starts with BOS (as llama-perplexity scores its chunks). A document
+    of weight k is packed k times.
     """
     bos = row_start_bos(tokenizer)
     width = seq_len - (bos is not None)
@@ -38,8 +39,8 @@ def pack(docs: list[Document], tokenizer, seq_len: int, what: str) -> tuple[torc
         n_ctx = len(tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else 0
         if eos is not None:
             doc = doc + [eos]
-        ids.extend(doc)
-        mask.extend([False] * n_ctx + [True] * (len(doc) - n_ctx))
+        ids.extend(doc * d.weight)  # a weighted document, its repeats one after another
+        mask.extend(([False] * n_ctx + [True] * (len(doc) - n_ctx)) * d.weight)
     n = len(ids) // width
     if n == 0:
         raise EdgekitError(f"the {what} data has {len(ids)} tokens, fewer than one row of data.seq_len={seq_len}",

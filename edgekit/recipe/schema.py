@@ -67,6 +67,9 @@ class DataSpec(Closed):
     max_documents: int | None = Field(None, ge=2)
     seq_len: int = Field(256, ge=8, le=32768)
     split_seed: int = 0
+    # {FIELD: {VALUE: k}}: training documents whose JSONL FIELD is VALUE are packed k times (a row's
+    # own `weight` wins), e.g. {genre: {dialogue: 3}}; the holdout is split off first and not weighted
+    weights: dict[str, dict[str, Annotated[int, Field(ge=1)]]] = {}
 
 
 class SequenceKD(Closed):

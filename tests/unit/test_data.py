@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from edgekit.data.documents import Document, load_documents, ngram_overlap, split_documents
 from edgekit.errors import EdgekitError
@@ -88,3 +89,42 @@ def test_rows_start_with_bos_where_the_tokenizer_asks_for_one(tiny_tokenizer_dir
     assert rows.shape[1] == 16 and (rows[:, 0] == bos).all() and not keep[:, 0].any()
     stream = ids.flatten().tolist()
     assert rows[:, 1:].flatten().tolist() == stream[: rows.shape[0] * 15]  # the same text, 15 tokens a row
+
+
+def test_weighted_documents_are_packed_k_times_and_the_holdout_is_not(tiny_teacher_dir, tmp_path):
+    """data.weights ({FIELD: {VALUE: k}}) packs matching training documents k times; a row's own
+    `weight` wins; the split is the unweighted one (weights never move a document into the
+    holdout), the holdout is written unweighted, and a bad weight is named with its line."""
+    from edgekit.pipeline import prepare_data
+    from edgekit.stages import load_recipe
+    from edgekit.stages.context import RunContext
+
+    genres = ["chat", "prose", "prose", "code"] * 10
+    rows = [{"text": f"{g} document {i}: " + " ".join(f"w{i}x{j}" for j in range(40)), "genre": g}
+            for i, g in enumerate(genres)]
+    rows[3]["weight"] = 2  # its own weight: wins over the recipe's {code: ...}
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe_text = (f"name: w\nteacher: {{model: {tiny_teacher_dir}}}\n"
+                   "data: {train: d.jsonl, seq_len: 32, holdout_fraction: 0.2WEIGHTS}\nstages:\n  - {type: distill, steps: 1}\n")
+    runs = {}
+    for name, weights in (("plain", ""), ("weighted", ", weights: {genre: {chat: 3, code: 5}}")):
+        (tmp_path / f"{name}.yaml").write_text(recipe_text.replace("WEIGHTS", weights))
+        recipe, base = load_recipe(tmp_path / f"{name}.yaml")
+        ctx = RunContext(recipe, base, tmp_path / "runs" / name)
+        runs[name] = (ctx, prepare_data(ctx))
+    (plain, p_info), (weighted, w_info) = runs["plain"], runs["weighted"]
+    assert (plain.run_dir / "data/holdout.jsonl").read_text() == (weighted.run_dir / "data/holdout.jsonl").read_text()
+    train = load_documents("train.jsonl", weighted.run_dir / "data")
+    by_text = {r["text"]: r for r in rows}
+    expected = [by_text[d.text].get("weight") or {"chat": 3, "code": 5}.get(by_text[d.text]["genre"], 1) for d in train]
+    assert [d.weight for d in train] == expected and 2 in expected and 3 in expected and 5 in expected
+    assert w_info["train_documents_weighted"] == sum(expected)
+    assert p_info["train_documents_weighted"] == p_info["train_documents"] + 1  # only the row with its own weight 2
+    assert weighted.rows("train").shape[0] > plain.rows("train").shape[0] * 2
+    assert torch.equal(weighted.rows("holdout"), plain.rows("holdout"))
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b", "weight": 0}\n')
+    with pytest.raises(EdgekitError, match=r"bad.jsonl:2: weight 0 is not a whole number >= 1"):
+        load_documents("bad.jsonl", tmp_path)
+    (tmp_path / "t.txt").write_text("a\n\nb\n")
+    with pytest.raises(EdgekitError, match="plain text"):
+        load_documents("t.txt", tmp_path, {"genre": {"x": 2}})

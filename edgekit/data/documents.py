@@ -56,8 +56,9 @@ class Document:
 def load_documents(spec: str, base: Path, weights: dict[str, dict[str, int]] | None = None) -> list[Document]:
     """The documents of `spec`; `weights` ({FIELD: {VALUE: repeats}}) sets the weight of JSONL or
     dataset rows whose FIELD is VALUE (a row's own `weight` wins)."""
+    seen: dict[str, set] = {f: set() for f in weights or {}}  # the values each weighting field takes
     if spec.startswith("hf:"):
-        docs = _load_hf(spec[3:], weights)
+        docs = _load_hf(spec[3:], weights, seen)
     else:
         path = base / spec
         if not path.is_file():
@@ -65,7 +66,12 @@ def load_documents(spec: str, base: Path, weights: dict[str, dict[str, int]] | N
         if weights and path.suffix not in (".jsonl", ".json"):
             raise EdgekitError(f"data.weights picks rows by a field, and {path} is plain text, which has none",
                                "give the data as JSONL with that field, or drop data.weights")
-        docs = _load_jsonl(path, weights) if path.suffix in (".jsonl", ".json") else _load_text(path)
+        docs = _load_jsonl(path, weights, seen) if path.suffix in (".jsonl", ".json") else _load_text(path)
+    for f, table in (weights or {}).items():
+        if missing := sorted(set(table) - seen[f]):
+            raise EdgekitError(f"data.weights: no row of '{spec}' has {f} = {', '.join(map(repr, missing))} "
+                               f"(its values: {sorted(seen[f])[:20] or 'none: no row has that field'})",
+                               "fix the field name or value in data.weights")
     docs = _dedupe([d for d in docs if (d.text.strip() or d.messages)])
     if not docs:
         raise EdgekitError(f"dataset '{spec}' has no non-empty documents",
@@ -84,12 +90,16 @@ def read_jsonl(path: Path):
             raise EdgekitError(f"{path}:{n} is nested too deeply", "each line must be one flat JSON object") from None
 
 
-def _load_jsonl(path: Path, weights=None) -> list[Document]:
-    return [_weighted(_row_to_doc(row, f"{path}:{n}"), row, weights, f"{path}:{n}") for n, row in read_jsonl(path)]
+def _load_jsonl(path: Path, weights=None, seen=None) -> list[Document]:
+    return [_weighted(_row_to_doc(row, f"{path}:{n}"), row, weights, seen, f"{path}:{n}") for n, row in read_jsonl(path)]
 
 
-def _weighted(doc: Document, row: dict, weights, where: str) -> Document:
-    """`doc` with the weight its row asks for: its own `weight`, else the first `weights` match."""
+def _weighted(doc: Document, row: dict, weights, seen, where: str) -> Document:
+    """`doc` with the weight its row asks for: its own `weight`, else the first `weights` match
+    (`seen` collects the values the weighting fields take)."""
+    for f in seen or {}:
+        if isinstance(row.get(f), str):
+            seen[f].add(row[f])
     w = row.get("weight")
     if w is None:
         w = next((table[row[f]] for f, table in (weights or {}).items()
@@ -127,7 +137,7 @@ def _load_text(path: Path) -> list[Document]:
     return [Document(text=p.strip()) for p in raw.split("\n\n") if p.strip()]
 
 
-def _load_hf(name: str, weights=None) -> list[Document]:
+def _load_hf(name: str, weights=None, seen=None) -> list[Document]:
     try:
         import datasets
     except ImportError:
@@ -137,7 +147,7 @@ def _load_hf(name: str, weights=None) -> list[Document]:
         ds = datasets.load_dataset(dataset, split=split or "train")
     except Exception as e:  # offline, unknown name, ...: the library's message says which
         raise EdgekitError(f"could not load dataset '{dataset}': {e}", "check the name, or download it and pass a local file") from None
-    return [_weighted(_row_to_doc(dict(r), f"{dataset}[{i}]"), dict(r), weights, f"{dataset}[{i}]") for i, r in enumerate(ds)]
+    return [_weighted(_row_to_doc(dict(r), f"{dataset}[{i}]"), dict(r), weights, seen, f"{dataset}[{i}]") for i, r in enumerate(ds)]
 
 
 def _dedupe(docs: list[Document]) -> list[Document]:

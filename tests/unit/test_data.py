@@ -125,6 +125,8 @@ def test_weighted_documents_are_packed_k_times_and_the_holdout_is_not(tiny_teach
     (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n{"text": "b", "weight": 0}\n')
     with pytest.raises(EdgekitError, match=r"bad.jsonl:2: weight 0 is not a whole number >= 1"):
         load_documents("bad.jsonl", tmp_path)
+    with pytest.raises(EdgekitError, match=r"no row of 'd.jsonl' has genre = 'dialog' \(its values: \['chat', 'code', 'prose'\]"):
+        load_documents("d.jsonl", tmp_path, {"genre": {"dialog": 3}})
     (tmp_path / "t.txt").write_text("a\n\nb\n")
     with pytest.raises(EdgekitError, match="plain text"):
         load_documents("t.txt", tmp_path, {"genre": {"x": 2}})

@@ -27,8 +27,10 @@ torch.manual_seed(0)
 teacher = load_causal_lm(teacher_dir)
 student = init_from_teacher_layers(teacher, [0, 2])
 rows = torch.randint(0, teacher.config.vocab_size, (16, 33), generator=torch.Generator().manual_seed(0))
+# fp32: the processes' results agree up to summation order; under bf16 autocast (auto's choice on a
+# Zen 4) a different order flips some bf16 roundings, a difference far above these tests' tolerances
 st = KDSettings(steps=4, batch_size=4, grad_accum=2, loss_chunk=16, lr=1e-3, warmup_steps=1, checkpoint_every=2,
-                **extra)
+                **({"precision": "fp32"} | extra))
 last = train(student, teacher, rows, st, out / "work", desc="kd")
 w = sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().sum()) for p in student.parameters())
 local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in student.parameters())

@@ -54,7 +54,6 @@ from pathlib import Path
 
 from common import rss_mb
 
-
 REPO = Path(__file__).resolve().parents[1]
 PAIRS = {"smollm2": ("embedded:smollm2-135m-instruct", "kd_step.json"),
          "gemma3": ("embedded:gemma3-270m", "kd_step_gemma3.json")}
@@ -286,7 +285,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--pair", choices=sorted(PAIRS), default="smollm2")
-    ap.add_argument("--variants", default="edgekit,naive,trl_gkd,offline_topk,loss_edgekit,loss_naive" + same_precision_rows())
+    ap.add_argument("--variants", help="default: edgekit,naive,trl_gkd,offline_topk,loss_edgekit,loss_naive "
+                    "+ the baselines at edgekit's precision on this CPU (same_precision_rows)")
     ap.add_argument("--keep-others", action="store_true",
                     help="re-measure only --variants; keep the results file's other rows (listed in rows_from_the_run_before)")
     ap.add_argument("--worker")
@@ -294,6 +294,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         return worker(a.pair, a.worker, a.steps, a.batch, a.seq_len)
+    a.variants = a.variants or "edgekit,naive,trl_gkd,offline_topk,loss_edgekit,loss_naive" + same_precision_rows()
     import torch
 
     from edgekit.distill.trainer import resolved_precision

@@ -23,7 +23,9 @@ either layout.
 
 from __future__ import annotations
 
+import atexit
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -38,7 +40,29 @@ def world() -> tuple[int, int]:
     if not dist.is_initialized():
         train_device()  # one GPU per process, chosen before NCCL starts
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        _leave_at_exit()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _leave_at_exit() -> None:
+    """Destroy the process group when the process ends normally. Left to the interpreter's
+    teardown, gloo's worker threads can outlive it and abort the process (SIGABRT,
+    "terminate called without an active exception") after a finished run. Not after an
+    uncaught exception: other processes may still be inside a collective, and NCCL's
+    teardown would wait for them."""
+    crashed = []
+    previous_hook = sys.excepthook
+
+    def hook(*exc_info):
+        crashed.append(True)
+        previous_hook(*exc_info)
+
+    def leave():
+        if not crashed and dist.is_initialized():
+            dist.destroy_process_group()
+
+    sys.excepthook = hook
+    atexit.register(leave)
 
 
 def train_device() -> torch.device:

@@ -21,7 +21,7 @@ its 6-layer student (every 3rd of 18) -> kd_step_gemma3.json. Same batch for eve
   TRL's SFT-family defaults bf16 autocast and gradient checkpointing are turned off (bf16
   autocast is ~25x slower on AMD CPUs without native bf16; trl_gkd_bf16 turns it on where
   edgekit's auto is bf16), no recomputation anywhere.
-Precision: edgekit runs as the trainer does with `precision: auto` (trainer.resolved_precision):
+Precision: edgekit runs as the trainer does with `precision: auto` (distill.precision.resolved_precision):
 on a CPU whose oneDNN fp32 matmuls really multiply bf16-rounded inputs under
 torch.set_float32_matmul_precision("medium") (AMX), bf16_matmul; on one with AVX-512 BF16 where
 they do not (Zen 4: they stay fp32), bf16 autocast of the trunks with the fp32 heads and loss on
@@ -66,8 +66,8 @@ def step_fn(variant: str, profile: dict):
 
     from edgekit.distill.activations import compact
     from edgekit.distill.losses import forward_kl
-    from edgekit.distill.trainer import (KDSettings, autocast, chunked_loss, compact_modules, hidden_and_head,
-                                         matmul_precision)
+    from edgekit.distill.precision import autocast, bf16_heads, matmul_precision
+    from edgekit.distill.trainer import KDSettings, chunked_loss, compact_modules, hidden_and_head
 
     st = KDSettings(temperature=2.0, loss_chunk=128)
 
@@ -97,7 +97,8 @@ def step_fn(variant: str, profile: dict):
         s_h, t_h = s_h.float(), t_h.float() if t_h is not None else None  # the head and loss in fp32
         sparse = cache.batch(torch.arange(x.shape[0])) if cache is not None else None
         loss, _ = timed("heads_and_loss", lambda: chunked_loss(s_h, t_h, labels, student, None if cache else teacher,
-                                                               st, sparse, head_grad_into_weight=True))
+                                                               st, sparse, head_grad_into_weight=True,
+                                                               bf16_heads=bf16_heads(cpu, st.precision)))
         timed("trunk_backward", loss.backward)
         return loss
 
@@ -118,7 +119,8 @@ def loss_only(variant: str, student, teacher, x, repeats: int = 3) -> dict:
     import torch
 
     from edgekit.distill.losses import forward_kl
-    from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head, matmul_precision
+    from edgekit.distill.precision import bf16_heads, matmul_precision
+    from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head
     from edgekit.bench.worker import peak_rss_kb
 
     st = KDSettings(temperature=2.0, loss_chunk=128)
@@ -135,7 +137,8 @@ def loss_only(variant: str, student, teacher, x, repeats: int = 3) -> dict:
         t0 = time.perf_counter()
         if variant == "edgekit":
             with matmul_precision(torch.device("cpu"), st.precision):
-                loss, _ = chunked_loss(s_h, t_h, labels, student, teacher, st, head_grad_into_weight=True)
+                loss, _ = chunked_loss(s_h, t_h, labels, student, teacher, st, head_grad_into_weight=True,
+                                       bf16_heads=bf16_heads(torch.device("cpu"), st.precision))
                 loss.backward()
         else:
             with torch.no_grad():
@@ -252,14 +255,19 @@ def validate_estimate(a) -> tuple[float, int]:
     """What `edgekit validate` predicts (MB) for the benchmark's pair, batch and chunk; the vocabulary."""
     import copy
 
+    import torch
+
     from edgekit.distill.memory import counts, estimate, model_config
+    from edgekit.distill.precision import bf16_heads
+    from edgekit.distill.trainer import KDSettings
     from edgekit.models.student import layers_to_keep
 
     cfg = model_config(PAIRS[a.pair][0], REPO)
     student_cfg = copy.deepcopy(cfg)
     student_cfg.num_hidden_layers = len(layers_to_keep(cfg.num_hidden_layers, 3, None))
     return estimate(counts(cfg), counts(student_cfg), teacher_load=None, optimizer="adamw", batch=a.batch,
-                    seq_len=a.seq_len + 1, loss_chunk=128)["total_mb"], cfg.vocab_size
+                    seq_len=a.seq_len + 1, loss_chunk=128,
+                    bf16_heads=bf16_heads(torch.device("cpu"), KDSettings().precision))["total_mb"], cfg.vocab_size
 
 
 def same_precision_rows() -> str:
@@ -268,7 +276,7 @@ def same_precision_rows() -> str:
     with the same matmuls (bf16_matmul) or its own bf16 autocast (bf16)."""
     import torch
 
-    from edgekit.distill.trainer import resolved_precision
+    from edgekit.distill.precision import resolved_precision
 
     mode = resolved_precision(torch.device("cpu"), "auto")
     return {"bf16_matmul": ",trl_gkd_bf16_matmul,loss_naive_bf16_matmul", "bf16": ",trl_gkd_bf16,loss_naive_bf16_matmul"}.get(mode, "")
@@ -297,7 +305,7 @@ def main() -> None:
     a.variants = a.variants or "edgekit,naive,trl_gkd,offline_topk,loss_edgekit,loss_naive" + same_precision_rows()
     import torch
 
-    from edgekit.distill.trainer import resolved_precision
+    from edgekit.distill.precision import resolved_precision
     from edgekit.machine import machine_description
 
     if a.estimate_only:  # the estimate beside the committed measurement, after a change to the estimate alone

@@ -74,6 +74,7 @@ def worker(model: str, load: str, optimizer: str, steps: int, batch: int, seq_le
     from edgekit.bench.quality import evaluate, torch_scorer
     from edgekit.bench.worker import peak_rss_kb
     from edgekit.distill.memory import counts, estimate
+    from edgekit.distill.precision import bf16_heads
     from edgekit.distill.trainer import KDSettings, train
     from edgekit.errors import EdgekitError
     from edgekit.fsutil import release_memory
@@ -110,7 +111,8 @@ def worker(model: str, load: str, optimizer: str, steps: int, batch: int, seq_le
     tokens_per_s = sorted(speeds[1:])[len(speeds[1:]) // 2]
     reference = fp if load == "fp32" else load_causal_lm(path)
     after = evaluate({"fp": torch_scorer(reference), "s": torch_scorer(student)}, holdout, [("s", "fp")], desc="student")
-    est = estimate(t_counts, s_counts, teacher_load=load, optimizer=optimizer, batch=batch, seq_len=seq_len, loss_chunk=128)
+    est = estimate(t_counts, s_counts, teacher_load=load, optimizer=optimizer, batch=batch, seq_len=seq_len, loss_chunk=128,
+                   bf16_heads=bf16_heads(torch.device("cpu"), st.precision))
     print(json.dumps({"teacher_load": load, "optimizer": optimizer, "peak_mem_mb": round(peak, 1),
                       "estimate_mb": est["total_mb"], "tokens_per_s": tokens_per_s,
                       "teacher_kl_vs_fp": round(quality["q|fp"]["kl"], 5) if quality else 0.0,

@@ -28,7 +28,7 @@ def cpu_has_bf16_matmul() -> bool:
     """A CPU that multiplies bf16 natively: AMX tiles (Intel Sapphire Rapids and later) or AVX-512
     BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake). With AMX oneDNN runs fp32 matmuls
     with bf16-rounded inputs ~2x faster than fp32 ones (2-core Xeon); on a Zen 4 EPYC it keeps
-    them fp32 and bf16 tensors are what is fast (trainer.fp32_matmuls_round_to_bf16); on CPUs
+    them fp32 and bf16 tensors are what is fast (precision.fp32_matmuls_round_to_bf16); on CPUs
     without either, bf16 is emulated and slow."""
     return not cpu_flags().isdisjoint({"amx_bf16", "avx512_bf16"})
 

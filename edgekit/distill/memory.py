@@ -107,9 +107,10 @@ def lora_params(r: int, targets: list[str], config) -> int:
 def estimate(teacher: ModelCounts | None, student: ModelCounts, *, teacher_load: str | None, optimizer: str,
              batch: int, seq_len: int, loss_chunk: int, trainable: int | None = None,
              on_gpu: bool = False, processes: int = 1, shard_student: bool = False,
-             shard_teacher: bool = False) -> dict[str, float]:
+             shard_teacher: bool = False, bf16_heads: bool = False) -> dict[str, float]:
     """Expected peak of one training stage, in MB, by component, and `total_mb`: process
-    memory on a CPU machine, device memory with `on_gpu`; per process under torchrun."""
+    memory on a CPU machine, device memory with `on_gpu`; per process under torchrun.
+    `bf16_heads`: the fused loss multiplies the heads in bf16 (precision.bf16_heads)."""
     trainable = student.params if trainable is None else trainable
     n = max(1, processes)
     tokens = max(1, batch // n) * (seq_len - 1)
@@ -132,6 +133,11 @@ def estimate(teacher: ModelCounts | None, student: ModelCounts, *, teacher_load:
         # process that buffer becomes the head's .grad (counted above, trainer._owns_grad), under
         # torchrun autograd adds it to the tied embedding's into another
         "head_grad_buffer": 4.0 * student.vocab * student.hidden if trainable == student.params and n > 1 else 0.0,
+        # bf16 heads (trainer.Bf16HeadMatmuls): bf16 copies of the student's head and an fp32
+        # teacher's, held through the loss; the head gradient's bf16 sum stands in for the fp32
+        # one until the loss ends (measured on the Gemma 3 pair: +390 MB at the step's peak, this +671)
+        "bf16_heads": (2.0 * student.vocab * student.hidden * (1 + (teacher is not None and teacher_load in (None, "fp32")))
+                       if bf16_heads else 0.0),
         # the step's temporaries: the fused AdamW (distill.lean) none to speak of, PyTorch's default
         # one that sharded students keep ~one parameter-sized list; bitsandbytes' CPU path dequantizes each
         # tensor's states to fp32 (~4 copies of the largest tensor)
@@ -205,6 +211,8 @@ def recipe_estimates(recipe, base, processes: int = 1) -> list[tuple[str, dict]]
             return _not_cached(s.model)
     import torch
 
+    from edgekit.distill.precision import bf16_heads
+
     teacher, student = counts(tcfg), counts(scfg)
     on_gpu = torch.cuda.is_available()
     out = []
@@ -219,5 +227,6 @@ def recipe_estimates(recipe, base, processes: int = 1) -> list[tuple[str, dict]]
         out.append((st.type, estimate(teacher, trained, teacher_load=t.load, optimizer=st.optimizer,
                                       batch=st.batch_size, seq_len=recipe.data.seq_len, loss_chunk=st.loss_chunk,
                                       trainable=trainable, on_gpu=on_gpu, processes=processes,
-                                      shard_student=par.student == "sharded", shard_teacher=par.teacher == "sharded")))
+                                      shard_student=par.student == "sharded", shard_teacher=par.teacher == "sharded",
+                                      bf16_heads=bf16_heads(torch.device("cuda" if on_gpu else "cpu"), st.precision))))
     return out

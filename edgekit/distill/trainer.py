@@ -9,7 +9,6 @@ is a few chunk x V floats, whatever B and T are, with no recomputation.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -24,13 +23,13 @@ from edgekit.distill.activations import compact, compact_forwards
 from edgekit.distill.hidden import capture
 from edgekit.distill.lean import make_optimizer
 from edgekit.distill.memory import loss_chunk_rows
+from edgekit.distill.precision import autocast, bf16_heads, matmul_precision, resolved_precision
 from edgekit.distill.losses import cross_entropy, forward_kl_topk, kd_loss
 from edgekit.distill.checkpoint import resume, save_checkpoint
 from edgekit.parallel import (StepRoot, average_gradients, fill_from_rank0, is_sharded, mean_scalars, on_meta,
                                       place, return_freed_host_memory, scalar, shard, shard_student, shard_teacher,
                                       train_device, world)
 from edgekit.errors import EdgekitError
-from edgekit.machine import cpu_has_bf16_matmul
 from edgekit.progress import bar
 from edgekit.recipe.schema import TrainSettings
 
@@ -38,69 +37,6 @@ from edgekit.recipe.schema import TrainSettings
 # The trainer's settings are the recipe's, declared once (recipe.schema.TrainSettings); the
 # distill and qat stage configs extend it. KDSettings is the name the tests and benchmarks use.
 KDSettings = TrainSettings
-
-
-def resolved_precision(device: torch.device, precision: str) -> str:
-    """What `precision: auto` means where the step runs: bf16 autocast on a GPU; on a CPU with
-    native bf16 (AMX, AVX-512 BF16) bf16_matmul where oneDNN's fp32 matmuls really multiply
-    bf16-rounded inputs (`fp32_matmuls_round_to_bf16`: ~2x the fp32 speed with AMX), else bf16
-    autocast of the trunks (a 2-core Zen 4 EPYC: oneDNN computes those fp32 matmuls in fp32, and
-    the trunks ran 1.55x faster under autocast); plain fp32 on CPUs without native bf16, whose
-    bf16 is far slower than their fp32."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16"
-    if device.type != "cpu" or not cpu_has_bf16_matmul():
-        return "fp32"
-    return "bf16_matmul" if fp32_matmuls_round_to_bf16() else "bf16"
-
-
-@functools.cache
-def fp32_matmuls_round_to_bf16() -> bool:
-    """Whether torch.set_float32_matmul_precision("medium") makes this CPU's fp32 matmuls round
-    their inputs to bf16 (oneDNN's bf16 fpmath mode), probed once on a matmul of a loss chunk's
-    kind. Measured: on a Zen 4 EPYC (AVX-512 BF16, torch 2.13, oneDNN 3.12) it does not: the
-    products stay within fp32 error of fp64's (1e-4 against 0.3 for bf16 inputs), and the setting's
-    speed there (1.7x "highest" on a head-sized matmul) is oneDNN's fp32 kernel against MKL's."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(128, 640, generator=g), torch.randn(640, 2048, generator=g)
-    exact = a.double() @ b.double()
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    try:
-        err = float((a @ b - exact).abs().max())
-    finally:
-        torch.set_float32_matmul_precision(before)
-    bf16_err = float((a.bfloat16().double() @ b.bfloat16().double() - exact).abs().max())
-    return err > bf16_err / 10
-
-
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the trunks' forward (weights, optimizer state and the fused head's
-    logits and loss stay fp32): on GPUs, and on CPUs where `resolved_precision` picks it."""
-    if resolved_precision(device, precision) == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-@contextlib.contextmanager
-def matmul_precision(device: torch.device, precision: str):
-    """`bf16_matmul`: for the duration, every fp32 matmul (trunks, output heads, their
-    gradients) may round its inputs to bf16 and accumulate in fp32, fp32 out
-    (torch.set_float32_matmul_precision("medium"): oneDNN; see fp32_matmuls_round_to_bf16 for
-    where it does); tensors, the loss and AdamW stay fp32. `bf16` on a CPU sets the same for the
-    fp32 output heads outside the autocast trunks: oneDNN's kernel, 1.7x MKL's on a Zen 4 head."""
-    mode = resolved_precision(device, precision)
-    if not (mode == "bf16_matmul" or (mode == "bf16" and device.type == "cpu")):
-        yield
-        return
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("medium")
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def compact_modules(student, device: torch.device, precision: str, sharded: bool) -> list:
@@ -135,13 +71,12 @@ class _FusedHeadKD(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, s_h, w, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap, t_bias, into_grad):
+    def forward(ctx, s_h, w, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap, t_bias, into_grad, head):
         n = max(1, int((labels != -100).sum()))
         grad_h = torch.empty_like(s_h)
-        grad_w = torch.zeros_like(w)
         total = ce_sum = kd_sum = 0.0
-        chunk = loss_chunk_rows(st.loss_chunk, w.shape[0])
-        fast = s_cap is None and t_lp is None and st.loss == "forward_kl"
+        chunk = head.chunk
+        fast = _closed_form(st, s_cap, t_lp)
         temp = st.temperature if t_h is not None else 1.0
         # a soft-capped (or biased) teacher head is divided by T after the cap, not through its input
         t_div_after = t_cap is not None or t_bias
@@ -150,27 +85,27 @@ class _FusedHeadKD(torch.autograd.Function):
         # teacher logits, scratch; without a teacher only the first (CE needs no scratch).
         rows = min(chunk, s_h.shape[0])
         bufs = [s_h.new_empty(rows, w.shape[0]) for _ in range(3 if t_h is not None else 1)] if fast else None
+        if fast and t_h is not None and hasattr(head, "lend"):  # the scratch is free whenever the heads multiply
+            head.lend(bufs[-1])
         for i in range(0, s_h.shape[0], chunk):
             sl = slice(i, i + chunk)
             h, lab = s_h[sl], labels[sl]
             c = h.shape[0]
             scale = 1.0
             if fast:  # both models' logits / T straight from the matmuls: no pass over (C, V) to divide
-                u = torch.addmm(bufs[0][:c], h, w.T, beta=0, alpha=1 / temp, out=bufs[0][:c])
+                u = head.logits(h, 1 / temp, bufs[0][:c])
                 t = t_logits(t_h[sl] if t_div_after else t_h[sl] * (1 / temp), bufs[1][:c]) if t_h is not None else None
                 if t is not None and t_div_after:
                     t = _softcap(t, t_cap).div_(temp)
                 g, scale, loss, ce, kd = _forward_kl_grad(u, t, lab, st, bufs[-1][:c])
             else:
                 t = _softcap(t_logits(t_h[sl], None), t_cap) if t_h is not None else None
-                g, loss, ce, kd = _autograd_grad(h @ w.T, t, t_lp, t_ix, sl, lab, st, s_cap)
+                g, loss, ce, kd = _autograd_grad(head.logits(h, 1.0, None), t, t_lp, t_ix, sl, lab, st, s_cap)
             del t
-            torch.mm(g, w, out=grad_h[sl])  # (C, H)
-            if scale != 1.0:
-                grad_h[sl].mul_(scale)
-            grad_w.addmm_(g.T, h, alpha=scale)  # (V, H)
+            head.backprop(g, h, scale, grad_h[sl])
             total, ce_sum, kd_sum = total + loss, ce_sum + ce, kd_sum + kd
-        ctx.save_for_backward(grad_h.div_(n), grad_w.div_(n))
+        del bufs
+        ctx.save_for_backward(grad_h.div_(n), head.weight_grad().div_(n))
         ctx.head = w if into_grad and _owns_grad(w) else None
         out = torch.tensor([total / n, ce_sum / n, kd_sum / n])
         ctx.mark_non_differentiable(out)
@@ -189,7 +124,98 @@ class _FusedHeadKD(torch.autograd.Function):
             else:
                 w.grad.add_(grad_w)
             grad_w = None
-        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None, None, None, None, None
+
+
+def _closed_form(st: KDSettings, s_cap, t_lp) -> bool:
+    """Whether the fused loss takes _forward_kl_grad's closed-form gradient (the default losses)."""
+    return s_cap is None and t_lp is None and st.loss == "forward_kl"
+
+
+class HeadMatmuls:
+    """The fused loss's matmuls with the student's output head W (V, H), chunk by chunk: the
+    logits h @ W^T, then the gradients g @ W (for h) and g^T @ h (summed into W's), fp32."""
+
+    def __init__(self, w: torch.Tensor, chunk: int, positions: int):
+        self.w, self.chunk = w, chunk  # `positions` (the call's count) bounds a chunk's rows
+        self.grad_w = torch.zeros_like(w)
+
+    def logits(self, h, alpha: float, out: torch.Tensor | None) -> torch.Tensor:
+        """alpha * h @ W^T (C, V), into `out` when given."""
+        if out is None:
+            return h @ self.w.T if alpha == 1.0 else torch.mm(h, self.w.T).mul_(alpha)
+        return torch.addmm(out, h, self.w.T, beta=0, alpha=alpha, out=out)
+
+    def backprop(self, g, h, scale: float, grad_h: torch.Tensor) -> None:
+        """grad_h = scale * g @ W; W's gradient += scale * g^T @ h."""
+        torch.mm(g, self.w, out=grad_h)  # (C, H)
+        if scale != 1.0:
+            grad_h.mul_(scale)
+        self.grad_w.addmm_(g.T, h, alpha=scale)  # (V, H)
+
+    def weight_grad(self) -> torch.Tensor:
+        return self.grad_w
+
+
+class Bf16HeadMatmuls(HeadMatmuls):
+    """The same matmuls on bf16 inputs (precision: bf16), each accumulating in fp32 inside the
+    kernel: W is copied to bf16 once per call, the logits come out in bf16 and are widened into
+    the fp32 buffers where the loss and its gradient are computed, the gradient (C, V) is
+    rounded to bf16 for its two matmuls, and W's gradient is summed over chunks in a bf16 (V, H)
+    buffer, widened into fp32 every FLUSH chunks and at the end. The bf16 (C, V) results pass
+    through the first half of a lent fp32 buffer (`lend`: the loss's scratch, free at those
+    moments). At Gemma 3's head (262k x 640) on a 2-core Zen 4 with AVX-512 BF16, a
+    128-position chunk's four matmuls took ~0.55 s against ~1.0 s with oneDNN's fp32 kernel
+    (the fp32 gradient's read-modify-write of (V, H) alone 0.25 s, bf16's 0.11 s). Extra
+    memory: two bf16 (V, H) buffers (three with an fp32 teacher's head: teacher_logits_fn)."""
+
+    FLUSH = 16  # chunks summed in bf16 between fp32 sums: rounding stays ~1e-3 of the total's scale
+
+    def __init__(self, w: torch.Tensor, chunk: int, positions: int):
+        self.w, self.chunk, self.positions = w.detach().to(torch.bfloat16), chunk, positions
+        self.acc = torch.zeros_like(self.w)
+        self.grad_w, self.pending, self.scratch = None, 0, None
+
+    def lend(self, buf: torch.Tensor) -> None:
+        """A contiguous fp32 (C, V) buffer whose contents the matmuls may overwrite."""
+        self.scratch = buf
+
+    def stage(self, rows: int) -> torch.Tensor:
+        """A (rows, V) bf16 view of the lent buffer's first half (its own buffer if none was lent)."""
+        if self.scratch is None:
+            self.scratch = self.w.new_empty(min(self.chunk, self.positions), self.w.shape[0], dtype=torch.float32)
+        return self.scratch.view(-1).view(torch.bfloat16)[: rows * self.w.shape[0]].view(rows, -1)
+
+    def logits(self, h, alpha: float, out: torch.Tensor | None) -> torch.Tensor:
+        hb = (h * alpha if alpha != 1.0 else h).to(torch.bfloat16)
+        if out is None:
+            return torch.mm(hb, self.w.T).float()
+        return out.copy_(torch.mm(hb, self.w.T, out=self.stage(h.shape[0])))
+
+    def backprop(self, g, h, scale: float, grad_h: torch.Tensor) -> None:
+        if self.pending == self.FLUSH:
+            self._flush()
+        gb = self.stage(g.shape[0]).copy_(g)
+        grad_h.copy_(torch.mm(gb, self.w))
+        if scale != 1.0:
+            grad_h.mul_(scale)
+        self.acc.addmm_(gb.T, h.to(torch.bfloat16), alpha=scale)
+        self.pending += 1
+
+    def _flush(self) -> None:
+        if self.grad_w is None:
+            self.grad_w = self.acc.float()
+        else:
+            self.grad_w.add_(self.acc)
+        self.acc.zero_()
+        self.pending = 0
+
+    def weight_grad(self) -> torch.Tensor:
+        self.w = self.scratch = None  # freed before the fp32 gradient is made
+        if self.pending or self.grad_w is None:
+            self._flush()
+        self.acc = None
+        return self.grad_w
 
 
 def _owns_grad(w: torch.Tensor) -> bool:
@@ -238,8 +264,8 @@ def _forward_kl_grad(u, t, lab, st: KDSettings, scratch):
         z1 = zs
     elif T == 2.0:
         z1 = torch.linalg.vector_norm(u, dim=-1, keepdim=True).square()
-        if a > 0 and et is not None:
-            p1 = u.square().div_(z1)
+        if a > 0 and et is not None:  # into t's buffer, free since `dot`
+            p1 = torch.square(u, out=t).div_(z1)
     ce = float((z1.log().view(-1)[rows] - T * picked).sum())
     u.div_(zs)  # p_s at T
     scale = 1.0
@@ -277,12 +303,18 @@ def _autograd_grad(s, t, t_lp, t_ix, sl, lab, st: KDSettings, s_cap):
     return g, float(loss), float(ce), float(kd)
 
 
-def teacher_logits_fn(head):
+def teacher_logits_fn(head, bf16_stage: Callable[[int], torch.Tensor] | None = None):
     """(h (C, H), out (C, V) or None) -> the teacher's logits: a plain Linear head as one matmul
     on its weight (as it is when FSDP has gathered it), a lean teacher's int8 head through its
-    rows, any other head as itself (then `out` is not used)."""
+    rows, any other head as itself (then `out` is not used). With `bf16_stage` (rows -> a (rows,
+    V) bf16 buffer: Bf16HeadMatmuls.stage) an fp32 head multiplies in bf16 too, through a bf16
+    copy of its weight made here, and a bf16 one's product goes through that buffer."""
     if isinstance(head, torch.nn.Linear):
         w = head.weight.detach()
+        if bf16_stage is not None and w.dtype == torch.float32:
+            w = w.to(torch.bfloat16)
+        if w.dtype == torch.bfloat16 and bf16_stage is not None:
+            return lambda h, out: _into(torch.mm(h.to(w.dtype), w.T, out=bf16_stage(h.shape[0])), out)
         if w.dtype != torch.float32:  # an fp16/bf16 teacher: its own dtype's matmul, fp32 logits
             return lambda h, out: _into(torch.mm(h.to(w.dtype), w.T), out)
         return lambda h, out: torch.mm(h, w.T, out=out) if out is not None else h @ w.T
@@ -297,22 +329,27 @@ def _into(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 
 def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings, t_sparse=None,
-                 head_grad_into_weight: bool = False) -> tuple[torch.Tensor, dict]:
+                 head_grad_into_weight: bool = False, bf16_heads: bool = False) -> tuple[torch.Tensor, dict]:
     """Mean loss over trained positions. s_h, t_h: (N, H) hidden states; labels: (N,) next
     tokens, -100 where nothing is trained (chat context, padding): both CE and KD skip those.
     `t_sparse`: the teacher's cached top-k (log-probs (N, k), ids (N, k)) instead of t_h.
     `head_grad_into_weight`: the caller runs .backward() (not torch.autograd.grad), and the
-    output head's gradient may go into its weight's .grad directly (see _owns_grad)."""
+    output head's gradient may go into its weight's .grad directly (see _owns_grad).
+    `bf16_heads`: both output heads multiply in bf16 (Bf16HeadMatmuls; the closed-form losses
+    only), as `precision: bf16` trains; the loss and its gradient stay fp32."""
     _, s_head, s_cap = hidden_and_head(student)
     t_head, t_cap = (hidden_and_head(teacher)[1:] if teacher is not None else (None, None))
     if getattr(s_head, "bias", None) is not None:
         raise EdgekitError("the student's output layer has a bias; the fused KD loss supports bias-free heads (all llama-family models)",
                            "use a model whose lm_head has no bias")
     t_lp, t_ix = t_sparse if t_sparse is not None else (None, None)
-    t_logits = teacher_logits_fn(t_head) if t_head is not None else None
+    w = s_head.weight  # a parametrized (fake-quantized) weight is computed once here
+    bf16_heads = bf16_heads and _closed_form(st, s_cap, t_lp)
+    head = (Bf16HeadMatmuls if bf16_heads else HeadMatmuls)(w, loss_chunk_rows(st.loss_chunk, w.shape[0]), s_h.shape[0])
+    t_logits = teacher_logits_fn(t_head, head.stage if bf16_heads else None) if t_head is not None else None
     t_bias = getattr(t_head, "bias", None) is not None
-    loss, parts = _FusedHeadKD.apply(s_h, s_head.weight, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap, t_bias,
-                                      head_grad_into_weight)
+    loss, parts = _FusedHeadKD.apply(s_h, w, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap, t_bias,
+                                      head_grad_into_weight, head)
     return loss, {"ce": float(parts[1]), "kd": float(parts[2])}
 
 
@@ -510,7 +547,8 @@ class StepFn:
         t_sparse = self.cache.batch(idx) if self.cache is not None else None
         if t_sparse is not None:
             t_sparse = tuple(t.to(device) for t in t_sparse)
-        loss, p = chunked_loss(s_h, t_h, labels, self.student, self.teacher, st, t_sparse, head_grad_into_weight=True)
+        loss, p = chunked_loss(s_h, t_h, labels, self.student, self.teacher, st, t_sparse, head_grad_into_weight=True,
+                               bf16_heads=bf16_heads(device, st.precision))
         if hidden is not None:
             h_loss = hidden.loss(s_states, t_states, labels != -100)
             loss = loss + h_loss

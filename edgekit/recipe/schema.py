@@ -144,7 +144,7 @@ class TrainSettings(Closed):
     # loss). On a CPU with native bf16: bf16_matmul where oneDNN's "medium" fp32 matmuls really multiply
     # bf16-rounded inputs (AMX: fp32 tensors everywhere, ~2x fp32's speed), else bf16 autocast of the
     # trunks as on a GPU (AVX-512 BF16 on Zen 4, whose oneDNN keeps those matmuls fp32: trunks 1.55x
-    # faster); fp32 on other CPUs, whose bf16 is ~25x slower (trainer.resolved_precision). Training
+    # faster); fp32 on other CPUs, whose bf16 is ~25x slower (distill.precision.resolved_precision). Training
     # runs on the GPU when there is one (torchrun: LOCAL_RANK's GPU), the CPU otherwise.
     precision: Literal["auto", "fp32", "bf16", "bf16_matmul"] = "auto"
     on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0)  # GKD lambda: share of steps on student samples

@@ -168,6 +168,48 @@ def test_fused_loss_with_a_soft_capped_teacher(teacher, rows, temperature):
     assert torch.allclose(grad, plain_grad, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.parametrize("temperature,alpha_ce,cap,flush", [(2.0, 0.0, None, 16), (2.0, 0.3, None, 3), (1.0, 0.5, None, 16),
+                                                           (3.0, 0.3, None, 16), (2.0, 0.3, 2.0, 16), (1.0, 1.0, "none", 16)])
+def test_bf16_heads_stay_near_the_fp32_loss_and_gradients(teacher, rows, temperature, alpha_ce, cap, flush, monkeypatch):
+    """bf16_heads (precision: bf16): both heads multiply bf16-rounded inputs, the loss and its
+    gradient stay fp32. The loss, the hidden states' and the head's gradients are near fp32's
+    (bf16-sized differences, not none), with any temperature and CE share, a soft-capped
+    teacher, no teacher ("none"), and more chunks than are summed in bf16 before an fp32 sum
+    (8 chunks, FLUSH lowered to 3: two fp32 sums in the loop, one at the end)."""
+    import copy
+
+    from edgekit.distill.trainer import Bf16HeadMatmuls
+
+    student = init_from_teacher_layers(teacher, [0, 3])
+    t_model = None if cap == "none" else copy.deepcopy(teacher)
+    if cap not in (None, "none"):
+        t_model.config.final_logit_softcapping = cap
+    x = rows[:2, :32]
+    labels = x[:, 1:].reshape(-1).clone()
+    labels[:3] = -100
+    st = KDSettings(loss_chunk=8, alpha_ce=alpha_ce, temperature=temperature)
+    monkeypatch.setattr(Bf16HeadMatmuls, "FLUSH", flush)
+    s_h0 = hidden_and_head(student)[0](input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1).detach()
+    t_h = None
+    if t_model is not None:
+        with torch.no_grad():
+            t_h = hidden_and_head(t_model)[0](input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1)
+
+    def run(bf16: bool):
+        student.zero_grad(set_to_none=True)
+        s_h = s_h0.clone().requires_grad_()
+        value, parts = chunked_loss(s_h, t_h, labels, student, t_model, st, head_grad_into_weight=True, bf16_heads=bf16)
+        value.backward()
+        return float(value), parts, s_h.grad, student.lm_head.weight.grad.clone()
+
+    ref, bf = run(False), run(True)
+    assert bf[0] != ref[0] and bf[0] == pytest.approx(ref[0], rel=2e-3)
+    assert bf[1]["ce"] == pytest.approx(ref[1]["ce"], rel=2e-3)
+    for a, b in ((ref[2], bf[2]), (ref[3], bf[3])):
+        assert float((a - b).norm() / a.norm()) < 0.05
+        assert float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)) > 0.998
+
+
 def test_fused_loss_without_teacher_is_cross_entropy_and_scales_in_place(teacher, rows):
     """No teacher: the fused loss is plain CE; a scaled backward (grad_accum) scales its gradients."""
     from edgekit.distill.losses import cross_entropy
@@ -326,8 +368,8 @@ def test_reduced_precisions_train_fp32_tensors_near_fp32s_loss(teacher, rows, tm
     optimizer state, logits and the loss stay fp32 in both. Forced on this CPU: bf16's loss is
     close to fp32's, not equal; bf16_matmul's stays near fp32's. The probe behind auto's choice
     says what a head-sized matmul does here: bf16-sized errors where it rounds, fp32-sized where not."""
-    from edgekit.distill.trainer import (autocast, fp32_matmuls_round_to_bf16, matmul_precision, resolved_precision,
-                                         train_device)
+    from edgekit.distill.precision import autocast, fp32_matmuls_round_to_bf16, matmul_precision, resolved_precision
+    from edgekit.distill.trainer import train_device
     from edgekit.machine import cpu_has_bf16_matmul
 
     cpu = torch.device("cpu")

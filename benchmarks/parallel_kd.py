@@ -45,6 +45,7 @@ def worker(mode: str, steps: int, batch: int, seq_len: int, out: Path) -> None:
 
     from edgekit.bench.worker import peak_rss_kb
     from edgekit.distill.memory import counts, estimate
+    from edgekit.distill.precision import bf16_heads
     from edgekit.parallel import skeleton, world
     from edgekit.distill.trainer import KDSettings, train
     from edgekit.models.loading import load_causal_lm
@@ -67,11 +68,12 @@ def worker(mode: str, steps: int, batch: int, seq_len: int, out: Path) -> None:
         teacher = load_causal_lm(path)
         student = init_from_teacher_layers(teacher, layers_to_keep(teacher.config.num_hidden_layers, 3, None))
     loading_peak_kb = peak_rss_kb()
-    est = estimate(counts(teacher.config), counts(student.config), teacher_load=None, optimizer="adamw", batch=batch,
-                   seq_len=seq_len, loss_chunk=128, processes=size, shard_student=sharded, shard_teacher=sharded)
     Path("/proc/self/clear_refs").write_text("5")  # peak RSS from here: training only
     st = KDSettings(steps=steps, batch_size=batch, lr=1e-4, warmup_steps=1, checkpoint_every=max(1, steps // 2), loss_chunk=128,
                     parallel={"student": "sharded", "teacher": "sharded"} if sharded else {})
+    est = estimate(counts(teacher.config), counts(student.config), teacher_load=None, optimizer="adamw", batch=batch,
+                   seq_len=seq_len, loss_chunk=128, processes=size, shard_student=sharded, shard_teacher=sharded,
+                   bf16_heads=bf16_heads(torch.device("cpu"), st.precision))
     work = Path(tempfile.mkdtemp())
     last = train(student, teacher, rows, st, work)
     held = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()

@@ -24,11 +24,13 @@ its 6-layer student (every 3rd of 18) -> kd_step_gemma3.json. Same batch for eve
 Precision: edgekit runs as the trainer does with `precision: auto` (distill.precision.resolved_precision):
 on a CPU whose oneDNN fp32 matmuls really multiply bf16-rounded inputs under
 torch.set_float32_matmul_precision("medium") (AMX), bf16_matmul; on one with AVX-512 BF16 where
-they do not (Zen 4: they stay fp32), bf16 autocast of the trunks with the fp32 heads and loss on
-oneDNN's fp32 kernel; elsewhere fp32. naive and trl_gkd run PyTorch's defaults (fp32). Rows
-giving the baselines edgekit's precision: loss_only's naive_bf16_matmul (the "medium" setting:
-the heads' kernel in both modes) and trl_gkd_bf16_matmul (same matmuls) or trl_gkd_bf16 (TRL's
-own bf16 autocast, as on GPUs), whichever `auto` is here.
+they do not (Zen 4: they stay fp32), bf16: autocast trunks and the fused loss's heads multiplied
+in bf16 (trainer.Bf16HeadMatmuls; the loss and its gradient fp32); elsewhere fp32. naive and
+trl_gkd run PyTorch's defaults (fp32). Rows giving the baselines edgekit's precision: loss_only's
+naive_bf16_matmul (the "medium" setting) and, under bf16, naive_bf16 (both heads under bf16
+autocast, the loss on fp32 copies of their logits, as TRL's bf16=True computes them), and
+trl_gkd_bf16_matmul (same matmuls) or trl_gkd_bf16 (TRL's own bf16 autocast, as on GPUs),
+whichever `auto` is here.
 Every variant's optimizer is the fused AdamW (TRL's default, and the trainer's).
 Each variant runs in its own process; the peak RSS is reset after the models load, so
 `peak_mem_mb` is the training steps' peak (weights, optimizer state, activations, logits)
@@ -140,10 +142,12 @@ def loss_only(variant: str, student, teacher, x, repeats: int = 3) -> dict:
                 loss, _ = chunked_loss(s_h, t_h, labels, student, teacher, st, head_grad_into_weight=True,
                                        bf16_heads=bf16_heads(torch.device("cpu"), st.precision))
                 loss.backward()
-        else:
-            with torch.no_grad():
-                t = t_head(t_h)
-            loss = forward_kl(s_head(s_h), t, st.temperature).mean()
+        else:  # naive_bf16: both heads under bf16 autocast (TRL's bf16=True), the loss on fp32 copies
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "naive_bf16"):
+                t = t_head(t_h).float()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "naive_bf16"):
+                s = s_head(s_h)
+            loss = forward_kl(s.float(), t, st.temperature).mean()
             loss.backward()
         times.append(time.perf_counter() - t0)
         del loss
@@ -279,7 +283,8 @@ def same_precision_rows() -> str:
     from edgekit.distill.precision import resolved_precision
 
     mode = resolved_precision(torch.device("cpu"), "auto")
-    return {"bf16_matmul": ",trl_gkd_bf16_matmul,loss_naive_bf16_matmul", "bf16": ",trl_gkd_bf16,loss_naive_bf16_matmul"}.get(mode, "")
+    return {"bf16_matmul": ",trl_gkd_bf16_matmul,loss_naive_bf16_matmul",
+            "bf16": ",trl_gkd_bf16,loss_naive_bf16_matmul,loss_naive_bf16"}.get(mode, "")
 
 
 def reset_peak() -> None:
@@ -352,8 +357,10 @@ def main() -> None:
         lo = result["loss_only"]
         result["loss_only"]["speedup"] = lo["naive"]["ms"] / lo["edgekit"]["ms"]
         result["loss_only"]["memory_ratio"] = lo["edgekit"]["mem_mb"] / lo["naive"]["mem_mb"]
-        if "naive" + SAME_MATMULS in lo:
-            lo["speedup_vs_naive" + SAME_MATMULS] = lo["naive" + SAME_MATMULS]["ms"] / lo["edgekit"]["ms"]
+        for same in (SAME_MATMULS, "_bf16"):
+            if "naive" + same in lo:
+                lo["speedup_vs_naive" + same] = lo["naive" + same]["ms"] / lo["edgekit"]["ms"]
+                lo["memory_ratio_vs_naive" + same] = lo["edgekit"]["mem_mb"] / lo["naive" + same]["mem_mb"]
     (REPO / "benchmarks" / "results" / PAIRS[a.pair][1]).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

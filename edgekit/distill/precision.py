@@ -55,8 +55,9 @@ def bf16_heads(device: torch.device, precision: str) -> bool:
 
 
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the trunks' forward (weights, optimizer state and the fused head's
-    logits and loss stay fp32): on GPUs, and on CPUs where `resolved_precision` picks it."""
+    """bf16 autocast for the trunks' forward (weights, optimizer state, the loss and its
+    gradient stay fp32; the fused loss's heads multiply in bf16 on their own: bf16_heads): on
+    GPUs, and on CPUs where `resolved_precision` picks it."""
     if resolved_precision(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -67,8 +68,9 @@ def matmul_precision(device: torch.device, precision: str):
     """`bf16_matmul`: for the duration, every fp32 matmul (trunks, output heads, their
     gradients) may round its inputs to bf16 and accumulate in fp32, fp32 out
     (torch.set_float32_matmul_precision("medium"): oneDNN; see fp32_matmuls_round_to_bf16 for
-    where it does); tensors, the loss and AdamW stay fp32. `bf16` on a CPU sets the same for the
-    fp32 output heads outside the autocast trunks: oneDNN's kernel, 1.7x MKL's on a Zen 4 head."""
+    where it does); tensors, the loss and AdamW stay fp32. `bf16` on a CPU sets the same for any
+    fp32 matmul outside the autocast trunks (the heads of losses without bf16_heads): oneDNN's
+    kernel, 1.7x MKL's on a Zen 4 head."""
     mode = resolved_precision(device, precision)
     if not (mode == "bf16_matmul" or (mode == "bf16" and device.type == "cpu")):
         yield

@@ -159,22 +159,26 @@ class HeadMatmuls:
 
 class Bf16HeadMatmuls(HeadMatmuls):
     """The same matmuls on bf16 inputs (precision: bf16), each accumulating in fp32 inside the
-    kernel: W is copied to bf16 once per call, the logits come out in bf16 and are widened into
-    the fp32 buffers where the loss and its gradient are computed, the gradient (C, V) is
-    rounded to bf16 for its two matmuls, and W's gradient is summed over chunks in a bf16 (V, H)
-    buffer, widened into fp32 every FLUSH chunks and at the end. The bf16 (C, V) results pass
-    through the first half of a lent fp32 buffer (`lend`: the loss's scratch, free at those
-    moments). At Gemma 3's head (262k x 640) on a 2-core Zen 4 with AVX-512 BF16, a
-    128-position chunk's four matmuls took ~0.55 s against ~1.0 s with oneDNN's fp32 kernel
-    (the fp32 gradient's read-modify-write of (V, H) alone 0.25 s, bf16's 0.11 s). Extra
-    memory: two bf16 (V, H) buffers (three with an fp32 teacher's head: teacher_logits_fn)."""
+    kernel: W (and an fp32 teacher head: `teacher`) is copied to bf16 once per call, the logits
+    come out in bf16 and are widened into the fp32 buffers where the loss and its gradient are
+    computed, the gradient (C, V) is rounded to bf16 for its two matmuls, and W's gradient is
+    summed over chunks in bf16, widened into fp32 every FLUSH chunks and at the end. The bf16 copy
+    of W and that sum are the two halves of the fp32 (V, H) buffer that becomes W's gradient
+    (widened in place at the end), and the bf16 (C, V) products pass through the first half of a
+    lent fp32 buffer (`lend`: the loss's scratch, free at those moments): memory beyond the fp32
+    path's is the teacher head's bf16 copy. At Gemma 3's head (262k x 640) on a 2-core Zen 4 with
+    AVX-512 BF16, a 128-position chunk's four matmuls took ~0.55 s against ~1.0 s with oneDNN's fp32
+    kernel (the fp32 gradient's read-modify-write of (V, H) alone 0.25 s, bf16's 0.11 s)."""
 
     FLUSH = 16  # chunks summed in bf16 between fp32 sums: rounding stays ~1e-3 of the total's scale
 
     def __init__(self, w: torch.Tensor, chunk: int, positions: int):
-        self.w, self.chunk, self.positions = w.detach().to(torch.bfloat16), chunk, positions
-        self.acc = torch.zeros_like(self.w)
-        self.grad_w, self.pending, self.scratch = None, 0, None
+        self.chunk, self.positions = chunk, positions
+        self.grad_w = w.new_empty(w.shape, dtype=torch.float32)
+        halves = self.grad_w.view(-1).view(torch.bfloat16)
+        self.acc = halves[: w.numel()].view(w.shape).zero_()
+        self.w = halves[w.numel():].view(w.shape).copy_(w.detach())
+        self.partial, self.pending, self.scratch, self.teacher_w = None, 0, None, None
 
     def lend(self, buf: torch.Tensor) -> None:
         """A contiguous fp32 (C, V) buffer whose contents the matmuls may overwrite."""
@@ -183,8 +187,14 @@ class Bf16HeadMatmuls(HeadMatmuls):
     def stage(self, rows: int) -> torch.Tensor:
         """A (rows, V) bf16 view of the lent buffer's first half (its own buffer if none was lent)."""
         if self.scratch is None:
-            self.scratch = self.w.new_empty(min(self.chunk, self.positions), self.w.shape[0], dtype=torch.float32)
+            self.scratch = self.grad_w.new_empty(min(self.chunk, self.positions), self.w.shape[0])
         return self.scratch.view(-1).view(torch.bfloat16)[: rows * self.w.shape[0]].view(rows, -1)
+
+    def teacher(self, w: torch.Tensor):
+        """The teacher's logits function (teacher_logits_fn's) for a plain head of weight `w`,
+        multiplied in bf16 through this call's stage; the bf16 copy is freed with the rest."""
+        self.teacher_w = w if w.dtype == torch.bfloat16 else w.to(torch.bfloat16)
+        return lambda h, out: _into(torch.mm(h.to(torch.bfloat16), self.teacher_w.T, out=self.stage(h.shape[0])), out)
 
     def logits(self, h, alpha: float, out: torch.Tensor | None) -> torch.Tensor:
         hb = (h * alpha if alpha != 1.0 else h).to(torch.bfloat16)
@@ -193,8 +203,10 @@ class Bf16HeadMatmuls(HeadMatmuls):
         return out.copy_(torch.mm(hb, self.w.T, out=self.stage(h.shape[0])))
 
     def backprop(self, g, h, scale: float, grad_h: torch.Tensor) -> None:
-        if self.pending == self.FLUSH:
-            self._flush()
+        if self.pending == self.FLUSH:  # widen the bf16 sum into an fp32 one, start the next
+            self.partial = self.acc.float() if self.partial is None else self.partial.add_(self.acc)
+            self.acc.zero_()
+            self.pending = 0
         gb = self.stage(g.shape[0]).copy_(g)
         grad_h.copy_(torch.mm(gb, self.w))
         if scale != 1.0:
@@ -202,20 +214,28 @@ class Bf16HeadMatmuls(HeadMatmuls):
         self.acc.addmm_(gb.T, h.to(torch.bfloat16), alpha=scale)
         self.pending += 1
 
-    def _flush(self) -> None:
-        if self.grad_w is None:
-            self.grad_w = self.acc.float()
-        else:
-            self.grad_w.add_(self.acc)
-        self.acc.zero_()
-        self.pending = 0
-
     def weight_grad(self) -> torch.Tensor:
-        self.w = self.scratch = None  # freed before the fp32 gradient is made
-        if self.pending or self.grad_w is None:
-            self._flush()
+        self.w = self.scratch = self.teacher_w = None
+        _widen_in_place(self.grad_w.view(-1))
         self.acc = None
+        if self.partial is not None:
+            self.grad_w.add_(self.partial)
+            self.partial = None
         return self.grad_w
+
+
+def _widen_in_place(buf: torch.Tensor) -> None:
+    """buf: a flat fp32 tensor whose first half holds len(buf) bf16 values; afterwards it holds
+    them as fp32. Copied back to front in halving blocks, so that no block overwrites bf16
+    values not yet read: block [a, b) writes bytes [4a, 4b), bf16 values [2a, 2b), all >= b."""
+    src = buf.view(torch.bfloat16)
+    b = buf.numel()
+    while b > 1:
+        a = (b + 1) // 2
+        buf[a:b].copy_(src[a:b])
+        b = a
+    if b == 1:
+        buf[:1] = src[:1].clone()
 
 
 def _owns_grad(w: torch.Tensor) -> bool:
@@ -303,18 +323,15 @@ def _autograd_grad(s, t, t_lp, t_ix, sl, lab, st: KDSettings, s_cap):
     return g, float(loss), float(ce), float(kd)
 
 
-def teacher_logits_fn(head, bf16_stage: Callable[[int], torch.Tensor] | None = None):
+def teacher_logits_fn(head, bf16: Bf16HeadMatmuls | None = None):
     """(h (C, H), out (C, V) or None) -> the teacher's logits: a plain Linear head as one matmul
     on its weight (as it is when FSDP has gathered it), a lean teacher's int8 head through its
-    rows, any other head as itself (then `out` is not used). With `bf16_stage` (rows -> a (rows,
-    V) bf16 buffer: Bf16HeadMatmuls.stage) an fp32 head multiplies in bf16 too, through a bf16
-    copy of its weight made here, and a bf16 one's product goes through that buffer."""
+    rows, any other head as itself (then `out` is not used). With `bf16` (the student head's
+    bf16 matmuls) a plain fp32 or bf16 head multiplies in bf16 too, through its stage."""
     if isinstance(head, torch.nn.Linear):
         w = head.weight.detach()
-        if bf16_stage is not None and w.dtype == torch.float32:
-            w = w.to(torch.bfloat16)
-        if w.dtype == torch.bfloat16 and bf16_stage is not None:
-            return lambda h, out: _into(torch.mm(h.to(w.dtype), w.T, out=bf16_stage(h.shape[0])), out)
+        if bf16 is not None and w.dtype in (torch.float32, torch.bfloat16):
+            return bf16.teacher(w)
         if w.dtype != torch.float32:  # an fp16/bf16 teacher: its own dtype's matmul, fp32 logits
             return lambda h, out: _into(torch.mm(h.to(w.dtype), w.T), out)
         return lambda h, out: torch.mm(h, w.T, out=out) if out is not None else h @ w.T
@@ -346,7 +363,7 @@ def chunked_loss(s_h, t_h, labels, student, teacher, st: KDSettings, t_sparse=No
     w = s_head.weight  # a parametrized (fake-quantized) weight is computed once here
     bf16_heads = bf16_heads and _closed_form(st, s_cap, t_lp)
     head = (Bf16HeadMatmuls if bf16_heads else HeadMatmuls)(w, loss_chunk_rows(st.loss_chunk, w.shape[0]), s_h.shape[0])
-    t_logits = teacher_logits_fn(t_head, head.stage if bf16_heads else None) if t_head is not None else None
+    t_logits = teacher_logits_fn(t_head, head if bf16_heads else None) if t_head is not None else None
     t_bias = getattr(t_head, "bias", None) is not None
     loss, parts = _FusedHeadKD.apply(s_h, w, t_h, t_logits, t_lp, t_ix, labels, st, s_cap, t_cap, t_bias,
                                       head_grad_into_weight, head)

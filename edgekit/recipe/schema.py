@@ -140,12 +140,13 @@ class TrainSettings(Closed):
     eval_every: int = Field(0, ge=0)  # every N steps (and at the end): holdout perplexity, KL to teacher, top-1; 0: off
     eval_rows: int = Field(8, ge=1)  # holdout rows that evaluation scores
     seed: int = 0
-    # auto = bf16 autocast of the trunks' forward on a GPU (fp32 weights, optimizer state, logits and
-    # loss). On a CPU with native bf16: bf16_matmul where oneDNN's "medium" fp32 matmuls really multiply
-    # bf16-rounded inputs (AMX: fp32 tensors everywhere, ~2x fp32's speed), else bf16 autocast of the
-    # trunks as on a GPU (AVX-512 BF16 on Zen 4, whose oneDNN keeps those matmuls fp32: trunks 1.55x
-    # faster); fp32 on other CPUs, whose bf16 is ~25x slower (distill.precision.resolved_precision). Training
-    # runs on the GPU when there is one (torchrun: LOCAL_RANK's GPU), the CPU otherwise.
+    # auto = bf16 autocast of the trunks' forward on a GPU, the output heads' matmuls in bf16 (fp32
+    # weights, optimizer state, loss and its gradient). On a CPU with native bf16: bf16_matmul where
+    # oneDNN's "medium" fp32 matmuls really multiply bf16-rounded inputs (AMX: fp32 tensors
+    # everywhere, ~2x fp32's speed), else bf16 as on a GPU (AVX-512 BF16 on Zen 4, whose oneDNN keeps
+    # those matmuls fp32: trunks 1.55x faster); fp32 on other CPUs, whose bf16 is ~25x slower
+    # (distill.precision.resolved_precision). Training runs on the GPU when there is one (torchrun:
+    # LOCAL_RANK's GPU), the CPU otherwise.
     precision: Literal["auto", "fp32", "bf16", "bf16_matmul"] = "auto"
     on_policy_fraction: float = Field(0.0, ge=0.0, le=1.0)  # GKD lambda: share of steps on student samples
     on_policy_temperature: float = Field(1.0, gt=0.0)

@@ -133,11 +133,10 @@ def estimate(teacher: ModelCounts | None, student: ModelCounts, *, teacher_load:
         # process that buffer becomes the head's .grad (counted above, trainer._owns_grad), under
         # torchrun autograd adds it to the tied embedding's into another
         "head_grad_buffer": 4.0 * student.vocab * student.hidden if trainable == student.params and n > 1 else 0.0,
-        # bf16 heads (trainer.Bf16HeadMatmuls): bf16 copies of the student's head and an fp32
-        # teacher's, held through the loss; the head gradient's bf16 sum stands in for the fp32
-        # one until the loss ends (measured on the Gemma 3 pair: +390 MB at the step's peak, this +671)
-        "bf16_heads": (2.0 * student.vocab * student.hidden * (1 + (teacher is not None and teacher_load in (None, "fp32")))
-                       if bf16_heads else 0.0),
+        # bf16 heads (trainer.Bf16HeadMatmuls): the student head's bf16 copy and gradient sum live
+        # in its fp32 gradient's buffer (counted above); an fp32 teacher head's bf16 copy is extra
+        "bf16_heads": (2.0 * student.vocab * student.hidden
+                       if bf16_heads and teacher is not None and teacher_load in (None, "fp32") else 0.0),
         # the step's temporaries: the fused AdamW (distill.lean) none to speak of, PyTorch's default
         # one that sharded students keep ~one parameter-sized list; bitsandbytes' CPU path dequantizes each
         # tensor's states to fp32 (~4 copies of the largest tensor)

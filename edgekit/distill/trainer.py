@@ -68,6 +68,7 @@ class _FusedHeadKD(torch.autograd.Function):
     (the fused linear + loss idea of Liger-Kernel's FLCE). Forward KL and CE, the default
     losses, take a closed-form gradient computed in place (`_forward_kl_grad`: three (C, V)
     buffers, reused by every chunk); the other losses differentiate the chunk with autograd.
+    `head` does the student head's matmuls: HeadMatmuls (fp32) or Bf16HeadMatmuls (bf16 operands).
     """
 
     @staticmethod
@@ -326,9 +327,9 @@ def _autograd_grad(s, t, t_lp, t_ix, sl, lab, st: KDSettings, s_cap):
 def teacher_logits_fn(head, bf16: Bf16HeadMatmuls | None = None):
     """(h (C, H), out (C, V) or None) -> the teacher's logits: a plain Linear head as one matmul
     on its weight (as it is when FSDP has gathered it), a lean teacher's int8 head through its
-    rows, any other head as itself (then `out` is not used). With `bf16` (the student head's
+    rows, any other head (one with a bias too) as itself. With `bf16` (the student head's
     bf16 matmuls) a plain fp32 or bf16 head multiplies in bf16 too, through its stage."""
-    if isinstance(head, torch.nn.Linear):
+    if isinstance(head, torch.nn.Linear) and head.bias is None:
         w = head.weight.detach()
         if bf16 is not None and w.dtype in (torch.float32, torch.bfloat16):
             return bf16.teacher(w)
@@ -338,7 +339,7 @@ def teacher_logits_fn(head, bf16: Bf16HeadMatmuls | None = None):
     rows = getattr(head, "rows", None)
     if rows is not None and hasattr(rows, "logits"):
         return lambda h, out: rows.logits(h, out=out)
-    return lambda h, out: head(h)
+    return lambda h, out: _into(head(h), out)
 
 
 def _into(x: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:

@@ -210,6 +210,32 @@ def test_bf16_heads_stay_near_the_fp32_loss_and_gradients(teacher, rows, tempera
         assert float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0)) > 0.998
 
 
+@pytest.mark.parametrize("bf16", [False, True])
+def test_fused_loss_with_a_biased_teacher_head(teacher, rows, bf16):
+    """A teacher whose output layer has a bias (Phi-2's does): its logits include the bias, then T
+    divides them; the loss equals full-logit autograd (fp32 heads) or is near it (bf16 heads)."""
+    import copy
+
+    from edgekit.distill.losses import kd_loss
+
+    student = init_from_teacher_layers(teacher, [0, 3])
+    biased = copy.deepcopy(teacher)
+    w = biased.lm_head.weight.detach().clone()
+    biased.lm_head = torch.nn.Linear(w.shape[1], w.shape[0], bias=True)
+    biased.lm_head.weight.data, biased.lm_head.bias.data = w, torch.randn(w.shape[0], generator=torch.Generator().manual_seed(0))
+    x = rows[:2]
+    labels = x[:, 1:].reshape(-1)
+    st = KDSettings(loss_chunk=8, temperature=2.0)
+    s_h = hidden_and_head(student)[0](input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1)
+    with torch.no_grad():
+        t_h = hidden_and_head(biased)[0](input_ids=x[:, :-1]).last_hidden_state.reshape(labels.numel(), -1)
+    value, _ = chunked_loss(s_h, t_h, labels, student, biased, st, bf16_heads=bf16)
+    plain = kd_loss("forward_kl", student.lm_head(s_h), biased.lm_head(t_h), 2.0).mean()
+    without_bias = kd_loss("forward_kl", student.lm_head(s_h), t_h @ w.T, 2.0).mean()
+    assert float(value) == pytest.approx(plain.item(), rel=2e-3 if bf16 else 1e-5)
+    assert abs(plain.item() - without_bias.item()) > 0.05 * plain.item()  # the bias matters here
+
+
 def test_fused_loss_without_teacher_is_cross_entropy_and_scales_in_place(teacher, rows):
     """No teacher: the fused loss is plain CE; a scaled backward (grad_accum) scales its gradients."""
     from edgekit.distill.losses import cross_entropy
@@ -362,10 +388,10 @@ def test_on_policy_training_runs(teacher, rows, tmp_path):
 
 def test_reduced_precisions_train_fp32_tensors_near_fp32s_loss(teacher, rows, tmp_path):
     """precision: bf16 (the GPU default; auto's choice on CPUs with AVX-512 BF16 whose oneDNN
-    keeps "medium" fp32 matmuls in fp32, as Zen 4's) runs the trunks under bf16 autocast;
-    bf16_matmul (auto's choice where oneDNN does round them, AMX) keeps fp32 tensors and lets
-    matmuls multiply bf16-rounded inputs with fp32 accumulation, for the step only. Weights,
-    optimizer state, logits and the loss stay fp32 in both. Forced on this CPU: bf16's loss is
+    keeps "medium" fp32 matmuls in fp32, as Zen 4's) runs the trunks under bf16 autocast and the
+    fused loss's heads on bf16 operands; bf16_matmul (auto's choice where oneDNN does round them,
+    AMX) keeps fp32 tensors and lets matmuls multiply bf16-rounded inputs with fp32 accumulation,
+    for the step only. Weights, optimizer state, the loss and its gradient stay fp32 in both. Forced on this CPU: bf16's loss is
     close to fp32's, not equal; bf16_matmul's stays near fp32's. The probe behind auto's choice
     says what a head-sized matmul does here: bf16-sized errors where it rounds, fp32-sized where not."""
     from edgekit.distill.precision import autocast, fp32_matmuls_round_to_bf16, matmul_precision, resolved_precision

@@ -122,14 +122,15 @@ def texts_of(run: Path) -> dict:
     from transformers import AutoTokenizer
 
     from edgekit.data.documents import load_documents
-    from edgekit.data.tokens import pack
+    from edgekit.data.tokens import pack, spread
 
     tok = AutoTokenizer.from_pretrained(teacher_dir(run))
 
     def rows(docs, what, n):
         return pack(docs, tok, CTX, what)[0][:n]
 
-    texts = {"train_calibration": rows(load_documents("train.jsonl", run / "data"), "train", 32)}
+    # the importance matrix's rows: spread over the whole train split (its head is one genre)
+    texts = {"train_calibration": spread(pack(load_documents("train.jsonl", run / "data"), tok, CTX, "train")[0], 32)}
     for f in sorted((REPO / "recipes" / "data" / "general").glob("*.jsonl")):
         texts[f.stem] = rows(load_documents(str(f), REPO), f.stem, MAX_TOKENS // CTX)
     texts["in_domain"] = rows(load_documents("holdout.jsonl", run / "data"), "holdout", MAX_TOKENS // CTX)

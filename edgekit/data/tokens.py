@@ -51,3 +51,13 @@ def pack(docs: list[Document], tokenizer, seq_len: int, what: str) -> tuple[torc
         rows = torch.cat([torch.full((n, 1), bos, dtype=torch.long), rows], dim=1)
         keep = torch.cat([torch.zeros((n, 1), dtype=torch.bool), keep], dim=1)
     return rows, keep
+
+
+def spread(rows: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` rows evenly spaced over `rows` (all of them when there are no more than `n`), in order:
+    a calibration sample of the whole split. Its first rows alone are its first documents, so
+    a training file grouped by genre or source (the general mix lists narrative first) would
+    calibrate GPTQ or an importance matrix on one kind of text only."""
+    if rows.shape[0] <= n:
+        return rows
+    return rows[torch.linspace(0, rows.shape[0] - 1, n).round().long()]

@@ -159,7 +159,9 @@ def importance(ctx: RunContext, cfg: ExportConfig, src: Path, path: Path):
     """The importance matrix of the model in `src` on the recipe's training rows, saved to `path`."""
     from edgekit.quant.imatrix import collect
 
-    rows = ctx.rows("train")[: cfg.imatrix_rows]
+    from edgekit.data.tokens import spread
+
+    rows = spread(ctx.rows("train"), cfg.imatrix_rows)
     im = collect(ctx.load_model(src), src, rows, ctx.recipe.data.train)
     im.save(path)
     return im

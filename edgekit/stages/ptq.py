@@ -63,7 +63,9 @@ def run(ctx: RunContext, cfg: QuantizeConfig, out: Path) -> StageResult:
 
     require_llmcompressor()
     src = model_to_quantize(ctx, cfg.model)
-    calib = ctx.rows("train")[: cfg.calibration_rows]  # never the holdout
+    from edgekit.data.tokens import spread
+
+    calib = spread(ctx.rows("train"), cfg.calibration_rows)  # over the whole train split; never the holdout
     if calib.shape[0] < cfg.calibration_rows:
         print(f"quantize: the train split has {calib.shape[0]} rows of {calib.shape[1]} tokens; "
               f"calibrating on those (calibration_rows is {cfg.calibration_rows})")

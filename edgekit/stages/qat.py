@@ -77,13 +77,14 @@ class QATConfig(StageConfig, TrainSettings):
 def run(ctx: RunContext, cfg: QATConfig, out: Path) -> StageResult:
     from edgekit.distill.trainer import train
     from edgekit.models.loading import save_model
+    from edgekit.data.tokens import spread
     from edgekit.quant.qat import learned_scales, plan_types, prepare, strip
 
     src = ctx.student_path()
     plan = plan_types(src, cfg.mix)
     student = ctx.load_model(src)
     rows, mask, data = training_rows(ctx, cfg, out)
-    init = gptq_init(student, plan, rows[: cfg.calibration_rows], cfg.damp) if cfg.init == "gptq" else {}
+    init = gptq_init(student, plan, spread(rows, cfg.calibration_rows), cfg.damp) if cfg.init == "gptq" else {}
     coverage = prepare(student, plan, cfg.scales, scale_lr_ratio=cfg.scale_lr / cfg.lr, refresh=cfg.scale_refresh)
     if cfg.activations == "llama_cpp":
         from edgekit.quant.act_rounding import llama_cpp_activations

@@ -130,3 +130,16 @@ def test_weighted_documents_are_packed_k_times_and_the_holdout_is_not(tiny_teach
     (tmp_path / "t.txt").write_text("a\n\nb\n")
     with pytest.raises(EdgekitError, match="plain text"):
         load_documents("t.txt", tmp_path, {"genre": {"x": 2}})
+
+
+def test_calibration_rows_spread_over_the_whole_split():
+    """A calibration sample (GPTQ, importance matrix) is spread over the train split, not its head:
+    the general mix lists one genre's documents first, and its first rows are that genre only."""
+    from edgekit.data.tokens import spread
+
+    rows = torch.arange(100).repeat_interleave(4).view(100, 4)  # row i holds i
+    picked = spread(rows, 5)[:, 0].tolist()
+    assert picked == [0, 25, 50, 74, 99]
+    assert spread(rows, 100)[:, 0].tolist() == list(range(100))
+    assert spread(rows[:3], 8).shape[0] == 3
+    assert len(set(spread(rows, 64)[:, 0].tolist())) == 64

@@ -86,7 +86,7 @@ class _FusedHeadKD(torch.autograd.Function):
         # teacher logits, scratch; without a teacher only the first (CE needs no scratch).
         rows = min(chunk, s_h.shape[0])
         bufs = [s_h.new_empty(rows, w.shape[0]) for _ in range(3 if t_h is not None else 1)] if fast else None
-        if fast and t_h is not None and hasattr(head, "lend"):  # the scratch is free whenever the heads multiply
+        if fast and t_h is not None:  # the scratch is free whenever the heads multiply
             head.lend(bufs[-1])
         for i in range(0, s_h.shape[0], chunk):
             sl = slice(i, i + chunk)
@@ -141,6 +141,9 @@ class HeadMatmuls:
         self.w, self.chunk = w, chunk  # `positions` (the call's count) bounds a chunk's rows
         self.grad_w = torch.zeros_like(w)
 
+    def lend(self, buf: torch.Tensor) -> None:
+        """A contiguous fp32 (C, V) buffer the matmuls may overwrite (fp32 ones need none)."""
+
     def logits(self, h, alpha: float, out: torch.Tensor | None) -> torch.Tensor:
         """alpha * h @ W^T (C, V), into `out` when given."""
         if out is None:
@@ -182,7 +185,6 @@ class Bf16HeadMatmuls(HeadMatmuls):
         self.partial, self.pending, self.scratch, self.teacher_w = None, 0, None, None
 
     def lend(self, buf: torch.Tensor) -> None:
-        """A contiguous fp32 (C, V) buffer whose contents the matmuls may overwrite."""
         self.scratch = buf
 
     def stage(self, rows: int) -> torch.Tensor:

@@ -157,9 +157,8 @@ def _writer(fmt: str, plan: dict | None) -> str:
 
 def importance(ctx: RunContext, cfg: ExportConfig, src: Path, path: Path):
     """The importance matrix of the model in `src` on the recipe's training rows, saved to `path`."""
-    from edgekit.quant.imatrix import collect
-
     from edgekit.data.tokens import spread
+    from edgekit.quant.imatrix import collect
 
     rows = spread(ctx.rows("train"), cfg.imatrix_rows)
     im = collect(ctx.load_model(src), src, rows, ctx.recipe.data.train)

@@ -59,12 +59,11 @@ def run(ctx: RunContext, cfg: QuantizeConfig, out: Path) -> StageResult:
     from edgekit.bench.llama_runner import llama_scorer
     from edgekit.bench.quality import torch_scorer
     from edgekit.bench.speed import model_size
+    from edgekit.data.tokens import spread
     from edgekit.quant.ptq import artifacts, require_llmcompressor
 
     require_llmcompressor()
     src = model_to_quantize(ctx, cfg.model)
-    from edgekit.data.tokens import spread
-
     calib = spread(ctx.rows("train"), cfg.calibration_rows)  # over the whole train split; never the holdout
     if calib.shape[0] < cfg.calibration_rows:
         print(f"quantize: the train split has {calib.shape[0]} rows of {calib.shape[1]} tokens; "

@@ -75,9 +75,9 @@ class QATConfig(StageConfig, TrainSettings):
 
 @register("qat", QATConfig, produces=QATOutput, consumes=(DistillOutput,), trains=True)
 def run(ctx: RunContext, cfg: QATConfig, out: Path) -> StageResult:
+    from edgekit.data.tokens import spread
     from edgekit.distill.trainer import train
     from edgekit.models.loading import save_model
-    from edgekit.data.tokens import spread
     from edgekit.quant.qat import learned_scales, plan_types, prepare, strip
 
     src = ctx.student_path()

@@ -1,4 +1,4 @@
-"""Memory-lean KD: teacher formats (bitsandbytes NF4/int8, fp16) x optimizers (AdamW, 8-bit AdamW).
+"""Memory-lean KD: teacher formats (bitsandbytes NF4/int8, fp16, bf16) x optimizers (AdamW, 8-bit AdamW).
 
     .venv/bin/python benchmarks/lean_kd.py [--pair smollm2|gemma3] [--configs fp32/adamw,nf4/adamw]
                                            [--steps 16] [--batch 4] [--seq-len 128]
@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import rss_mb  # noqa: E402
 
-CONFIGS = "fp32/adamw,fp32/adamw8bit,fp16/adamw,nf4/adamw,nf4/adamw8bit,int8/adamw8bit"
+CONFIGS = "fp32/adamw,fp32/adamw8bit,fp16/adamw,bf16/adamw,nf4/adamw,nf4/adamw8bit,int8/adamw8bit"
 PAIRS = {"smollm2": ("embedded:smollm2-135m-instruct", "lean_kd.json"),
          "gemma3": ("embedded:gemma3-270m", "lean_kd_gemma3.json")}
 

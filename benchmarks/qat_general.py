@@ -17,7 +17,8 @@ each with perplexity, mean / p99 / p99.9 KLD, same-top-token share and file byte
 (ppl PTQ - ppl QAT) / (ppl PTQ - ppl F16) per subset. The recovery-vs-training-tokens curve
 ("_curve") scores the QAT stage's snapshots (qat.snapshots: the latent weights at those steps of the
 same run, so of one learning-rate schedule), each written on the Q4_K_M grid as the export writes
-the final one. --ptq-only skips the training stages (the llama.cpp variants only); --qat-only scores F16,
+the final one. --ptq-only skips the training stages (the post-training variants only: llama.cpp's
+mixes and GPTQ on the Q4_K_M grid); --qat-only scores F16,
 Q4_K_M and the QAT files only (the baselines QAT is judged against), e.g. for the data-free recipe,
 whose teacher-generated training text is also checked for 13-grams shared with the general set.
 --as=KEY keeps a variant of one model's recipe (the key.path=value overrides) as results key KEY, run in
@@ -152,8 +153,9 @@ def run_model(model: str, ptq_only: bool, overrides: list[str], qat_only: bool =
     name = MODELS[model]
     run_name = run_name or (f"{name}-ptq" if ptq_only else name)
     t0 = time.time()
-    if ptq_only:  # no training: export the untouched model only
-        art = run_recipe(f"{name}.yaml", run_name, "stages=[{type: export, model: teacher, formats: [f16]}]", *overrides)
+    if ptq_only:  # no training: GPTQ on the Q4_K_M grid and the F16 export, both of the untouched model
+        art = run_recipe(f"{name}.yaml", run_name, "stages=[{type: quantize, model: teacher, methods: [gptq], gguf: [q4_k_m], "
+                         "calibration_rows: 32}, {type: export, model: teacher, formats: [f16]}]", *overrides)
     else:
         art = run_recipe(f"{name}.yaml", run_name, *overrides)
     run = REPO / "runs" / run_name
@@ -164,7 +166,7 @@ def run_model(model: str, ptq_only: bool, overrides: list[str], qat_only: bool =
     calibration = texts.pop("train_calibration")
     baselines = {"mixes": ("q4_k_m",), "imatrix": False} if qat_only else {}
     files = {"f16": f16, **ptq_variants(f16, out, teacher_dir(run), calibration, **baselines)}
-    if not ptq_only and not qat_only:
+    if not qat_only:
         files["gptq_q4_k_m"] = next(stage_file(run, art, "quantize", "files", k) for k in art["quantize"]["outputs"]["files"]
                                     if k.endswith("q4_k_m"))
     if not ptq_only:

@@ -88,8 +88,8 @@ def held_blocks(m: ModelCounts, processes: int, sharded: bool) -> float:
 
 def teacher_bytes(t: ModelCounts, load: str | None, processes: int = 1, sharded: bool = False) -> float:
     other = t.params - t.block_linear
-    per_linear = {None: 4.0, "fp32": 4.0, "fp16": 2.0, "int8": 1.0 + 4.0 / t.hidden, "nf4": 0.5 + 0.02}[load]
-    per_other = {"fp16": 2.0, "int8": 1.0 + 4.0 / t.hidden, "nf4": 1.0 + 4.0 / t.hidden}.get(load, 4.0)
+    per_linear = {None: 4.0, "fp32": 4.0, "fp16": 2.0, "bf16": 2.0, "int8": 1.0 + 4.0 / t.hidden, "nf4": 0.5 + 0.02}[load]
+    per_other = {"fp16": 2.0, "bf16": 2.0, "int8": 1.0 + 4.0 / t.hidden, "nf4": 1.0 + 4.0 / t.hidden}.get(load, 4.0)
     return held_blocks(t, processes, sharded) * per_linear + other * per_other
 
 
@@ -223,7 +223,7 @@ def recipe_estimates(recipe, base, processes: int = 1) -> list[tuple[str, dict]]
         lora = getattr(st, "lora", None)
         trainable = lora_params(lora.r, lora.targets, scfg) if lora else None
         par = st.parallel
-        out.append((st.type, estimate(teacher, trained, teacher_load=t.load, optimizer=st.optimizer,
+        out.append((st.type, estimate(teacher, trained, teacher_load=t.weights, optimizer=st.optimizer,
                                       batch=st.batch_size, seq_len=recipe.data.seq_len, loss_chunk=st.loss_chunk,
                                       trainable=trainable, on_gpu=on_gpu, processes=processes,
                                       shard_student=par.student == "sharded", shard_teacher=par.teacher == "sharded",

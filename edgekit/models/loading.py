@@ -7,7 +7,7 @@ from pathlib import Path
 from edgekit.errors import EdgekitError
 
 
-LOAD_DTYPES = {"fp32": "float32", "fp16": "float16"}
+LOAD_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def quantization_config(load: str):
@@ -20,7 +20,7 @@ def quantization_config(load: str):
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise EdgekitError(f"teacher.load: {load} needs bitsandbytes",
-                           "pip install 'edgekit[lean]' (bitsandbytes==0.50.2), or use load: fp32 / fp16") from None
+                           "pip install 'edgekit[lean]' (bitsandbytes==0.50.2), or use load: fp32 / bf16 / fp16") from None
     if load == "nf4":
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=torch.float32)
@@ -28,7 +28,7 @@ def quantization_config(load: str):
 
 
 def load_causal_lm(path: Path, dtype: str = "float32", trust_remote_code: bool = False, load: str | None = None):
-    """A transformers causal LM from a local directory. `load` (fp32 | fp16 | nf4 | int8)
+    """A transformers causal LM from a local directory. `load` (fp32 | fp16 | bf16 | nf4 | int8)
     overrides `dtype`; nf4/int8 load the Linear weights through bitsandbytes (frozen use only)."""
     import torch
     from transformers import AutoModelForCausalLM

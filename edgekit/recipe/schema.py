@@ -27,8 +27,14 @@ class ModelSpec(Closed):
     revision: str | None = None
     trust_remote_code: bool = False  # off unless the recipe says so: hub code runs on your machine
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # fp32 on CPU: bf16 is ~25x slower here
-    # teacher weights in memory: nf4/int8 through bitsandbytes (frozen teacher only); fp16/fp32 set dtype
-    load: Literal["fp32", "fp16", "nf4", "int8"] | None = None
+    # teacher weights in memory: nf4/int8 through bitsandbytes (frozen teacher only); fp32/fp16/bf16 set dtype
+    # (bf16: half fp32's memory without fp16's overflow; fast only where the CPU multiplies bf16 natively)
+    load: Literal["fp32", "fp16", "bf16", "nf4", "int8"] | None = None
+
+    @property
+    def weights(self) -> str:
+        """The format the weights are held in: `load`, else the one `dtype` gives."""
+        return self.load or {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[self.dtype]
 
 
 class StudentSpec(Closed):

@@ -24,7 +24,7 @@ def support_problems(recipe, base: Path) -> tuple[list[str], list[str]]:
     problems, notes = _format_problems(recipe, arch, cfg)
     notes.append(f"teacher architecture {arch} (model_type {cfg.model_type})")
     problems += _vocabulary_problems(recipe, base) + _precision_problems(recipe, cfg.model_type)
-    return problems, notes
+    return problems, notes + _precision_notes(recipe)
 
 
 FP16_OVERFLOWS = ("gemma2", "gemma3", "gemma3_text")  # residual activations beyond fp16's 65504
@@ -34,9 +34,22 @@ def _precision_problems(recipe, model_type: str) -> list[str]:
     """Gemma's residual stream overflows fp16: Gemma 3 270M loaded fp16 gave NaN logits on the
     first text it saw (benchmarks/lean_kd.py), which KD would only report as a NaN loss."""
     t = recipe.teacher
-    if model_type in FP16_OVERFLOWS and (t.load == "fp16" or (t.load is None and t.dtype == "float16")):
+    if model_type in FP16_OVERFLOWS and t.weights == "fp16":
         return [f"teacher.load: fp16: {model_type} activations overflow float16 (Gemma 3 270M gives NaN logits); "
-                "use load: fp32, or nf4 / int8 (bitsandbytes computes in fp32) for less memory"]
+                "use load: bf16 (the same memory, float32's range), fp32, or nf4 / int8 (bitsandbytes computes in "
+                "fp32) for less memory"]
+    return []
+
+
+def _precision_notes(recipe) -> list[str]:
+    """A bf16 teacher on a CPU that emulates bf16: it runs, slowly (~25x fp32 on a 2-core AVX2 EPYC)."""
+    import torch
+
+    from edgekit.machine import cpu_has_bf16_matmul
+
+    if recipe.teacher.weights == "bf16" and not torch.cuda.is_available() and not cpu_has_bf16_matmul():
+        return ["teacher.load: bf16 on a CPU without native bf16 (AMX or AVX-512 BF16): the teacher's forward will be "
+                "far slower than fp32; load: nf4 / int8 save more memory at fp32 compute speed"]
     return []
 
 

@@ -28,10 +28,10 @@ def test_nf4_and_int8_teachers_stay_close_to_fp32(tiny_teacher_dir):
     assert 0 < kl["fp16"] < kl["int8"] < kl["nf4"] < uniform / 2, (kl, uniform)
 
 
-@pytest.mark.parametrize("load", ["fp16", "nf4"])
+@pytest.mark.parametrize("load", ["fp16", "bf16", "nf4"])
 def test_kd_step_runs_with_a_lean_teacher(tiny_teacher_dir, load):
-    """The fused loss reads an fp16 teacher's head (its dtype's matmul) and an NF4 teacher's int8
-    head, and gives a loss close to the fp32 teacher's."""
+    """The fused loss reads an fp16 or bf16 teacher's head (its dtype's matmul) and an NF4 teacher's
+    int8 head, and gives a loss close to the fp32 teacher's."""
     from edgekit.distill.trainer import KDSettings, chunked_loss, hidden_and_head
     from edgekit.models.loading import load_causal_lm
     from edgekit.models.student import init_from_teacher_layers
@@ -99,11 +99,29 @@ def test_estimate_grows_and_shrinks_as_it_should(tiny_teacher_dir):
     c = ModelCounts(params=135_000_000, block_linear=106_000_000, layers=30, hidden=576, intermediate=1536, vocab=49152)
     base = dict(batch=4, seq_len=256, loss_chunk=128)
     full = estimate(c, c, teacher_load=None, optimizer="adamw", **base)
+    for half in ("fp16", "bf16"):
+        assert estimate(c, c, teacher_load=half, optimizer="adamw", **base)["teacher_weights_mb"] == pytest.approx(
+            full["teacher_weights_mb"] / 2, rel=0.01)
     assert estimate(c, c, teacher_load="nf4", optimizer="adamw", **base)["teacher_weights_mb"] < full["teacher_weights_mb"]
     assert estimate(c, c, teacher_load=None, optimizer="adamw8bit", **base)["optimizer_states_mb"] == pytest.approx(
         full["optimizer_states_mb"] / 4, rel=0.05)
     assert estimate(c, c, teacher_load=None, optimizer="adamw", **(base | {"batch": 8}))["activations_mb"] == pytest.approx(
         2 * full["activations_mb"], rel=0.02)
+
+
+def test_a_half_precision_teacher_dtype_is_estimated_at_two_bytes(tiny_recipe):
+    """`dtype: bfloat16` (or float16) without `load` holds the teacher at 2 bytes a weight: the
+    estimate counts it so, as it counts `load: bf16`, not at fp32's 4."""
+    from edgekit.distill.memory import recipe_estimates
+    from edgekit.stages import load_recipe
+
+    text = tiny_recipe.read_text()
+    weights = {}
+    for name, spec in (("fp32", ""), ("dtype", "dtype: bfloat16, "), ("load", "load: bf16, ")):
+        tiny_recipe.write_text(text.replace("teacher: {model: ", "teacher: {" + spec + "model: "))
+        recipe, base = load_recipe(tiny_recipe)
+        weights[name] = recipe_estimates(recipe, base)[0][1]["teacher_weights_mb"]
+    assert weights["dtype"] == weights["load"] < weights["fp32"] * 0.6, weights  # 0.1 MB rounding of a tiny model
 
 
 def test_real_size_recipe_prints_its_estimate_from_cached_configs(tmp_path):

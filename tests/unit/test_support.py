@@ -69,6 +69,9 @@ def test_an_fp16_gemma_teacher_is_refused(tiny_teacher_dir, tmp_path, capsys, mo
     assert main(["validate", str(fp16)]) == 2
     assert "llama activations overflow float16" in capsys.readouterr().err
     assert main(["validate", str(recipe)]) == 0
+    bf16 = tmp_path / "bf16.yaml"  # what the refusal offers: the same memory, float32's exponent range
+    bf16.write_text(recipe.read_text().replace("teacher: {model: ", "teacher: {load: bf16, model: "))
+    assert main(["validate", str(bf16)]) == 0
 
 
 def test_a_vocabulary_as_wide_as_a_layer_is_refused_for_onnx(tiny_teacher_dir, tmp_path, capsys):

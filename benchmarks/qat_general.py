@@ -91,12 +91,15 @@ def snapshot_files(qat_stage: Path, out: Path) -> dict:
     from edgekit.quant.qat import learned_blocks
 
     plan = json.loads((qat_stage / "qat_plan.json").read_text())["plan"]
+    importance = qat_stage / "qat_importance.safetensors"
+    importance = load_file(str(importance)) if importance.is_file() else None
     files = {}
     for snap in sorted((qat_stage / "snapshots").glob("step-*"), key=lambda p: int(p.name.removeprefix("step-"))):
         path = out / f"qat-{snap.name}-Q4_K_M.gguf"
         if not path.is_file():
             scales = snap / "qat_scales.safetensors"
-            blocks = learned_blocks(snap, plan, load_file(str(scales))) if scales.is_file() else None
+            scales = load_file(str(scales)) if scales.is_file() else None
+            blocks = learned_blocks(snap, plan, scales, importance) if scales or importance else None
             write_gguf(snap, path, "q4_k_m", types=plan, blocks=blocks)
         files[f"qat_step{snap.name.removeprefix('step-')}"] = path
     return files

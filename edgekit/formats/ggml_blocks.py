@@ -76,6 +76,39 @@ def quantize(w: torch.Tensor, fmt: str) -> Blocks:
     return Blocks(fmt, q.to(torch.int16).reshape(w.shape), d[..., 0].half())
 
 
+def quantize_weighted(w: torch.Tensor, fmt: str, importance: torch.Tensor) -> Blocks:
+    """quantize_row_q4_0_impl / quantize_row_q5_0_impl: Q4_0 / Q5_0 with an importance matrix,
+    `importance` (C,) the per-column mean squared activation: each block's scale searched
+    (make_qx_quants) with value weights importance * sqrt(sigma2 + x^2), sigma2 the row's mean
+    square. Q8_0 ignores an importance matrix in llama.cpp, and so here."""
+    if fmt == "q8_0":
+        return quantize(w, fmt)
+    if fmt not in ("q4_0", "q5_0"):
+        raise ValueError(f"no exact importance-weighted quantizer for '{fmt}'")
+    b = _blocks(w)
+    rows, nb, _ = b.shape
+    x = b.reshape(-1, BLOCK).T.contiguous()  # (32, R * nb): a block down a column
+    flat = w.float().T.contiguous()  # the row's sum of squares in C's order
+    sigma2 = (kquants.seq_sum(flat * flat) / kquants.f32(w.shape[1])).repeat_interleave(nb)
+    qw = importance.float().reshape(1, nb, BLOCK).expand(rows, -1, -1).reshape(-1, BLOCK).T
+    weights = qw * (sigma2 + x * x).double().sqrt().float()
+    step = 1 << 15  # blocks per pass: bounds the search's (32, n, 18) candidates
+    parts = [kquants.make_qx_quants(x[:, i:i + step], 8 if fmt == "q4_0" else 16, weights[:, i:i + step])
+             for i in range(0, x.shape[1], step)]
+    d, q = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts], 1)
+    return Blocks(fmt, q.T.reshape(w.shape).to(torch.int16), d.reshape(rows, nb).half())
+
+
+def regrid(w: torch.Tensor, blk: Blocks) -> torch.Tensor:
+    """Q4_0 / Q5_0 grid of `w` on `blk`'s block scales, the codes re-rounded (kquants.regrid_k's
+    counterpart: QAT between two importance-weighted scale searches). (R, C) float32."""
+    half = {"q4_0": 8, "q5_0": 16}[blk.fmt]
+    b, d = _blocks(w), blk.d.float()[..., None]
+    q = torch.round(b * divide_or_zero(1.0, d)).clamp(-half, half - 1)
+    q = torch.where(d != 0, q, blk.q.float().reshape(b.shape) - half)
+    return (d * q).reshape(w.shape)
+
+
 def dequantize(blk: Blocks) -> torch.Tensor:
     rows, cols = blk.q.shape
     q = blk.q.float().reshape(rows, cols // BLOCK, BLOCK)
@@ -123,9 +156,17 @@ K_FORMATS = ("q4_k", "q6_k")
 GGML_TYPES = EXACT_TYPES  # GGML type -> exact format, from the one table in edgekit.formats
 
 
-def quantize_exact(w: torch.Tensor, fmt: str):
-    """Blocks (or K-quant super-blocks) of w in any exact format."""
-    return kquants.quantize_k(w, fmt) if fmt in K_FORMATS else quantize(w, fmt)
+def quantize_exact(w: torch.Tensor, fmt: str, importance: torch.Tensor | None = None):
+    """Blocks (or K-quant super-blocks) of w in any exact format; with `importance` (C,), what
+    llama.cpp's quantizer gives with an importance matrix (Q4_1 has none here: refused)."""
+    if fmt in K_FORMATS:
+        return kquants.quantize_k(w, fmt, importance)
+    return quantize(w, fmt) if importance is None else quantize_weighted(w, fmt, importance)
+
+
+def regrid_exact(w: torch.Tensor, blk) -> torch.Tensor:
+    """The grid of `w` on the scales of `blk` (K-quant super-blocks, or Q4_0/Q5_0 blocks)."""
+    return kquants.regrid_k(w, blk) if blk.fmt in K_FORMATS else regrid(w, blk)
 
 
 def dequantize_exact(blk) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """llama.cpp's K-quants Q4_K and Q6_K in PyTorch, bit for bit.
 
 Reproduces `quantize_row_q4_K_ref` and `quantize_row_q6_K_ref` (ggml-quants.c), which
-llama.cpp's quantizer runs when no importance matrix is given: the same float32
+llama.cpp's quantizer runs when no importance matrix is given, and with `importance` (the
+per-column mean squared activation an importance matrix holds) `quantize_row_q4_K_impl` /
+`quantize_row_q6_K_impl`, what it runs with one (`llama-quantize --imatrix`): the same float32
 operations in the same order (ggml-base is built without FMA contraction), sums
 accumulated sequentially over the 32 (or 16) values of a sub-block, `nearest_int`
 rounding halves to even, fp16 scales rounded to nearest even. Vectorised over all
@@ -118,26 +120,98 @@ def _q4_k_sub_scales(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     return make_qkx2_quants(x, weights, 15, -1.0, 0.1, 20)
 
 
-def quantize_q4_k(w: torch.Tensor) -> KBlocks:
-    """quantize_row_q4_K_ref. w: (R, C) with C % 256 == 0."""
+def _q4_k_weighted_sub_scales(x: torch.Tensor, qw: torch.Tensor, sigma2: torch.Tensor):
+    """quantize_row_q4_K_impl's sub-block search: x, qw (32, n), sigma2 (n,) of each sub-block's
+    super-block -> scale (n,), min (n,), L (32, n), sum of weights (n,)."""
+    weights = qw * (sigma2 + x * x).double().sqrt().float()
+    return *make_qkx2_quants(x, weights, 15, -0.9, 0.05, 36), seq_sum(weights)  # make_qkx3_quants, use_mad=false
+
+
+def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qp_quants for n groups at once: x, qw (k, n) (k values of a group down a
+    column) -> scale (n,), L (k, n) in 0..nmax: the importance-weighted super-block scale search
+    of quantize_row_q4_K_impl, with its coordinate-descent passes over the codes."""
+    k = x.shape[0]
+    mx = x.amax(0).clamp(min=0)
+    dead = mx < f32(1e-15)  # GROUP_MAX_EPS
+    safe = torch.where(dead, torch.ones_like(mx), mx)
+    iscale = f32(nmax) / safe
+    L = nearest_int(iscale * x)
+    scale = f32(1.0) / iscale
+    diff = x - scale * L
+    best = seq_sum(qw * diff * diff)
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        iscale_is = (f32(0.1) * f32(step) + f32(nmax)) / safe
+        scale_is = f32(1.0) / iscale_is
+        diff = x - scale_is * nearest_int(iscale_is * x).clamp(max=nmax)
+        mse = seq_sum(qw * diff * diff)
+        take = mse < best
+        best = torch.where(take, mse, best)
+        iscale = torch.where(take, iscale_is, iscale)
+    L = nearest_int(iscale * x).clamp(max=nmax)
+    sumlx, suml2 = seq_sum(qw * x * L), seq_sum(qw * L * L)
+    active = torch.ones_like(mx, dtype=torch.bool)
+    for _ in range(5):
+        changed = torch.zeros_like(active)
+        for i in range(k):  # in order: each accepted change moves the sums the next one sees
+            w, xi, li = qw[i], x[i], L[i]
+            slx, sl2 = sumlx - w * xi * li, suml2 - w * li * li
+            ok = active & (slx > 0) & (sl2 > 0)
+            new = nearest_int(xi * sl2 / torch.where(ok, slx, 1)).clamp(max=nmax)
+            ok &= new != li
+            slx, sl2 = slx + w * xi * new, sl2 + w * new * new
+            ok &= slx * slx * suml2 > sumlx * sumlx * sl2
+            L[i] = torch.where(ok, new, li)
+            sumlx, suml2 = torch.where(ok, slx, sumlx), torch.where(ok, sl2, suml2)
+            changed |= ok
+        active &= changed
+        if not active.any():
+            break
+    scale = torch.where(suml2 > 0, sumlx / torch.where(suml2 > 0, suml2, 1), 0)
+    return torch.where(dead, 0, scale), torch.where(dead[None], 0, L)
+
+
+def _column_weights(importance: torch.Tensor, rows: int, group: int) -> torch.Tensor:
+    """(C,) per-column importance -> (group, R * C / group), laid out as the sub-blocks are."""
+    return importance.float().reshape(1, -1, group).expand(rows, -1, -1).reshape(-1, group).T.contiguous()
+
+
+def quantize_q4_k(w: torch.Tensor, importance: torch.Tensor | None = None) -> KBlocks:
+    """quantize_row_q4_K_ref, or with `importance` (C,) quantize_row_q4_K_impl. w: (R, C) with
+    C % 256 == 0."""
     b = _super_blocks(w)  # (R, nb, 256)
     rows, nb, _ = b.shape
     sub = b.reshape(-1, 32).T.contiguous()  # (32, n)
-    parts = [_q4_k_sub_scales(sub[:, i:i + _CHUNK]) for i in range(0, sub.shape[1], _CHUNK)]
+    if importance is None:
+        parts = [_q4_k_sub_scales(sub[:, i:i + _CHUNK]) for i in range(0, sub.shape[1], _CHUNK)]
+    else:
+        qw = _column_weights(importance, rows, 32)
+        sq = b.reshape(-1, QK_K).T.contiguous()
+        sigma2 = (f32(2.0) * seq_sum(sq * sq) / f32(QK_K)).repeat_interleave(8)  # per super-block, per sub-block
+        parts = [_q4_k_weighted_sub_scales(sub[:, i:i + _CHUNK], qw[:, i:i + _CHUNK], sigma2[i:i + _CHUNK])
+                 for i in range(0, sub.shape[1], _CHUNK)]
     scales = torch.cat([p[0] for p in parts]).reshape(rows, nb, 8)
     mins = torch.cat([p[1] for p in parts]).reshape(rows, nb, 8)
     L = torch.cat([p[2] for p in parts], 1).T.reshape(rows, nb, 8, 32)
 
-    # C keeps the running max from +0.0 with `>`: a -0.0 min never replaces it
-    max_scale = torch.where(scales.amax(-1) > 0, scales.amax(-1), 0.0)  # (R, nb)
-    max_min = torch.where(mins.amax(-1) > 0, mins.amax(-1), 0.0)
-    inv_scale = torch.where(max_scale > 0, f32(63.0) / torch.where(max_scale > 0, max_scale, 1), 0)
-    inv_min = torch.where(max_min > 0, f32(63.0) / torch.where(max_min > 0, max_min, 1), 0)
-    # C stores nearest_int into a uint8_t, then MIN(63)
-    ls = torch.remainder(nearest_int(inv_scale[..., None] * scales), 256).clamp(max=63)
-    lm = torch.remainder(nearest_int(inv_min[..., None] * mins), 256).clamp(max=63)
-    d = (max_scale / f32(63.0)).half()
-    dmin = (max_min / f32(63.0)).half()
+    if importance is None:
+        # C keeps the running max from +0.0 with `>`: a -0.0 min never replaces it
+        max_scale = torch.where(scales.amax(-1) > 0, scales.amax(-1), 0.0)  # (R, nb)
+        max_min = torch.where(mins.amax(-1) > 0, mins.amax(-1), 0.0)
+        inv_scale = torch.where(max_scale > 0, f32(63.0) / torch.where(max_scale > 0, max_scale, 1), 0)
+        inv_min = torch.where(max_min > 0, f32(63.0) / torch.where(max_min > 0, max_min, 1), 0)
+        # C stores nearest_int into a uint8_t, then MIN(63)
+        ls = torch.remainder(nearest_int(inv_scale[..., None] * scales), 256).clamp(max=63)
+        lm = torch.remainder(nearest_int(inv_min[..., None] * mins), 256).clamp(max=63)
+        d = (max_scale / f32(63.0)).half()
+        dmin = (max_min / f32(63.0)).half()
+    else:  # both super-block scales searched, weighted by each sub-block's summed weights
+        sw = torch.cat([p[3] for p in parts]).reshape(-1, 8).T
+        d, ls = make_qp_quants(scales.reshape(-1, 8).T.contiguous(), 63, sw)
+        dmin, lm = make_qp_quants(mins.reshape(-1, 8).T.contiguous(), 63, sw)
+        d, dmin = d.reshape(rows, nb).half(), dmin.reshape(rows, nb).half()
+        # stored as uint8 (a negative code would wrap; the searches' scales and mins are >= 0)
+        ls, lm = torch.remainder(ls.T.reshape(rows, nb, 8), 256), torch.remainder(lm.T.reshape(rows, nb, 8), 256)
 
     dd = d.float()[..., None] * ls  # (R, nb, 8)
     dm = dmin.float()[..., None] * lm
@@ -150,14 +224,16 @@ def quantize_q4_k(w: torch.Tensor) -> KBlocks:
 
 # ---------------------------------------------------------------- Q6_K
 
-def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """ggml's make_qx_quants(rmse_type=1, no importance) for n sub-blocks: x (k, n) down
-    columns. Returns scale (n,) and L (k, n) in 0..2*nmax-1."""
+def make_qx_quants(x: torch.Tensor, nmax: int, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ggml's make_qx_quants(rmse_type=1) for n sub-blocks: x (k, n) down columns, `weights`
+    (k, n) the importance ones (`qw`), else x*x as without. Returns scale (n,) and L (k, n) in
+    0..2*nmax-1."""
     mx = x.gather(0, x.abs().argmax(0, keepdim=True))[0]  # signed value of largest magnitude
     zero = mx.abs() < f32(1e-15)
     mx_safe = torch.where(zero, torch.ones_like(mx), mx)
-    wx = (x * x * x)[..., None]  # w*x with w = x*x, as C evaluates w*x[i]*l
-    ww = (x * x)[..., None]
+    w = x * x if weights is None else weights
+    wx = (w * x)[..., None]  # as C evaluates w*x[i]*l
+    ww = w[..., None]
 
     def trial(iscale):  # iscale (n, S) -> codes (k, n, S), sumlx, suml2 (n, S)
         l = nearest_int(iscale * x[..., None]).clamp_(-nmax, nmax - 1)
@@ -180,12 +256,15 @@ def make_qx_quants_rmse1(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torc
     return scale, L
 
 
-def quantize_q6_k(w: torch.Tensor) -> KBlocks:
-    """quantize_row_q6_K_ref. w: (R, C) with C % 256 == 0."""
+def quantize_q6_k(w: torch.Tensor, importance: torch.Tensor | None = None) -> KBlocks:
+    """quantize_row_q6_K_ref, or with `importance` (C,) quantize_row_q6_K_impl (whose sub-block
+    search weights each value by its column's importance alone). w: (R, C) with C % 256 == 0."""
     b = _super_blocks(w)
     rows, nb, _ = b.shape
     sub = b.reshape(-1, 16).T.contiguous()  # (16, n)
-    parts = [make_qx_quants_rmse1(sub[:, i:i + _CHUNK], 32) for i in range(0, sub.shape[1], _CHUNK)]
+    qw = None if importance is None else _column_weights(importance, rows, 16)
+    parts = [make_qx_quants(sub[:, i:i + _CHUNK], 32, None if qw is None else qw[:, i:i + _CHUNK])
+             for i in range(0, sub.shape[1], _CHUNK)]
     scales = torch.cat([p[0] for p in parts]).reshape(rows, nb, 16)
     L = torch.cat([p[1] for p in parts], 1).T.reshape(rows, nb, 16, 16)
 
@@ -241,8 +320,8 @@ def regrid_k(w: torch.Tensor, blk: KBlocks) -> torch.Tensor:
     return (dd[..., None] * q).reshape(rows, cols)
 
 
-def quantize_k(w: torch.Tensor, fmt: str) -> KBlocks:
-    return {"q4_k": quantize_q4_k, "q6_k": quantize_q6_k}[fmt](w)
+def quantize_k(w: torch.Tensor, fmt: str, importance: torch.Tensor | None = None) -> KBlocks:
+    return {"q4_k": quantize_q4_k, "q6_k": quantize_q6_k}[fmt](w, importance)
 
 
 def _f16_bytes(x: torch.Tensor) -> torch.Tensor:

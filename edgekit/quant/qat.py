@@ -32,8 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from edgekit.formats import kquants
-from edgekit.formats.ggml_blocks import BLOCK, K_FORMATS, Blocks, dequantize_exact, quantize, quantize_exact
+from edgekit.formats.ggml_blocks import BLOCK, K_FORMATS, Blocks, dequantize_exact, quantize, quantize_exact, regrid_exact
 from edgekit.formats.ggml_blocks import GGML_TYPES as EXACT
 
 # block formats whose scales can be learned: signed code range and the offset the file stores
@@ -58,14 +57,16 @@ class FakeQuant(nn.Module):
     tensor's version; any optimizer step counts as a change too), so a tied weight, the
     micro-batches of a step and an evaluation share it; it is held between steps (one float
     copy of the weight). With `refresh` = N > 1, a K-quant tensor's scale search
-    (seconds per forward for a whole model) runs on every N-th new value only; in between,
-    the codes are re-rounded on the last scales (kquants.regrid_k): a point of the same
-    format, not necessarily the one llama.cpp's search would pick for the moved weights.
+    (seconds per forward for a whole model), and an importance-weighted Q4_0/Q5_0 one, runs on
+    every N-th new value only; in between, the codes are re-rounded on the last scales
+    (ggml_blocks.regrid_exact): a point of the same format, not necessarily the one llama.cpp's
+    search would pick for the moved weights. With `importance` (the weight's per-column mean
+    squared input, an importance matrix's), the search is llama.cpp's with that imatrix.
     The export always quantizes the final weights with the full search."""
 
-    def __init__(self, fmt: str, refresh: int = 1):
+    def __init__(self, fmt: str, refresh: int = 1, importance: torch.Tensor | None = None):
         super().__init__()
-        self.fmt, self.refresh = fmt, refresh
+        self.fmt, self.refresh, self.importance = fmt, refresh, importance
         self._seen, self._values, self._scales, self._grid = None, 0, None, None
         if not _STEP_HOOK:
             from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -77,10 +78,11 @@ class FakeQuant(nn.Module):
         if key != self._seen or self._grid is None:
             w16 = w.detach().half().float()
             if self._scales is not None and self._values % self.refresh:
-                self._grid = kquants.regrid_k(w16, self._scales)
+                self._grid = regrid_exact(w16, self._scales)
             else:
-                blk = quantize_exact(w16, self.fmt)
-                self._scales = blk if self.fmt in K_FORMATS and self.refresh > 1 else None
+                blk = quantize_exact(w16, self.fmt, self.importance)
+                searched = self.fmt in K_FORMATS or (self.importance is not None and self.fmt != "q8_0")
+                self._scales = blk if searched and self.refresh > 1 else None
                 self._grid = dequantize_exact(blk)
             self._seen, self._values = key, self._values + 1
         # exactly the grid forward (w + (grid - w) can be an ulp off), identity gradient
@@ -140,17 +142,21 @@ def learned_scales(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def learned_blocks(model_dir: Path, plan: dict[str, str], scales: dict[str, torch.Tensor]) -> dict[str, Blocks]:
-    """The GGUF blocks of a QAT student's saved latent weights on its learned scales."""
+def learned_blocks(model_dir: Path, plan: dict[str, str], scales: dict[str, torch.Tensor] | None,
+                   importance: dict[str, torch.Tensor] | None = None) -> dict:
+    """The GGUF blocks of a QAT student's saved latent weights where they are not llama.cpp's
+    plain quantization of them: on its learned scales, or searched with its importance matrix."""
     from safetensors import safe_open
 
-    blocks = {}
+    scales, importance, blocks = scales or {}, importance or {}, {}
     for f in sorted(model_dir.glob("*.safetensors")):
         with safe_open(f, framework="pt") as st:
             for key in st.keys():
                 if key in scales:
                     w = st.get_tensor(key).float()
                     blocks[key] = LearnedScale(w, EXACT[plan[key]], scales[key]).blocks(w)
+                elif key in importance and EXACT.get(plan.get(key, "")):
+                    blocks[key] = quantize_exact(st.get_tensor(key).half().float(), EXACT[plan[key]], importance[key])
     return blocks
 
 
@@ -180,11 +186,13 @@ def plan_types(model_dir: Path, mix: str = "q4_k_m") -> dict[str, str]:
 
 
 def prepare(model: nn.Module, plan: dict[str, str], scales: str = "recompute",
-            learned: dict[str, torch.Tensor] | None = None, scale_lr_ratio: float = 1.0, refresh: int = 1) -> dict:
+            learned: dict[str, torch.Tensor] | None = None, scale_lr_ratio: float = 1.0, refresh: int = 1,
+            importance: dict[str, torch.Tensor] | None = None) -> dict:
     """Register fake-quant parametrizations on every weight with an exact format: scales
     recomputed each step (FakeQuant; K-quant scales every `refresh` steps), or with `scales="learn"` learned for the LEARNABLE
     formats (LearnedScale; starting from `learned` scales when given, e.g. to rebuild a
-    trained QAT model). Tied weights share one quantizer. Returns {"fake_quantized": {name:
+    trained QAT model). `importance` ({weight: per-column mean squared input}) makes the
+    recomputed scales llama.cpp's importance-weighted ones. Tied weights share one quantizer. Returns {"fake_quantized": {name:
     fmt}, "float": {name: type}, "learned_scales": [names]} for the report."""
     done, skipped, learn, shared = {}, {}, [], {}
     for name, module in model.named_modules():
@@ -202,7 +210,7 @@ def prepare(model: nn.Module, plan: dict[str, str], scales: str = "recompute",
                 learn.append(key)
             quantizer = shared[id(weight)]
         else:
-            quantizer = FakeQuant(fmt, refresh)
+            quantizer = FakeQuant(fmt, refresh, (importance or {}).get(key))
         parametrize.register_parametrization(module, "weight", quantizer, unsafe=True)
         done[key] = fmt
     return {"fake_quantized": done, "float": skipped, "learned_scales": learn}

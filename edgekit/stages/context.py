@@ -67,7 +67,7 @@ class RunContext:
 
         model = self.load_model(qat.model)
         learned = qat.learned_scales()
-        prepare(model, qat.plan_data()["plan"], "learn" if learned else "recompute", learned)
+        prepare(model, qat.plan_data()["plan"], "learn" if learned else "recompute", learned, importance=qat.importances())
         return strip(model, on_grid=True)
 
     # --- inputs shared by stages -------------------------------------------------

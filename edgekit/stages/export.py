@@ -71,16 +71,18 @@ def file_metrics(path: Path, writer: str) -> dict:
 
 
 def qat_grid(ctx: RunContext, cfg: ExportConfig) -> tuple[dict | None, dict | None]:
-    """(plan, learned blocks) of the qat stage when the student is exported after one."""
+    """(plan, blocks) of the qat stage when the student is exported after one: the blocks of the
+    tensors whose grid is not llama.cpp's plain quantization (learned scales, or scales searched
+    with an importance matrix), None when there are none."""
     qat = ctx.get(QATOutput)
     if cfg.model != "student" or qat is None:
         return None, None
-    plan, scales = qat.plan_data(), qat.learned_scales()
-    if not scales:
+    plan, scales, importance = qat.plan_data(), qat.learned_scales(), qat.importances()
+    if not scales and not importance:
         return plan, None
-    from edgekit.quant.qat import learned_blocks  # learned scales: pack them and their codes
+    from edgekit.quant.qat import learned_blocks  # pack those scales and their codes
 
-    return plan, learned_blocks(qat.model, plan["plan"], scales)
+    return plan, learned_blocks(qat.model, plan["plan"], scales, importance)
 
 
 @register("export", ExportConfig, produces=ExportOutput, consumes=(DistillOutput, QATOutput, QuantizeOutput))

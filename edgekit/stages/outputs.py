@@ -28,17 +28,26 @@ class QATOutput:
     plan: Path  # qat_plan.json: {"mix", "plan": {weight: GGML type}, coverage}
     scales: Path | None = None  # learned block scales (scales: learn), safetensors
     float_model: Path | None = None  # the float twin: same training without fake quantization
+    importance: Path | None = None  # per-column importance the scale searches used (importance: imatrix)
 
     def plan_data(self) -> dict:
         return json.loads(self.plan.read_text())
 
     def learned_scales(self) -> dict | None:
         """{weight name: fp16 scales} when QAT learned them, else None."""
-        if self.scales is None:
-            return None
-        from safetensors.torch import load_file
+        return _tensors(self.scales)
 
-        return load_file(self.scales)
+    def importances(self) -> dict | None:
+        """{weight name: (in_features,) importance} when QAT's grid was importance-weighted, else None."""
+        return _tensors(self.importance)
+
+
+def _tensors(path: Path | None) -> dict | None:
+    if path is None:
+        return None
+    from safetensors.torch import load_file
+
+    return load_file(path)
 
 
 @dataclass

@@ -58,6 +58,11 @@ class QATConfig(StageConfig, TrainSettings):
     sequence_kd: SequenceKD | None = None
     calibration_rows: int = Field(32, ge=1)
     damp: float = Field(0.01, gt=0.0, le=1.0)
+    # none: each tensor's scales searched as llama.cpp's plain quantization does; imatrix: as it does with
+    # an importance matrix (`llama-quantize --imatrix`), measured on `calibration_rows` train rows of the
+    # student before QAT: each value weighted by its input channel's mean square (Q4_K, Q6_K, Q5_0, Q4_0;
+    # Q8_0 has no weighted search), so the training starts from llama.cpp's imatrix quantization
+    importance: Literal["none", "imatrix"] = "none"
 
     def recipe_problems(self, recipe) -> list[str]:
         problems = []
@@ -84,8 +89,10 @@ def run(ctx: RunContext, cfg: QATConfig, out: Path) -> StageResult:
     plan = plan_types(src, cfg.mix)
     student = ctx.load_model(src)
     rows, mask, data = training_rows(ctx, cfg, out)
+    importance = column_importance(student, src, spread(rows, cfg.calibration_rows)) if cfg.importance == "imatrix" else None
     init = gptq_init(student, plan, spread(rows, cfg.calibration_rows), cfg.damp) if cfg.init == "gptq" else {}
-    coverage = prepare(student, plan, cfg.scales, scale_lr_ratio=cfg.scale_lr / cfg.lr, refresh=cfg.scale_refresh)
+    coverage = prepare(student, plan, cfg.scales, scale_lr_ratio=cfg.scale_lr / cfg.lr, refresh=cfg.scale_refresh,
+                       importance=importance)
     if cfg.activations == "llama_cpp":
         from edgekit.quant.act_rounding import llama_cpp_activations
 
@@ -103,6 +110,11 @@ def run(ctx: RunContext, cfg: QATConfig, out: Path) -> StageResult:
 
         save_file(scales, str(out / "qat_scales.safetensors"))
         outputs.scales = out / "qat_scales.safetensors"
+    if importance:  # the export and evaluation search the final weights' scales with the same importance
+        from safetensors.torch import save_file
+
+        save_file(importance, str(out / "qat_importance.safetensors"))
+        outputs.importance = out / "qat_importance.safetensors"
     twin_last = None
     if "float" in cfg.baselines:
         del student
@@ -112,7 +124,7 @@ def run(ctx: RunContext, cfg: QATConfig, out: Path) -> StageResult:
         save_model(twin, src, out / "float_model")
         outputs.float_model = out / "float_model"
     return StageResult(outputs, {
-        "mix": cfg.mix, "init": cfg.init, **init, "data": data, "final": last, "float_twin_final": twin_last,
+        "mix": cfg.mix, "init": cfg.init, **init, "importance": cfg.importance, "data": data, "final": last, "float_twin_final": twin_last,
         "scales": cfg.scales, "scale_refresh": cfg.scale_refresh, "activations": cfg.activations, "learned_scale_tensors": len(coverage["learned_scales"]),
         "fake_quantized": dict(Counter(coverage["fake_quantized"].values())),
         "left_in_float": dict(Counter(coverage["float"].values()))})
@@ -148,6 +160,24 @@ def snapshot_saver(student, tokenizer_dir: Path, folder: Path, steps: list[int])
                     save_file(scales, str(tmp / "qat_scales.safetensors"))
 
     return keep
+
+
+def column_importance(model, model_dir: Path, calib) -> dict:
+    """{weight name: (in_features,) mean squared input} over `calib` rows: the importance matrix
+    llama.cpp would be given (quant.imatrix), keyed by the transformers weights it weights."""
+    import torch
+
+    from edgekit.export.gguf_write import gguf_names
+    from edgekit.quant.imatrix import collect
+
+    by_gguf = {g: k for k, g in gguf_names(model_dir).items()}
+    means = collect(model, model_dir, calib, "train").means()
+    out = {by_gguf[g]: torch.from_numpy(v).contiguous() for g, v in means.items() if g in by_gguf}
+    if getattr(model.config, "tie_word_embeddings", False):
+        embed = next((k for k in out if k.endswith("embed_tokens.weight")), None)
+        if embed:  # one tensor in the file: the output head's input weights it
+            out["lm_head.weight"] = out[embed].clone()  # safetensors stores no shared memory
+    return out
 
 
 def gptq_init(model, plan: dict[str, str], calib, damp: float) -> dict:

@@ -10,13 +10,14 @@ from tests.unit.test_qat import assert_file_holds_the_trained_grid, assert_onnx_
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("init,scales,activations", [("float", "recompute", "float"), ("gptq", "recompute", "float"),
-                                                     ("float", "learn", "float"), ("float", "recompute", "llama_cpp")])
-def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path, init, scales, activations):
+@pytest.mark.parametrize("init,scales,activations,importance", [
+    ("float", "recompute", "float", "none"), ("gptq", "recompute", "float", "none"), ("float", "learn", "float", "none"),
+    ("float", "recompute", "llama_cpp", "none"), ("float", "recompute", "float", "imatrix")])
+def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path, init, scales, activations, importance):
     text = tiny_recipe.read_text().replace(
         "  - {type: export, formats: [f16, q8_0, onnx_int4]}",
         f"  - {{type: qat, steps: 3, batch_size: 2, loss_chunk: 16, lr: 1.0e-3, init: {init}, calibration_rows: 4, "
-        f"scales: {scales}, scale_lr: 0.05, activations: {activations}}}\n"
+        f"scales: {scales}, scale_lr: 0.05, activations: {activations}, importance: {importance}}}\n"
         "  - {type: export, formats: [f16, q4_k_m, onnx_int4]}")
     tiny_recipe.write_text(text)
     assert main(["run", str(tiny_recipe), "--runs-dir", str(tmp_path)]) == 0
@@ -27,6 +28,9 @@ def test_qat_recipe_end_to_end_parity(tiny_recipe, tmp_path, init, scales, activ
     assert not q["left_in_float"]  # widths of 64: every tensor falls back to an exact block format
     assert q["activations"] == activations
     assert q["scales"] == scales and (q["learned_scale_tensors"] > 10) == (scales == "learn")
+    assert q["importance"] == importance
+    qat_stage = next((tmp_path / "tiny" / "stages").glob("*-qat"))
+    assert (qat_stage / "qat_importance.safetensors").is_file() == (importance == "imatrix")
     run_dir = tmp_path / "tiny"
     qat_dir = next((run_dir / "stages").glob("*-qat"))
     assert_file_holds_the_trained_grid(run_dir / "export" / "tiny-student-Q4_K_M.gguf", qat_dir)

@@ -1,6 +1,7 @@
 """Q4_K and Q6_K against llama.cpp itself: the ggml library inside llama-cpp-python
-quantizes the same floats (`ggml_quantize_chunk`, no importance matrix: the reference
-quantizers llama-quantize runs) and our bytes must be the same bytes."""
+quantizes the same floats (`ggml_quantize_chunk`: without an importance matrix the reference
+quantizers llama-quantize runs, with one its importance-weighted ones) and our bytes must be
+the same bytes."""
 
 import ctypes
 from pathlib import Path
@@ -12,14 +13,15 @@ from gguf import GGMLQuantizationType as T
 from gguf import GGUFReader, quants
 
 from edgekit.formats.ggml_blocks import to_bytes
-from edgekit.formats.kquants import dequantize_k, quantize_k, regrid_k
+from edgekit.formats.kquants import dequantize_k, pack_k, quantize_k, regrid_k
 from tests.conftest import make_tiny_llama
 
 GGML_TYPE = {"q4_0": 2, "q4_1": 3, "q5_0": 6, "q8_0": 8, "q4_k": 12, "q6_k": 14}  # enum ggml_type
 
 
-def llama_cpp_bytes(w: torch.Tensor, fmt: str) -> np.ndarray:
-    """llama.cpp's own quantization of w (R, C): (R, bytes per row) uint8."""
+def llama_cpp_bytes(w: torch.Tensor, fmt: str, importance: torch.Tensor | None = None) -> np.ndarray:
+    """llama.cpp's own quantization of w (R, C), with an importance matrix's column weights
+    `importance` (C,) when given: (R, bytes per row) uint8."""
     import llama_cpp
 
     lib_path = next((Path(llama_cpp.__file__).parent / "lib").glob("libggml-base.*"))
@@ -33,7 +35,9 @@ def llama_cpp_bytes(w: torch.Tensor, fmt: str) -> np.ndarray:
     rows, cols = src.shape
     row_bytes = lib.ggml_row_size(GGML_TYPE[fmt], cols)
     dst = np.zeros((rows, row_bytes), np.uint8)
-    lib.ggml_quantize_chunk(GGML_TYPE[fmt], src.ctypes.data, dst.ctypes.data, 0, rows, cols, None)
+    qw = None if importance is None else np.ascontiguousarray(importance.numpy(), dtype=np.float32)
+    lib.ggml_quantize_chunk(GGML_TYPE[fmt], src.ctypes.data, dst.ctypes.data, 0, rows, cols,
+                            None if qw is None else qw.ctypes.data)
     return dst
 
 
@@ -56,6 +60,29 @@ def test_bytes_equal_llama_cpp(fmt, seed):
     assert np.array_equal(to_bytes(w, fmt).numpy(), llama_cpp_bytes(w, fmt))
 
 
+def importance(cols: int, seed: int) -> torch.Tensor:
+    """Column weights as an importance matrix holds them: mean squared activations, spread over
+    orders of magnitude (a few outlier channels), a zero column (a channel never active)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    qw = torch.exp(torch.randn(cols, generator=g) * 1.5) * 1e-2
+    qw[3] = 0.0
+    return qw
+
+
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q5_0", "q4_0", "q8_0"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_importance_weighted_bytes_equal_llama_cpp(fmt, seed):
+    """With an importance matrix (llama-quantize --imatrix): quantize_row_*_impl, byte for byte,
+    and different from the unweighted quantization (the weights are used) except Q8_0's, which
+    llama.cpp does not weight."""
+    from edgekit.formats.ggml_blocks import pack_exact, quantize_exact
+
+    w, qw = weights(seed), importance(512, seed)
+    ours = pack_exact(quantize_exact(w, fmt, qw)).numpy()
+    assert np.array_equal(ours, llama_cpp_bytes(w, fmt, qw))
+    assert np.array_equal(ours, to_bytes(w, fmt).numpy()) == (fmt == "q8_0")
+
+
 def test_real_weights_equal_llama_cpp(tiny_wide_dir):
     """Trained-looking weights (a model quantized before has ties everywhere)."""
     from safetensors.torch import load_file
@@ -64,6 +91,8 @@ def test_real_weights_equal_llama_cpp(tiny_wide_dir):
     w = (w * 0.1).half().float()
     for fmt in ("q4_k", "q6_k"):
         assert np.array_equal(to_bytes(w, fmt).numpy(), llama_cpp_bytes(w, fmt))
+        qw = importance(w.shape[1], 0)
+        assert np.array_equal(pack_k(quantize_k(w, fmt, qw)).numpy(), llama_cpp_bytes(w, fmt, qw))
 
 
 @pytest.mark.parametrize("fmt,ggml", [("q4_k", T.Q4_K), ("q6_k", T.Q6_K)])
@@ -127,3 +156,48 @@ def test_planned_gguf_is_llama_cpp_quantization_byte_for_byte(tiny_wide_dir, tmp
     assert ours.stat().st_size == theirs.stat().st_size
 
 
+
+
+@pytest.mark.parametrize("model", ["tiny_wide_dir", "tiny_teacher_dir"])
+def test_importance_weighted_qat_grid_is_llama_cpp_imatrix_quantization(model, request, tmp_path):
+    """QAT with `importance: imatrix` starts on llama.cpp's imatrix quantization: the importance
+    measured on the model, written on the plan with it (as the export writes a QAT student), is
+    llama-quantize's Q4_K_M with the same importance matrix byte for byte (Q4_K/Q6_K at width 256;
+    the Q5_0/Q8_0 fallbacks of the narrow model), and the fake quantizer's forward is that grid."""
+    from safetensors.torch import load_file
+
+    from edgekit.export.gguf_write import write_gguf
+    from edgekit.export.llama_quantize import quantize_gguf
+    from edgekit.formats.ggml_blocks import GGML_TYPES, grid, quantize_exact, dequantize_exact
+    from edgekit.models.loading import load_causal_lm
+    from edgekit.quant.imatrix import collect
+    from edgekit.quant.qat import learned_blocks, plan_types, prepare
+    from edgekit.stages.qat import column_importance
+
+    folder = request.getfixturevalue(model)
+    model = load_causal_lm(folder)
+    rows = torch.randint(0, model.config.vocab_size, (4, 24), generator=torch.Generator().manual_seed(0))
+    plan = plan_types(folder, "q4_k_m")
+    importance = column_importance(model, folder, rows)
+    ours = write_gguf(folder, tmp_path / "ours.gguf", "q4_k_m", types=plan,
+                      blocks=learned_blocks(folder, plan, None, importance))
+    theirs = quantize_gguf(write_gguf(folder, tmp_path / "F16.gguf", "f16"), tmp_path / "llama-imatrix.gguf", "q4_k_m",
+                           imatrix=collect(model, folder, rows, "t").means())
+    plain = {t.name: np.asarray(t.data) for t in GGUFReader(quantize_gguf(tmp_path / "F16.gguf", tmp_path / "plain.gguf",
+                                                                          "q4_k_m")).tensors}
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(theirs).tensors}
+    assert a.keys() == b.keys()
+    for name in b:
+        assert a[name].tensor_type == b[name].tensor_type, name
+        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    weighted = [n for n in b if b[n].tensor_type.name not in ("F32", "F16", "Q8_0")]
+    assert weighted and all(not np.array_equal(np.asarray(b[n].data), plain[n]) for n in weighted)
+
+    key = next(k for k, t in plan.items() if t in ("Q4_K", "Q5_0") and k in importance)
+    w = load_file(folder / "model.safetensors")[key].half().float()
+    prepare(model, plan, refresh=1, importance=importance)
+    module = model.get_submodule(key.removesuffix(".weight"))
+    fmt = GGML_TYPES[plan[key]]
+    assert torch.equal(module.weight.detach(), dequantize_exact(quantize_exact(w, fmt, importance[key])))
+    assert not torch.equal(module.weight.detach(), grid(w, fmt))

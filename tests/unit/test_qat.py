@@ -5,6 +5,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
+
 
 from edgekit.cli import main
 from edgekit.quant.qat import plan_types
@@ -16,6 +18,13 @@ def test_plan_reads_llama_cpp_choices(tiny_teacher_dir):
     assert plan["model.layers.0.self_attn.q_proj.weight"] in ("Q5_0", "Q8_0", "Q4_0", "Q5_1", "Q4_1")
     assert "model.norm.weight" not in plan  # 1-D: llama.cpp keeps norms in F32, nothing to plan
     assert plan["lm_head.weight"] == plan["model.embed_tokens.weight"]
+
+
+def saved(qat_dir, name: str) -> dict:
+    """A qat stage's tensors file (learned scales, importance), {} when it wrote none."""
+    from safetensors.torch import load_file
+
+    return load_file(qat_dir / f"{name}.safetensors") if (qat_dir / f"{name}.safetensors").is_file() else {}
 
 
 def assert_onnx_holds_the_trained_grid(folder, qat_dir):
@@ -30,7 +39,7 @@ def assert_onnx_holds_the_trained_grid(folder, qat_dir):
     from edgekit.quant.qat import FakeQuant, LearnedScale
 
     plan = json.loads((qat_dir / "qat_plan.json").read_text())["fake_quantized"]
-    scales = load_file(qat_dir / "qat_scales.safetensors") if (qat_dir / "qat_scales.safetensors").is_file() else {}
+    scales, importance = saved(qat_dir, "qat_scales"), saved(qat_dir, "qat_importance")
     latent = load_file(qat_dir / "model" / "model.safetensors")
     with tempfile.TemporaryDirectory() as tmp:  # a run's published files are hard links, which onnx.load refuses
         model = onnx.load(str(shutil.copytree(folder, Path(tmp) / "m") / "model.onnx"))
@@ -38,8 +47,8 @@ def assert_onnx_holds_the_trained_grid(folder, qat_dir):
     nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     for node in nodes:
         keys = _hf_keys(node.input[1], tied="lm_head.weight" not in latent)
-        grids = [(LearnedScale(latent[k], plan[k], scales[k]) if k in scales else FakeQuant(plan[k]))(latent[k]).detach()
-                 for k in keys]
+        grids = [(LearnedScale(latent[k], plan[k], scales[k]) if k in scales
+                  else FakeQuant(plan[k], importance=importance.get(k)))(latent[k]).detach() for k in keys]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         held = dequantize_node(node, attrs, inits)
         if any(plan[k] in ("q4_1", "q4_k") for k in keys):
@@ -60,7 +69,7 @@ def assert_file_holds_the_trained_grid(gguf_path, qat_dir, min_checked=20):
     from edgekit.quant.qat import FakeQuant, LearnedScale
     from tests.conftest import file_rows
 
-    scales = load_file(qat_dir / "qat_scales.safetensors") if (qat_dir / "qat_scales.safetensors").is_file() else {}
+    scales, importance = saved(qat_dir, "qat_scales"), saved(qat_dir, "qat_importance")
     moved = 0
     plan = json.loads((qat_dir / "qat_plan.json").read_text())["fake_quantized"]
     latent = load_file(qat_dir / "model" / "model.safetensors")
@@ -76,7 +85,7 @@ def assert_file_holds_the_trained_grid(gguf_path, qat_dir, min_checked=20):
             want = learned(latent[key]).detach().numpy()
             moved += int(not torch.equal(scales[key], LearnedScale(latent[key], fmt).scale().half()))
         else:
-            want = FakeQuant(fmt)(latent[key]).detach().numpy()
+            want = FakeQuant(fmt, importance=importance.get(key))(latent[key]).detach().numpy()
         assert np.array_equal(got, want[rows]), key
         checked += 1
     assert checked >= min_checked
@@ -118,23 +127,25 @@ def test_gptq_init_puts_the_fake_quantizers_on_gptqs_grid(tiny_teacher_dir):
     assert same / total > 0.98
 
 
-def test_fake_quant_searches_once_per_weight_value_and_every_nth_value_with_refresh(monkeypatch):
+@pytest.mark.parametrize("fmt,weighted", [("q4_k", False), ("q5_0", True), ("q4_k", True)])
+def test_fake_quant_searches_once_per_weight_value_and_every_nth_value_with_refresh(monkeypatch, fmt, weighted):
     """The grid is cached per value of the weights (an in-place optimizer step makes a new one);
-    with refresh=3 the K-quant search runs on the 1st and 4th values only, and each forward is
-    the grid on the scales of the last search."""
+    with refresh=3 the scale search (K-quants; Q5_0 when importance-weighted) runs on the 1st and
+    4th values only, and each forward is the grid on the scales of the last search."""
     import torch
 
-    from edgekit.formats import kquants
+    from edgekit.formats.ggml_blocks import dequantize_exact, quantize_exact, regrid_exact
     from edgekit.quant import qat
 
     searches = []
     real = qat.quantize_exact
-    monkeypatch.setattr(qat, "quantize_exact", lambda w, fmt: searches.append(fmt) or real(w, fmt))
+    monkeypatch.setattr(qat, "quantize_exact", lambda w, fmt, imp=None: searches.append(fmt) or real(w, fmt, imp))
+    importance = torch.rand(256, generator=torch.Generator().manual_seed(0)) + 0.1 if weighted else None
     w = torch.nn.Parameter(torch.randn(4, 256) * 0.05)
-    fq = qat.FakeQuant("q4_k", refresh=3)
+    fq = qat.FakeQuant(fmt, refresh=3, importance=importance)
     first = fq(w)
     assert torch.equal(fq(w), first) and len(searches) == 1  # same value: no new search
-    blk = kquants.quantize_k(w.detach().half().float(), "q4_k")
+    blk = quantize_exact(w.detach().half().float(), fmt, importance)
     opt = torch.optim.SGD([w], lr=1e-3)
     for value in range(2, 6):
         w.grad = torch.randn_like(w)
@@ -142,10 +153,10 @@ def test_fake_quant_searches_once_per_weight_value_and_every_nth_value_with_refr
         got = fq(w).detach()
         w16 = w.detach().half().float()
         if value == 4:
-            blk = kquants.quantize_k(w16, "q4_k")
-            assert torch.equal(got, kquants.dequantize_k(blk))
+            blk = quantize_exact(w16, fmt, importance)
+            assert torch.equal(got, dequantize_exact(blk))
         else:
-            assert torch.equal(got, kquants.regrid_k(w16, blk))
+            assert torch.equal(got, regrid_exact(w16, blk))
     assert len(searches) == 2
     w.grad = None
     (fq(w) * torch.ones(4, 256)).sum().backward()

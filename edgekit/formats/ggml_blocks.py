@@ -90,7 +90,7 @@ def quantize_weighted(w: torch.Tensor, fmt: str, importance: torch.Tensor) -> Bl
     x = b.reshape(-1, BLOCK).T.contiguous()  # (32, R * nb): a block down a column
     flat = w.float().T.contiguous()  # the row's sum of squares in C's order
     sigma2 = (kquants.seq_sum(flat * flat) / kquants.f32(w.shape[1])).repeat_interleave(nb)
-    qw = importance.float().reshape(1, nb, BLOCK).expand(rows, -1, -1).reshape(-1, BLOCK).T
+    qw = kquants.column_weights(importance, rows, BLOCK)
     weights = qw * (sigma2 + x * x).double().sqrt().float()
     step = 1 << 15  # blocks per pass: bounds the search's (32, n, 18) candidates
     parts = [kquants.make_qx_quants(x[:, i:i + step], 8 if fmt == "q4_0" else 16, weights[:, i:i + step])

@@ -171,7 +171,7 @@ def make_qp_quants(x: torch.Tensor, nmax: int, qw: torch.Tensor) -> tuple[torch.
     return torch.where(dead, 0, scale), torch.where(dead[None], 0, L)
 
 
-def _column_weights(importance: torch.Tensor, rows: int, group: int) -> torch.Tensor:
+def column_weights(importance: torch.Tensor, rows: int, group: int) -> torch.Tensor:
     """(C,) per-column importance -> (group, R * C / group), laid out as the sub-blocks are."""
     return importance.float().reshape(1, -1, group).expand(rows, -1, -1).reshape(-1, group).T.contiguous()
 
@@ -185,7 +185,7 @@ def quantize_q4_k(w: torch.Tensor, importance: torch.Tensor | None = None) -> KB
     if importance is None:
         parts = [_q4_k_sub_scales(sub[:, i:i + _CHUNK]) for i in range(0, sub.shape[1], _CHUNK)]
     else:
-        qw = _column_weights(importance, rows, 32)
+        qw = column_weights(importance, rows, 32)
         sq = b.reshape(-1, QK_K).T.contiguous()
         sigma2 = (f32(2.0) * seq_sum(sq * sq) / f32(QK_K)).repeat_interleave(8)  # per super-block, per sub-block
         parts = [_q4_k_weighted_sub_scales(sub[:, i:i + _CHUNK], qw[:, i:i + _CHUNK], sigma2[i:i + _CHUNK])
@@ -262,7 +262,7 @@ def quantize_q6_k(w: torch.Tensor, importance: torch.Tensor | None = None) -> KB
     b = _super_blocks(w)
     rows, nb, _ = b.shape
     sub = b.reshape(-1, 16).T.contiguous()  # (16, n)
-    qw = None if importance is None else _column_weights(importance, rows, 16)
+    qw = None if importance is None else column_weights(importance, rows, 16)
     parts = [make_qx_quants(sub[:, i:i + _CHUNK], 32, None if qw is None else qw[:, i:i + _CHUNK])
              for i in range(0, sub.shape[1], _CHUNK)]
     scales = torch.cat([p[0] for p in parts]).reshape(rows, nb, 16)

@@ -147,13 +147,19 @@ def test_planned_gguf_is_llama_cpp_quantization_byte_for_byte(tiny_wide_dir, tmp
     assert {"Q4_K", "Q6_K"} <= set(plan.values())
     ours = write_gguf(tiny_wide_dir, tmp_path / "ours-Q4_K_M.gguf", "q4_k_m", types=plan)
     theirs = quantize_gguf(write_gguf(tiny_wide_dir, tmp_path / "F16.gguf", "f16"), tmp_path / "llama-Q4_K_M.gguf", "q4_k_m")
+    assert_same_tensors(ours, theirs)
+    assert ours.stat().st_size == theirs.stat().st_size
+
+
+def assert_same_tensors(ours, theirs) -> dict:
+    """Two GGUF files hold the same tensors, types and bytes; returns theirs by name."""
     a = {t.name: t for t in GGUFReader(ours).tensors}
     b = {t.name: t for t in GGUFReader(theirs).tensors}
     assert a.keys() == b.keys()
     for name in b:
         assert a[name].tensor_type == b[name].tensor_type, name
         assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
-    assert ours.stat().st_size == theirs.stat().st_size
+    return b
 
 
 
@@ -185,12 +191,7 @@ def test_importance_weighted_qat_grid_is_llama_cpp_imatrix_quantization(model, r
                            imatrix=collect(model, folder, rows, "t").means())
     plain = {t.name: np.asarray(t.data) for t in GGUFReader(quantize_gguf(tmp_path / "F16.gguf", tmp_path / "plain.gguf",
                                                                           "q4_k_m")).tensors}
-    a = {t.name: t for t in GGUFReader(ours).tensors}
-    b = {t.name: t for t in GGUFReader(theirs).tensors}
-    assert a.keys() == b.keys()
-    for name in b:
-        assert a[name].tensor_type == b[name].tensor_type, name
-        assert np.array_equal(np.asarray(a[name].data), np.asarray(b[name].data)), name
+    b = assert_same_tensors(ours, theirs)
     weighted = [n for n in b if b[n].tensor_type.name not in ("F32", "F16", "Q8_0")]
     assert weighted and all(not np.array_equal(np.asarray(b[n].data), plain[n]) for n in weighted)
 

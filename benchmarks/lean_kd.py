@@ -143,6 +143,9 @@ def main() -> None:
                               str(a.batch), "--seq-len", str(a.seq_len)], text=True, stdout=subprocess.PIPE, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
+    from edgekit.models.sources import resolve_model
+
+    resolve_model(model, REPO)  # an embedded model's first use converts it: not inside a measuring process
     rows, held = [], {}
     for config in a.configs.split(","):
         load, optimizer = config.split("/")

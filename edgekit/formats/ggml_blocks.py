@@ -158,7 +158,8 @@ GGML_TYPES = EXACT_TYPES  # GGML type -> exact format, from the one table in edg
 
 def quantize_exact(w: torch.Tensor, fmt: str, importance: torch.Tensor | None = None):
     """Blocks (or K-quant super-blocks) of w in any exact format; with `importance` (C,), what
-    llama.cpp's quantizer gives with an importance matrix (Q4_1 has none here: refused)."""
+    llama.cpp's quantizer gives with an importance matrix (Q4_1 has none here: a ValueError;
+    `qat.importance` refuses the q4_1 mix up front)."""
     if fmt in K_FORMATS:
         return kquants.quantize_k(w, fmt, importance)
     return quantize(w, fmt) if importance is None else quantize_weighted(w, fmt, importance)

@@ -73,6 +73,9 @@ class QATConfig(StageConfig, TrainSettings):
         late = [n for n in self.snapshots if not 1 <= n <= self.steps]
         if late:
             problems.append(f"qat.snapshots {late} are outside steps 1..{self.steps}; keep snapshot steps within qat.steps")
+        if self.importance == "imatrix" and self.mix == "q4_1":
+            problems.append("qat.importance: imatrix has no importance-weighted Q4_1 quantizer here; "
+                            "use importance: none with mix q4_1, or mix q4_k_m / q4_0")
         if exp is not None and self.mix not in exp.formats:
             problems.append(f"qat.mix is '{self.mix}' but export.formats is {exp.formats}; export the format QAT trained for")
         return problems

@@ -100,6 +100,16 @@ def test_qat_mix_must_be_exported(tiny_recipe, capsys):
     assert "qat.mix is 'q4_k_m' but export.formats" in capsys.readouterr().err
 
 
+def test_importance_weighting_of_a_q4_1_mix_is_refused_before_training(tiny_recipe, capsys):
+    """llama.cpp weights Q4_1 with an importance matrix through a search edgekit does not reproduce:
+    validate says so instead of the fake quantizer failing at the first step."""
+    text = tiny_recipe.read_text().replace("  - {type: export, formats: [f16, q8_0, onnx_int4]}",
+                                           "  - {type: qat, mix: q4_1, importance: imatrix}\n  - {type: export, formats: [f16, q4_1]}")
+    tiny_recipe.write_text(text)
+    assert main(["validate", str(tiny_recipe)]) == 2
+    assert "no importance-weighted Q4_1 quantizer" in capsys.readouterr().err
+
+
 def test_gptq_init_puts_the_fake_quantizers_on_gptqs_grid(tiny_teacher_dir):
     """Starting QAT from GPTQ means the fake-quantized forward computes with GPTQ's weights:
     the exact quantizer, run again on GPTQ's decoded blocks, gives those values back, except

@@ -92,8 +92,9 @@ def run(ctx: RunContext, cfg: QATConfig, out: Path) -> StageResult:
     plan = plan_types(src, cfg.mix)
     student = ctx.load_model(src)
     rows, mask, data = training_rows(ctx, cfg, out)
-    importance = column_importance(student, src, spread(rows, cfg.calibration_rows)) if cfg.importance == "imatrix" else None
-    init = gptq_init(student, plan, spread(rows, cfg.calibration_rows), cfg.damp) if cfg.init == "gptq" else {}
+    calib = spread(rows, cfg.calibration_rows)  # the importance matrix's and GPTQ's rows
+    importance = column_importance(student, src, calib) if cfg.importance == "imatrix" else None
+    init = gptq_init(student, plan, calib, cfg.damp) if cfg.init == "gptq" else {}
     coverage = prepare(student, plan, cfg.scales, scale_lr_ratio=cfg.scale_lr / cfg.lr, refresh=cfg.scale_refresh,
                        importance=importance)
     if cfg.activations == "llama_cpp":
